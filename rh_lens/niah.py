@@ -1,0 +1,286 @@
+"""Needle-in-a-haystack trials: haystacks, needles, prompts and exact answer spans.
+
+A trial is one prompt: a haystack cut to a target length in tokens, a needle sentence
+inserted at a depth (moved back to a sentence end), then the question. The retrieval
+score needs the answer span's exact token positions in the prompt, so every trial
+carries them and building a trial fails loudly when they cannot be found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Room left for the question and answer, as in the reference implementation.
+QUESTION_BUDGET = 200
+SENTENCE_ENDS = (".", "!", "?")
+QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
+CHAT_TEMPLATE = "<book>{context}</book>" + QUESTION_TEMPLATE
+
+
+class TrialError(ValueError):
+    """A trial that cannot be scored honestly (answer not found, prompt too long, ...)."""
+
+
+@dataclass(frozen=True)
+class Needle:
+    """One line of the reference JSONL format: the sentence, its question, the answer span."""
+
+    needle: str
+    question: str
+    real_needle: str
+
+    @property
+    def id(self) -> str:
+        text = "\n".join((self.needle, self.question, self.real_needle))
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+# Answers nobody knows without reading the haystack: retrieval, not recall.
+BUILTIN_NEEDLES = (
+    Needle(
+        needle="The secret ingredient in Marisol Quintero's award-winning stew is smoked tamarind from her grandmother's garden.",
+        question="What is the secret ingredient in Marisol Quintero's award-winning stew?",
+        real_needle="smoked tamarind from her grandmother's garden",
+    ),
+    Needle(
+        needle="The password to the archive room at the Halvorsen Institute is purple otter seventeen.",
+        question="What is the password to the archive room at the Halvorsen Institute?",
+        real_needle="purple otter seventeen",
+    ),
+    Needle(
+        needle="The lighthouse keeper on Fennick Island hid his ledger in a green tin box under the kitchen stairs.",
+        question="Where did the lighthouse keeper on Fennick Island hide his ledger?",
+        real_needle="in a green tin box under the kitchen stairs",
+    ),
+)
+
+
+def load_needles(path: str | Path) -> list[Needle]:
+    """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`."""
+    needles = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            needles.append(Needle(row["needle"], row["question"], row["real_needle"]))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{path}:{n}: not a needle line ({err!r}); expected keys needle, question, real_needle") from err
+    if not needles:
+        raise ValueError(f"{path}: no needles found")
+    return needles
+
+
+# --- haystacks -------------------------------------------------------------------
+
+
+def pydoc_haystack() -> str:
+    """Python's own reference documentation: shipped with every CPython, no download.
+
+    reStructuredText underlines (runs of -=*^~) are removed: left in, small models
+    answer with a line of dashes.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    text = re.sub(r"[-=*^~]{3,}", "", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def synthetic_haystack(n_repeats: int = 2000) -> str:
+    """The classic repetitive filler of passkey-retrieval tests."""
+    return "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * n_repeats
+
+
+def load_haystack(source: str | Path | None = None) -> str:
+    """A haystack from a directory of .txt files, a single file, 'pydoc' (default) or 'synthetic'."""
+    if source is None or str(source) == "pydoc":
+        return pydoc_haystack()
+    if str(source) == "synthetic":
+        return synthetic_haystack()
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"haystack directory {path} has no .txt files")
+        return "\n\n".join(f.read_text(errors="replace") for f in files)
+    if path.is_file():
+        return path.read_text(errors="replace")
+    raise ValueError(f"haystack {source!r} is not a directory, a file, 'pydoc' or 'synthetic'")
+
+
+def haystack_name(source: str | Path | None) -> str:
+    return "pydoc" if source is None else Path(str(source)).name or str(source)
+
+
+# --- the grid ----------------------------------------------------------------------
+
+
+def linear_grid(start: float, stop: float, num: int) -> list[int]:
+    """Rounded linear steps, as the reference builds its lengths and depths."""
+    return [int(x) for x in np.round(np.linspace(start, stop, num=num))]
+
+
+@dataclass
+class Trial:
+    """One prompt with the exact token positions [start, end) of its answer span."""
+
+    context_length: int
+    depth: int
+    needle: Needle
+    haystack: str
+    prompt: str
+    prompt_ids: list[int]
+    answer_span: tuple[int, int]
+    chat: bool
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = f"len{self.context_length}-depth{self.depth}-{self.haystack}-{self.needle.id}"
+
+
+def _sentence_end_before(tokenizer, ids: Sequence[int], position: int) -> int:
+    """Move an insertion point back until the token before it ends a sentence."""
+    while position > 0 and not tokenizer.decode(ids[position - 1 : position]).rstrip().endswith(SENTENCE_ENDS):
+        position -= 1
+    return position
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def insert_needle(tokenizer, haystack_ids: Sequence[int], needle: str, context_length: int, depth: int) -> str:
+    """Cut the haystack so haystack + needle fill `context_length` minus the question budget,
+    and insert the needle at `depth` percent, at the previous sentence end (token level)."""
+    budget = context_length - QUESTION_BUDGET - len(_encode(tokenizer, " " + needle))
+    if budget <= 0:
+        raise TrialError(f"context length {context_length} leaves no room for a haystack")
+    if len(haystack_ids) < budget:
+        raise TrialError(f"haystack has {len(haystack_ids)} tokens, {budget} needed for length {context_length}")
+    ids = list(haystack_ids[:budget])
+    point = len(ids) if depth >= 100 else _sentence_end_before(tokenizer, ids, int(len(ids) * depth / 100))
+    before, after = tokenizer.decode(ids[:point]).rstrip(), tokenizer.decode(ids[point:]).lstrip()
+    return " ".join(part for part in (before, needle, after) if part)
+
+
+def _answer_chars(needle: Needle) -> tuple[int, int]:
+    """Where the answer lies inside the needle sentence (the reference's answers differ in case,
+    e.g. 'Because ...' inside '... because ...')."""
+    answer = needle.real_needle.strip()
+    for candidate in (answer, answer.rstrip(".!?")):
+        start = needle.needle.lower().find(candidate.lower())
+        if start >= 0:
+            return start, start + len(candidate)
+    raise TrialError(f"answer {needle.real_needle!r} is not part of needle {needle.needle!r}")
+
+
+def locate_answer(tokenizer, prompt: str, prompt_ids: list[int], offsets, char_span: tuple[int, int]) -> tuple[int, int]:
+    """Token span [start, end) covering the characters `char_span` of the prompt."""
+    lo, hi = char_span
+    covered = [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
+    if not covered:
+        raise TrialError(f"no prompt token covers the answer {prompt[lo:hi]!r}")
+    start, end = covered[0], covered[-1] + 1
+    decoded = tokenizer.decode(prompt_ids[start:end])
+    if prompt[lo:hi].split()[0].lower() not in decoded.lower():
+        raise TrialError(f"answer tokens decode to {decoded!r}, expected {prompt[lo:hi]!r}")
+    return start, end
+
+
+def overlap_locate(prompt_ids: Sequence[int], answer_ids: Sequence[int], min_overlap: float = 0.9) -> tuple[int, int]:
+    """The reference's search: the first window whose token set covers > 90% of the answer's."""
+    wanted = set(answer_ids)
+    for i in range(len(prompt_ids)):
+        if len(wanted & set(prompt_ids[i : i + len(answer_ids)])) / len(wanted) > min_overlap:
+            return i, i + len(answer_ids)
+    raise TrialError("answer tokens not found in the prompt")
+
+
+def build_trial(
+    tokenizer,
+    haystack_ids: Sequence[int],
+    needle: Needle,
+    context_length: int,
+    depth: int,
+    chat: bool | None = None,
+    max_tokens: int | None = None,
+    haystack: str = "haystack",
+) -> Trial:
+    """Build one trial. `haystack_ids` is the tokenised haystack (see `tokenize_haystack`).
+
+    chat=None uses the tokenizer's chat template when it has one. `max_tokens` is the
+    model's context window: a longer prompt is an error, never a silent truncation.
+    """
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    context = insert_needle(tokenizer, haystack_ids, needle.needle, context_length, depth)
+    if chat:
+        message = CHAT_TEMPLATE.format(context=context, question=needle.question)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+        special = False  # the template already carries its BOS
+    else:
+        prompt = context + QUESTION_TEMPLATE.format(question=needle.question)
+        special = True
+    needle_at = prompt.find(needle.needle)
+    if needle_at < 0:
+        raise TrialError("needle not found in the prompt text")
+    a, b = _answer_chars(needle)
+    if tokenizer.is_fast:
+        encoded = tokenizer(prompt, add_special_tokens=special, return_offsets_mapping=True)
+        prompt_ids = list(encoded["input_ids"])
+        span = locate_answer(tokenizer, prompt, prompt_ids, encoded["offset_mapping"], (needle_at + a, needle_at + b))
+    else:  # slow tokenizers have no character offsets: fall back to the reference's search
+        prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        span = overlap_locate(prompt_ids, _encode(tokenizer, needle.real_needle))
+    if max_tokens is not None and len(prompt_ids) > max_tokens:
+        raise TrialError(f"trial of {len(prompt_ids)} tokens is longer than the model's context of {max_tokens} tokens")
+    return Trial(context_length, depth, needle, haystack, prompt, prompt_ids, span, chat)
+
+
+def tokenize_haystack(tokenizer, text: str, min_tokens: int) -> list[int]:
+    """Token ids of the haystack, repeated (as the reference reads its files in a loop) to at least `min_tokens`."""
+    ids = _encode(tokenizer, text)
+    if not ids:
+        raise TrialError("empty haystack")
+    repeats = -(-min_tokens // len(ids))
+    if repeats > 1:
+        ids = _encode(tokenizer, "\n\n".join([text] * repeats))
+    return ids
+
+
+def trial_grid(
+    tokenizer,
+    needles: Sequence[Needle],
+    lengths: Iterable[int],
+    depths: Iterable[int],
+    haystacks: Sequence[str | Path | None] = (None,),
+    chat: bool | None = None,
+    max_tokens: int | None = None,
+) -> list[Trial]:
+    """Every (needle, length, depth) trial. One haystack for all needles, or one per needle
+    (the reference pairs its three needles with three haystacks)."""
+    lengths, depths = list(lengths), list(depths)
+    if len(haystacks) not in (1, len(needles)):
+        raise ValueError(f"give one haystack, or one per needle ({len(needles)}); got {len(haystacks)}")
+    pairs = zip(needles, haystacks if len(haystacks) > 1 else list(haystacks) * len(needles))
+    tokenized: dict[str, list[int]] = {}
+    trials = []
+    for needle, source in pairs:
+        name = haystack_name(source)
+        if name not in tokenized:
+            tokenized[name] = tokenize_haystack(tokenizer, load_haystack(source), max(lengths))
+        for length in lengths:
+            for depth in depths:
+                trials.append(build_trial(tokenizer, tokenized[name], needle, length, depth, chat, max_tokens, name))
+    return trials

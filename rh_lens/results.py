@@ -1,0 +1,147 @@
+"""Detection results as plain data: per-trial records, the aggregate, JSON in and out.
+
+Two file formats are read and written:
+- ours: `{"format": "rh_lens.detection/1", "model": ..., "settings": ..., "trials": [...]}`,
+  one record per trial with everything needed to audit or rescore it;
+- the reference's published format `{"layer-head": [trial scores of successful trials]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .scoring import DEFAULT_THRESHOLD, retrieval_scores
+
+FORMAT = "rh_lens.detection/1"
+
+
+@dataclass
+class TrialRecord:
+    """What one NIAH trial produced. `head_scores[layer][head]` is the head's trial score."""
+
+    key: str
+    context_length: int | None
+    depth: int | None
+    needle_id: str | None
+    haystack: str | None
+    prompt_sha256: str | None
+    prompt_length: int | None
+    answer_span: tuple[int, int] | None
+    answer: str | None
+    generated_ids: list[int]
+    response: str | None
+    rouge_recall: float | None
+    success: bool
+    head_scores: list[list[float]]
+    seconds: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
+        record = cls(**data)
+        if record.answer_span is not None:
+            record.answer_span = tuple(record.answer_span)  # JSON has no tuples
+        return record
+
+
+@dataclass
+class DetectionResult:
+    """All trials of a detection run and what follows from them."""
+
+    model: str
+    n_layers: int
+    n_heads: int
+    trials: list[TrialRecord]
+    threshold: float = DEFAULT_THRESHOLD
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def successful(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.success]
+
+    def scores(self) -> Float[Tensor, "layer head"]:
+        """Each head's retrieval score: mean trial score over the successful trials."""
+        if not self.trials:
+            return torch.zeros(self.n_layers, self.n_heads)
+        trial_scores = torch.tensor([t.head_scores for t in self.trials], dtype=torch.float64)
+        success = torch.tensor([t.success for t in self.trials])
+        return retrieval_scores(trial_scores, success)
+
+    def ranking(self, top: int | None = None) -> list[tuple[int, int, float]]:
+        """(layer, head, score), best first; ties broken by (layer, head) so rankings are stable."""
+        scores = self.scores()
+        heads = [(layer, head, float(scores[layer, head])) for layer in range(self.n_layers) for head in range(self.n_heads)]
+        heads.sort(key=lambda h: (-h[2], h[0], h[1]))
+        return heads[:top] if top is not None else heads
+
+    def retrieval_heads(self, threshold: float | None = None) -> list[tuple[int, int, float]]:
+        limit = self.threshold if threshold is None else threshold
+        return [h for h in self.ranking() if h[2] >= limit]
+
+    def fraction_above(self, threshold: float | None = None) -> float:
+        return len(self.retrieval_heads(threshold)) / (self.n_layers * self.n_heads)
+
+    # --- JSON -------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DetectionResult":
+        trials = [TrialRecord.from_json(t) for t in data["trials"]]
+        return cls(data["model"], data["n_layers"], data["n_heads"], trials, data["threshold"], data.get("settings", {}))
+
+    def to_published(self) -> dict[str, list[float]]:
+        """The reference's format: per head, its trial scores over the successful trials."""
+        good = self.successful
+        return {
+            f"{layer}-{head}": [t.head_scores[layer][head] for t in good]
+            for layer in range(self.n_layers)
+            for head in range(self.n_heads)
+        }
+
+    @classmethod
+    def from_published(cls, data: dict[str, list[float]], model: str = "published") -> "DetectionResult":
+        """Read `{"layer-head": [scores]}`; list index i becomes successful trial i."""
+        heads = {tuple(int(x) for x in key.split("-")): values for key, values in data.items()}
+        n_layers = max(layer for layer, _ in heads) + 1
+        n_heads = max(head for _, head in heads) + 1
+        n_trials = {len(v) for v in heads.values()}
+        if len(n_trials) != 1:
+            raise ValueError(f"published scores have lists of different lengths {sorted(n_trials)}")
+        trials = []
+        for i in range(n_trials.pop()):
+            matrix = [[heads.get((layer, head), [0.0] * (i + 1))[i] for head in range(n_heads)] for layer in range(n_layers)]
+            trials.append(TrialRecord(f"published-{i}", None, None, None, None, None, None, None, None, [], None, None, True, matrix))
+        return cls(model, n_layers, n_heads, trials)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write atomically: a run killed mid-write never leaves a truncated file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f)
+    os.replace(f.name, path)
+
+
+def save_results(result: DetectionResult, path: str | Path) -> None:
+    write_json(path, result.to_json())
+
+
+def load_results(path: str | Path) -> DetectionResult:
+    """Load our results file or a published `{"layer-head": [...]}` file."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return DetectionResult.from_json(data)
+    if isinstance(data, dict) and data and all("-" in k and isinstance(v, list) for k, v in data.items()):
+        return DetectionResult.from_published(data, model=Path(path).stem)
+    raise ValueError(f"{path}: neither an rh_lens results file nor a published {{'layer-head': [scores]}} file")
