@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens import TransformerLensKeyValueCache
@@ -50,6 +50,11 @@ def _eos_ids(model: HookedTransformer) -> set[int]:
     return ids - {None}
 
 
+def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Tensor, "head"]:
+    """The key each head attends to most from the newest query position (top-1, first on ties)."""
+    return pattern[0, :, -1].argmax(dim=-1)
+
+
 @torch.inference_mode()
 def greedy_decode(
     model: HookedTransformer,
@@ -68,7 +73,7 @@ def greedy_decode(
     step_argmax = torch.empty(n_layers, n_heads, dtype=torch.long)
 
     def record(pattern: Tensor, hook) -> None:  # pattern: [batch, head, query, key]
-        step_argmax[hook.layer()] = pattern[0, :, -1].argmax(-1).cpu()
+        step_argmax[hook.layer()] = newest_row_argmax(pattern).cpu()
 
     hooks = [(lambda name: name.endswith("attn.hook_pattern"), record)] if record_attention else []
     eos_ids = _eos_ids(model)

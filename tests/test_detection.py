@@ -1,0 +1,58 @@
+"""Detection runs: every finished trial on disk, resume after a crash without redoing work."""
+
+import pytest
+
+import rh_lens.detection as detection
+from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+from rh_lens.niah import build_trial, tokenize_haystack
+from rh_lens.results import load_results
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = build_planted_model()
+    haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
+    trials = [build_trial(model.tokenizer, haystack, NEEDLE, length, 50) for length in (260, 280, 300)]
+    return model, trials
+
+
+def test_interrupted_run_resumes_without_redoing_trials(planted, tmp_path, monkeypatch):
+    model, trials = planted
+    settings = {"grid": "test"}
+    real_run_trial = detection.run_trial
+    calls = []
+
+    def crash_on_third(model, trial, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(trial.key)
+        return real_run_trial(model, trial, *args)
+
+    monkeypatch.setattr(detection, "run_trial", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
+    assert len(list((tmp_path / "trials").glob("*.json"))) == 2
+
+    with pytest.raises(FileExistsError, match="resume"):
+        detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
+    with pytest.raises(ValueError, match="settings differ"):
+        detection.detect(model, trials, tmp_path, resume=True, settings={"grid": "other"}, max_new_tokens=8, progress=False)
+
+    calls.clear()
+    monkeypatch.setattr(detection, "run_trial", lambda model, trial, *a: calls.append(trial.key) or real_run_trial(model, trial, *a))
+    resumed = detection.detect(model, trials, tmp_path, resume=True, settings=settings, max_new_tokens=8, progress=False)
+    assert calls == [trials[2].key]
+    fresh = detection.detect(model, trials, None, settings=settings, max_new_tokens=8, progress=False)
+    assert [t.head_scores for t in resumed.trials] == [t.head_scores for t in fresh.trials]
+    assert resumed.ranking(1)[0][:2] == PLANTED
+
+
+def test_trial_records_are_complete(planted, tmp_path):
+    model, trials = planted
+    result = detection.detect(model, trials[:1], tmp_path, max_new_tokens=8, progress=False)
+    trial = result.trials[0]
+    assert trial.response.startswith(NEEDLE.real_needle)
+    assert trial.success and trial.rouge_recall == 1.0
+    assert trial.prompt_length == len(trials[0].prompt_ids) and len(trial.prompt_sha256) == 64
+    assert trial.generated_ids[:5] == trials[0].prompt_ids[trial.answer_span[0] : trial.answer_span[1]]
+    assert len(trial.head_scores) == 2 and len(trial.head_scores[0]) == 4
