@@ -1,0 +1,34 @@
+"""rh_lens: find, test and use retrieval heads (Wu et al., 2024) with TransformerLens."""
+
+__version__ = "0.1.0"
+
+from .detection import detect, run_trial
+from .generation import greedy_decode
+from .models import CATALOGUE, ModelLoadError, load_model
+from .niah import BUILTIN_NEEDLES, Needle, Trial, TrialError, build_trial, load_haystack, load_needles, trial_grid
+from .results import DetectionResult, TrialRecord, load_results, save_results
+from .scoring import copy_scores, retrieval_scores, rouge1_recall
+
+__all__ = [
+    "BUILTIN_NEEDLES",
+    "CATALOGUE",
+    "DetectionResult",
+    "ModelLoadError",
+    "Needle",
+    "Trial",
+    "TrialError",
+    "TrialRecord",
+    "build_trial",
+    "copy_scores",
+    "detect",
+    "greedy_decode",
+    "load_haystack",
+    "load_model",
+    "load_needles",
+    "load_results",
+    "retrieval_scores",
+    "rouge1_recall",
+    "run_trial",
+    "save_results",
+    "trial_grid",
+]

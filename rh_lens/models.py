@@ -26,6 +26,8 @@ folding, no centring), so its logits are the model's raw computation and match
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +36,6 @@ import sys
 import tempfile
 import warnings
 import zipfile
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,9 @@ def _dequantize(gguf: Path, out: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     architecture = type(model).__name__
     model.config.architectures = [architecture]
+    # The GGUF loader leaves a quantizer attached although the weights are plain floats
+    # now; save_pretrained refuses to save while it is there.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
@@ -250,7 +254,7 @@ def _remove_stale_work_dirs(parent: Path, prefix: str) -> None:
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
+        except (ValueError, OSError):  # not our naming, or a live process of someone else
             pass
 
 
@@ -326,11 +330,8 @@ def _unknown_name_error(name: str) -> ModelLoadError:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (
-        name.endswith(".gguf")
-        or name.startswith((".", "~", os.sep))
-        or (os.sep in name and not _is_tl_official_name(name))
-    )
+    """'org/model' reads as a hub id (answered with the unknown-name error), not a path."""
+    return name.endswith(".gguf") or name.startswith((".", "~", os.sep)) or name.count(os.sep) > 1
 
 
 def hf_directory(name_or_path: str) -> Path:
@@ -403,11 +404,48 @@ def _gemma_mismatches(tl_cfg: dict, hf_config) -> list[str]:
         if layer_types:
             local = {"sliding_attention": "local", "full_attention": "global"}
             pairs.append(("attn_types", [local.get(t, t) for t in layer_types]))
-    return [
-        f"{key}={tl_cfg.get(key)} vs {value}"
+    mismatches = [
+        f"{key} differs" if isinstance(value, list) else f"{key}={tl_cfg.get(key)} vs {value}"
         for key, value in pairs
         if value is not None and tl_cfg.get(key) != value
     ]
+    # Numbers TL takes from elsewhere (defaults, or a differently named field).
+    global_rope, local_rope = _rope(hf_config, "full_attention"), _rope(hf_config, "sliding_attention")
+    floats = [
+        ("rotary_base", tl_cfg.get("rotary_base", 10000), global_rope[0]),
+        ("rotary_scaling_factor", tl_cfg.get("rotary_scaling_factor", 1.0), global_rope[1]),
+        ("attn_scale", tl_cfg.get("attn_scale", head_dim**0.5),
+         (_hf_value(hf_config, "query_pre_attn_scalar") or head_dim) ** 0.5),
+        ("attn_scores_soft_cap", tl_cfg.get("attn_scores_soft_cap", -1.0),
+         _hf_value(hf_config, "attn_logit_softcapping")),
+        ("output_logits_soft_cap", tl_cfg.get("output_logits_soft_cap", -1.0),
+         _hf_value(hf_config, "final_logit_softcapping")),
+    ]  # fmt: skip
+    if tl_cfg.get("rotary_base_local") is not None:
+        floats.append(("rotary_base_local", tl_cfg["rotary_base_local"], local_rope[0]))
+    for key, tl_value, hf_value in floats:
+        tl_value = None if tl_value is None or tl_value <= 0 else float(tl_value)  # <= 0: off
+        hf_value = None if hf_value is None or hf_value <= 0 else float(hf_value)
+        if tl_value != hf_value and not (
+            tl_value and hf_value and abs(tl_value - hf_value) <= 1e-6 * abs(hf_value)
+        ):
+            mismatches.append(f"{key}={tl_value} vs {hf_value}")
+    return mismatches
+
+
+def _rope(hf_config, layer_type: str) -> tuple[float | None, float]:
+    """(rope theta, linear scaling factor) for a layer type. transformers 5 nests rope
+    settings per layer type in `rope_parameters`; older configs use flat fields."""
+    params = _hf_value(hf_config, "rope_parameters") or _hf_value(hf_config, "rope_scaling") or {}
+    if isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
+    theta = params.get("rope_theta")
+    if theta is None:
+        flat = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+        theta = _hf_value(hf_config, flat) or _hf_value(hf_config, "rope_theta")
+    kind = params.get("rope_type") or params.get("type") or "default"
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return theta, factor
 
 
 def _gemma_official_name(architecture: str, hf_config) -> str:
@@ -462,8 +500,6 @@ def _hooked_from_hf_dir(
     """Build a HookedTransformer from a local HF directory the way from_pretrained does,
     minus its by-name lookups (which fail for local paths and unknown names) and minus
     any weight processing (we want the model's raw computation, comparable to HF)."""
-    import contextlib
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _read_config(hf_dir)
@@ -480,10 +516,6 @@ def _hooked_from_hf_dir(
             f"which TransformerLens 3.9 cannot convert; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    hf_model.eval()
-    for param in hf_model.parameters():
-        param.requires_grad = False
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     except (OSError, ValueError) as e:
@@ -491,6 +523,10 @@ def _hooked_from_hf_dir(
             f"{hf_dir} has no tokenizer transformers can load ({str(e).strip().splitlines()[0]}); "
             f"save one there with tokenizer.save_pretrained"
         ) from e
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    hf_model.eval()
+    for param in hf_model.parameters():
+        param.requires_grad = False
     hf_cfg = hf_model.config.to_dict()
 
     with contextlib.ExitStack() as stack:
@@ -537,9 +573,11 @@ def load_model(
     local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
     if not local and _is_tl_official_name(name_or_path):
         try:
-            return HookedTransformer.from_pretrained_no_processing(
-                name_or_path, device=device, dtype=dtype
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return HookedTransformer.from_pretrained_no_processing(
+                    name_or_path, device=device, dtype=dtype
+                )
         except Exception as e:  # network, auth, missing files: all surface here
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelLoadError(
@@ -547,5 +585,9 @@ def load_model(
                 f"check network access and HF_TOKEN, or use a catalogue name ({', '.join(CATALOGUE)})"
             ) from e
     hf_dir = hf_directory(name_or_path)
-    model_name = name_or_path if name_or_path in CATALOGUE else hf_dir.name
+    if name_or_path in CATALOGUE:
+        model_name = name_or_path
+    else:  # the file or directory name the user gave, not the cache's hash
+        given = Path(name_or_path).expanduser().resolve()
+        model_name = given.stem if given.is_file() else given.name
     return _hooked_from_hf_dir(hf_dir, device, dtype, model_name)
