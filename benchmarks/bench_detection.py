@@ -4,8 +4,9 @@ For each context length, two fresh worker processes run the same prompt and the 
 number of new tokens: `rh_lens` (run_trial: chunked prefill through the TransformerLens
 key-value cache, every head's attention argmax recorded at each decode step) and
 `transformers` (AutoModelForCausalLM with attn_implementation="sdpa", greedy generate).
-Each worker warms up on a short prompt first, then resets the kernel's peak-RSS counter,
-so "peak MB" is the resident memory the trial itself added over the loaded model.
+Each worker warms up on a short prompt first, then resets the kernel's peak-RSS counter:
+"peak RSS MB" is the process's peak resident memory during the trial (model included),
+"added MB" what the trial added over the loaded, warmed-up model.
 
     python benchmarks/bench_detection.py --model smollm2-135m --lengths 1000 2000 4000
 """
@@ -70,7 +71,8 @@ def worker(impl: str, model_name: str, length: int, new_tokens: int | None) -> d
         "prompt_tokens": len(trial.prompt_ids),
         "new_tokens": new_tokens,
         "seconds": seconds,
-        "peak_mb": rss_mb("VmHWM") - loaded,
+        "peak_mb": rss_mb("VmHWM"),
+        "added_mb": rss_mb("VmHWM") - loaded,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -102,18 +104,23 @@ def main() -> None:
         print(f"done {length}", file=sys.stderr)
 
     print(f"model {args.model}, fp32, CPU, {rows[0][1]['torch_threads']} torch threads; one trial = prefill + greedy decode")
-    print("| context | prompt tokens | new tokens | rh_lens trial s | transformers SDPA generate s | time ratio | rh_lens peak MB | transformers peak MB |")
+    print(
+        "| context | prompt tokens | new tokens | rh_lens trial s | transformers SDPA generate s | time ratio "
+        "| rh_lens peak RSS MB (added) | transformers peak RSS MB (added) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for length, ours, base in rows:
         print(
             f"| {length} | {ours['prompt_tokens']} | {ours['new_tokens']} | {ours['seconds']:.2f} | {base['seconds']:.2f} "
-            f"| {ours['seconds'] / base['seconds']:.2f}x | {ours['peak_mb']:.0f} | {base['peak_mb']:.0f} |"
+            f"| {ours['seconds'] / base['seconds']:.2f}x | {ours['peak_mb']:.0f} ({ours['added_mb']:.0f}) "
+            f"| {base['peak_mb']:.0f} ({base['added_mb']:.0f}) |"
         )
     if len(rows) > 1:
         (l1, a, b), (l2, c, d) = rows[-2], rows[-1]
         print(
-            f"peak memory growth {l1} -> {l2}: rh_lens {c['peak_mb'] / max(a['peak_mb'], 1):.2f}x, "
-            f"transformers {d['peak_mb'] / max(b['peak_mb'], 1):.2f}x"
+            f"peak RSS growth {l1} -> {l2}: rh_lens {c['peak_mb'] / a['peak_mb']:.2f}x, "
+            f"transformers {d['peak_mb'] / b['peak_mb']:.2f}x; added memory growth: rh_lens "
+            f"{c['added_mb'] / max(a['added_mb'], 1):.2f}x, transformers {d['added_mb'] / max(b['added_mb'], 1):.2f}x"
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .detection import detect
-from .generation import MAX_NEW_TOKENS, PREFILL_CHUNK
+from .generation import MAX_NEW_TOKENS
 from .models import CATALOGUE, ModelLoadError, load_model
 from .niah import BUILTIN_NEEDLES, TrialError, load_needles, trial_grid
 from .plots import save_figure, score_heatmap
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="retrieval-head threshold (default 0.1)")
     d.add_argument("--prompt", choices=["auto", "chat", "plain"], default="auto", help="chat template if the tokenizer has one (auto)")
     d.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    d.add_argument("--chunk-size", type=int, default=PREFILL_CHUNK, help="prefill chunk in tokens (bounds memory)")
+    d.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (bounds memory; default 512, or 4096 with fused attention)")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     d.add_argument("--top", type=int, default=20, help="heads to print")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

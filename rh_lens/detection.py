@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from .generation import MAX_NEW_TOKENS, PREFILL_CHUNK, greedy_decode
+from .generation import MAX_NEW_TOKENS, greedy_decode
 from .niah import Trial
 from .results import DetectionResult, TrialRecord, write_json
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copy_scores, rouge1_recall
@@ -26,7 +26,7 @@ def run_trial(
     model: HookedTransformer,
     trial: Trial,
     max_new_tokens: int = MAX_NEW_TOKENS,
-    chunk_size: int = PREFILL_CHUNK,
+    chunk_size: int | None = None,
 ) -> TrialRecord:
     """Decode one trial greedily and score every head on it."""
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def detect(
     threshold: float = DEFAULT_THRESHOLD,
     settings: dict[str, Any] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
-    chunk_size: int = PREFILL_CHUNK,
+    chunk_size: int | None = None,
     progress: bool = True,
 ) -> DetectionResult:
     """Run every trial and aggregate. With `out_dir`, each finished trial is saved as it

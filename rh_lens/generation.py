@@ -20,7 +20,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens import TransformerLensKeyValueCache
 
 MAX_NEW_TOKENS = 50
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context]
+FUSED_PREFILL_CHUNK = 4096  # fused attention keeps no scores; this bounds the MLP activations
 
 
 @dataclass
@@ -49,9 +50,10 @@ def _sdpa_supported(attn) -> bool:
 
 def _sdpa_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
     """TransformerLens's attention forward with scores, mask, softmax and pattern fused into
-    torch's scaled_dot_product_attention. Same q, k, v, rotary, cache and output projection;
-    hook_z still fires. Used only when nobody listens to hook_attn_scores or hook_pattern."""
-    if attention_mask is not None or additive_attention_mask is not None or position_bias is not None:
+    torch's scaled_dot_product_attention. Same q, k, v, rotary, causal/local/padding mask,
+    cache and output projection; hook_z still fires. Used only when nobody listens to
+    hook_attn_scores or hook_pattern."""
+    if additive_attention_mask is not None or position_bias is not None:
         return attn._tl_forward(query_input, key_input, value_input, past_kv_cache_entry, additive_attention_mask, attention_mask, position_bias)
     q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
     offset = 0
@@ -59,15 +61,21 @@ def _sdpa_forward(attn, query_input, key_input, value_input, past_kv_cache_entry
         offset = past_kv_cache_entry.past_keys.size(1)
         k, v = past_kv_cache_entry.append(k, v)
     if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0))
-    mask = attn._make_causal_mask(q.size(1), k.size(1), offset, q.device)
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if offset == 0 and not padded and attn.attn_type != "local":
+        mask, causal = None, True  # plain causal attention: torch's fastest kernel
+    else:
+        mask, causal = attn._make_causal_mask(q.size(1), k.size(1), offset, q.device), False  # [1, 1, query, key]
+        if padded:  # as TransformerLens's apply_causal_mask combines padding and causality
+            mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
+        attn_mask=mask, is_causal=causal, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
     )  # [batch, head, query, d_head]
     z = attn.hook_z(z.transpose(1, 2))  # [batch, query, head, d_head]
-    w_o = attn.W_O.reshape(attn.cfg.n_heads * attn.cfg.d_head, attn.cfg.d_model).T
+    w_o = attn.W_O.permute(2, 0, 1).reshape(attn.cfg.d_model, -1)  # d_model (head d_head)
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w_o.dtype), w_o, attn.b_O)
 
 
@@ -76,7 +84,8 @@ def fused_attention(model: HookedTransformer):
     """Within this context, attention layers whose score and pattern hooks are unused run
     through fused SDPA: several times faster on long prompts, and no [heads, q, k] matrix
     is ever materialised. Layers with a hook on hook_attn_scores or hook_pattern (a head
-    ablation, a capture) keep TransformerLens's explicit computation."""
+    ablation, a capture) keep TransformerLens's explicit computation. Yields whether every
+    layer was fused."""
     swapped = []
     for block in model.blocks:
         attn = block.attn
@@ -85,19 +94,22 @@ def fused_attention(model: HookedTransformer):
             attn.forward = MethodType(_sdpa_forward, attn)
             swapped.append(attn)
     try:
-        yield
+        yield len(swapped) == len(model.blocks)
     finally:
         for attn in swapped:
             del attn.forward, attn._tl_forward
 
 
 def prefill(
-    model: HookedTransformer, tokens: Int[Tensor, "pos"], chunk_size: int = PREFILL_CHUNK, fused: bool = True
+    model: HookedTransformer, tokens: Int[Tensor, "pos"], chunk_size: int | None = None, fused: bool = True
 ) -> TransformerLensKeyValueCache:
     """Run `tokens` through the model in chunks, filling and returning a key-value cache.
-    The prefill records nothing, so it runs with fused attention unless `fused=False`."""
+    The prefill records nothing, so it runs with fused attention unless `fused=False`.
+    chunk_size=None: PREFILL_CHUNK tokens if any layer computes attention explicitly,
+    else FUSED_PREFILL_CHUNK."""
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
-    with fused_attention(model) if fused else nullcontext():
+    with fused_attention(model) if fused else nullcontext(False) as all_fused:
+        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else PREFILL_CHUNK)
         for start in range(0, len(tokens), chunk_size):
             # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
             model(tokens[None, start : start + chunk_size], past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
@@ -126,7 +138,7 @@ def greedy_decode(
     prompt_ids: list[int] | Int[Tensor, "pos"],
     max_new_tokens: int = MAX_NEW_TOKENS,
     record_attention: bool = True,
-    chunk_size: int = PREFILL_CHUNK,
+    chunk_size: int | None = None,
 ) -> Generation:
     """Greedy decoding as the reference does it: prefill the prompt minus its last token,
     then feed one token per step. At step t the model is fed token t-1 and emits w_t; if

@@ -555,6 +555,37 @@ def _hooked_from_hf_dir(
     )
     model.move_model_modules_to_device()
     model.eval()
+    return use_linear_layout(model)
+
+
+def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store each weight in the memory layout its matmul reads, so that TransformerLens's
+    per-call `.T.contiguous()` / rearrange copies become no-ops.
+
+    TransformerLens 3.9 copies every MLP, unembedding and attention weight into
+    `F.linear`'s layout on every forward: for one-token decoding that copy costs more
+    than the matmul itself. Parameters keep their TransformerLens shapes and values
+    (`W_Q` is still [head, d_model, d_head]); only their strides change, so every hook,
+    analysis and result is unchanged, bit for bit.
+    """
+
+    def relayout(module, name: str, order: tuple[int, ...]) -> None:
+        weight = getattr(module, name, None)
+        if not isinstance(weight, torch.nn.Parameter):
+            return
+        inverse = tuple(order.index(i) for i in range(weight.dim()))
+        stored = weight.data.permute(order).contiguous().permute(inverse)
+        setattr(module, name, torch.nn.Parameter(stored, requires_grad=weight.requires_grad))
+
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # read as (head d_head) d_model
+                relayout(block.attn, name, (0, 2, 1))
+            relayout(block.attn, "W_O", (2, 0, 1))  # read as d_model (head d_head)
+            if not model.cfg.attn_only:
+                for name in ("W_gate", "W_in", "W_out"):  # read as W.T
+                    relayout(block.mlp, name, (1, 0))
+        relayout(model.unembed, "W_U", (1, 0))
     return model
 
 
@@ -575,8 +606,8 @@ def load_model(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return HookedTransformer.from_pretrained_no_processing(
-                    name_or_path, device=device, dtype=dtype
+                return use_linear_layout(
+                    HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=dtype)
                 )
         except Exception as e:  # network, auth, missing files: all surface here
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
