@@ -45,9 +45,9 @@ class Needle:
 # Answers nobody knows without reading the haystack: retrieval, not recall.
 BUILTIN_NEEDLES = (
     Needle(
-        needle="The secret ingredient in Marisol Quintero's award-winning stew is smoked tamarind from her grandmother's garden.",
-        question="What is the secret ingredient in Marisol Quintero's award-winning stew?",
-        real_needle="smoked tamarind from her grandmother's garden",
+        needle="The ship that carried the first settlers to Velora Bay was named the Amber Kestrel.",
+        question="What was the name of the ship that carried the first settlers to Velora Bay?",
+        real_needle="the Amber Kestrel",
     ),
     Needle(
         needle="The password to the archive room at the Halvorsen Institute is purple otter seventeen.",

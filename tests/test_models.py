@@ -599,3 +599,21 @@ def test_real_local_gguf_file_loads_same_weights(isolated_cache, tmp_path):
     tokens = model.to_tokens(SHORT_TEXT)
     diff = (model(tokens) - reference(tokens).logits).abs().max().item()
     assert diff < REAL_ATOL
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_real_fused_prefill_matches_explicit_forward(real):
+    """rh_lens prefills through fused SDPA attention (causal kernel for the first chunk,
+    an explicit causal/sliding-window mask for later ones); decoding after it must agree
+    with TransformerLens's explicit full forward."""
+    from rh_lens.generation import prefill
+
+    tokens = real.model.to_tokens(_text(600))[0, :700]
+    full = real.model(tokens[None])[0, -1]
+    for chunk in (None, 256):  # one chunk; three chunks (gemma-3: past its 512-token window)
+        cache = prefill(real.model, tokens[:-1], chunk_size=chunk)
+        decoded = real.model(tokens[None, -1:], past_kv_cache=cache)[0, -1]
+        diff = (decoded - full).abs().max().item()
+        print(f"\n[{real.name}] fused prefill (chunk {chunk}) + decode vs full forward: {diff:.2e}")
+        assert diff < REAL_ATOL

@@ -1,0 +1,50 @@
+"""The command line, end to end on the planted-head model (no download)."""
+
+import json
+
+import pytest
+
+import rh_lens.cli as cli
+from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: build_planted_model())
+    (tmp_path / "hay").mkdir()
+    (tmp_path / "hay" / "text.txt").write_text(haystack_text())
+    needles = tmp_path / "needles.jsonl"
+    needles.write_text(json.dumps(NEEDLE.__dict__) + "\n")
+    return tmp_path, [
+        "detect", "--model", "planted", "--haystack", str(tmp_path / "hay"), "--needles", str(needles),
+        "--lengths", "260", "300", "--depths", "0", "100", "--max-new-tokens", "8", "--top", "3",
+    ]
+
+
+def test_detect_writes_results_heads_and_heatmap(inputs, capsys):
+    tmp_path, argv = inputs
+    out = tmp_path / "run"
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4/4 trials retrieved" in printed
+    assert "retrieval heads (score >= 0.1): 1/8 = 12.5%" in printed
+    first_row = printed.splitlines()[3].split()
+    assert first_row == ["1", str(PLANTED[0]), str(PLANTED[1]), "1.000"]
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "trials").glob("*.json"))) == 4
+    assert json.loads((out / "head_scores.json").read_text())["1-2"] == [1.0] * 4
+
+    # A second run into the same directory must be told to resume, and then redoes nothing.
+    assert cli.main(argv + ["--out", str(out)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+
+    assert cli.main(["show", str(out / "results.json"), "--top", "2"]) == 0
+    assert "1      1     2  1.000" in capsys.readouterr().out
+    assert cli.main(["show", str(out / "head_scores.json"), "--top", "1"]) == 0
+
+
+def test_errors_are_one_line(inputs, capsys, tmp_path):
+    assert cli.main(["show", str(tmp_path / "missing.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rh-lens: error:") and err.count("\n") == 1
