@@ -37,7 +37,6 @@ def run_detect(args: argparse.Namespace) -> None:
     chat = {"auto": None, "chat": True, "plain": False}[args.prompt]
     trials = trial_grid(model.tokenizer, needles, args.lengths, args.depths, args.haystack, chat, model.cfg.n_ctx)
     settings = {
-        "model": args.model,
         "haystack": [str(h) for h in args.haystack],
         "needles": [n.id for n in needles],
         "lengths": args.lengths,

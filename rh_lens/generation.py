@@ -1,9 +1,11 @@
 """Greedy decoding through the TransformerLens key-value cache, recording where each head looks.
 
-Memory stays linear in the context: the prompt is prefilled in chunks (attention scores
-of one chunk are [heads, chunk, context]), and during decoding only the newest query's
-attention row is read, reduced to its argmax on the spot. Any hooks a caller has put on
-the model (ablations, patches) stay in force throughout.
+Memory stays linear in the context. The prompt is prefilled in chunks; layers that no
+hook reads run through fused SDPA attention (no score matrix at all), the others through
+TransformerLens's explicit attention, whose scores are [heads, chunk, context]. During
+decoding every layer is explicit, and only the newest query's attention row is read,
+reduced to its argmax on the spot. Any hooks a caller has put on the model (ablations,
+patches) stay in force throughout.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens import TransformerLensKeyValueCache
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 MAX_NEW_TOKENS = 50
 PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context]
@@ -44,7 +45,7 @@ def _sdpa_supported(attn) -> bool:
         and cfg.clip_qkv is None
         and not cfg.load_in_4bit
         and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-        and (attn._attention_dir_override or cfg.attention_dir) == "causal"
+        and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
     )
 
 
