@@ -427,12 +427,11 @@ def test_tiny_decode_attention_pattern_shape(tiny):
     assert pattern.shape == (1, tiny.model.cfg.n_heads, 1, tiny.tokens.shape[1])
 
 
+@pytest.mark.parametrize("tiny", ["mistral-gemma-llama-dir"], indirect=True)  # the one with a window
 @torch.inference_mode()
 def test_tiny_sliding_window_is_applied(tiny):
     """With a window of 8 over 2 layers, the last of 24 positions cannot see token 0;
     both implementations must agree on that (and they do only if TL applies the window)."""
-    if tiny.name != "mistral-gemma-llama-dir":
-        pytest.skip("only the Mistral model has a sliding window")
     assert tiny.model.cfg.window_size == 8 and tiny.model.cfg.use_local_attn
     changed = tiny.tokens.clone()
     changed[0, 0] = (changed[0, 0] + 1) % TINY_VOCAB
@@ -442,9 +441,8 @@ def test_tiny_sliding_window_is_applied(tiny):
         assert (before[:, 5] - after[:, 5]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("tiny", ["llama-in-gemma-dir"], indirect=True)  # one architecture is enough
 def test_tiny_tokenizer_and_chat_template_are_kept(tiny):
-    if tiny.name != "llama-in-gemma-dir":
-        pytest.skip("one architecture is enough for the tokenizer check")
     tok = tiny.model.tokenizer
     assert tok.chat_template == CHAT_TEMPLATE
     text = tok.apply_chat_template([{"role": "user", "content": "w7"}], tokenize=False)
