@@ -1,7 +1,7 @@
 """Retrieval-head detection: run NIAH trials, score every head, keep every finished trial.
 
-Each finished trial is written to `<out>/trials/<key>.json` at once, so an interrupted run
-resumes where it stopped (`resume=True`) without redoing finished trials.
+Each finished trial is written to `<out>/trials/<key>.json` at once (see `runs`), so an
+interrupted run resumes where it stopped (`resume=True`) without redoing finished trials.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .generation import MAX_NEW_TOKENS, greedy_decode
 from .niah import Trial
-from .results import DetectionResult, TrialRecord, write_json
+from .results import DetectionResult, TrialRecord
+from .runs import run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copy_scores, rouge1_recall
 
 
@@ -70,38 +70,14 @@ def detect(
     completes; `resume=True` reuses the saved trials of an earlier run of the same settings."""
     name = model.cfg.model_name
     settings = {**(settings or {}), "max_new_tokens": max_new_tokens, "model": name}
-    trial_dir = Path(out_dir) / "trials" if out_dir is not None else None
-    done: dict[str, TrialRecord] = {}
-    if trial_dir is not None:
-        done = _prepare_run(Path(out_dir), settings, resume)
-    records = []
-    bar = tqdm(trials, desc=f"detect {name}", unit="trial", disable=not progress)
-    for trial in bar:
-        record = done.get(trial.key)
-        if record is None:
-            record = run_trial(model, trial, max_new_tokens, chunk_size)
-            if trial_dir is not None:
-                write_json(trial_dir / f"{trial.key}.json", record.__dict__)
-        records.append(record)
-        n_ok = sum(r.success for r in records)
-        bar.set_postfix(success=f"{n_ok}/{len(records)}", last=f"{record.rouge_recall:.2f}")
+    records = run_trials(
+        trials,
+        lambda trial: run_trial(model, trial, max_new_tokens, chunk_size),
+        TrialRecord,
+        out_dir,
+        resume,
+        settings,
+        desc=f"detect {name}",
+        progress=progress,
+    )
     return DetectionResult(name, model.cfg.n_layers, model.cfg.n_heads, records, threshold, settings)
-
-
-def _prepare_run(out_dir: Path, settings: dict[str, Any], resume: bool) -> dict[str, TrialRecord]:
-    """Record the run's settings; on resume, check they match and load the finished trials."""
-    manifest = out_dir / "run.json"
-    trial_dir = out_dir / "trials"
-    if manifest.exists() and resume:
-        previous = json.loads(manifest.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            raise ValueError(f"cannot resume {out_dir}: its settings differ ({previous} vs {settings})")
-        done = {}
-        for path in sorted(trial_dir.glob("*.json")):
-            record = TrialRecord.from_json(json.loads(path.read_text()))
-            done[record.key] = record
-        return done
-    if trial_dir.exists() and any(trial_dir.glob("*.json")):
-        raise FileExistsError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
-    write_json(manifest, settings)
-    return {}

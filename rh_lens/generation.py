@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MethodType
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,11 +141,13 @@ def greedy_decode(
     max_new_tokens: int = MAX_NEW_TOKENS,
     record_attention: bool = True,
     chunk_size: int | None = None,
+    decode_hooks: Sequence[tuple] = (),
 ) -> Generation:
     """Greedy decoding as the reference does it: prefill the prompt minus its last token,
     then feed one token per step. At step t the model is fed token t-1 and emits w_t; if
     `record_attention`, the argmax over keys of every query head's attention row at that
-    step is recorded alongside w_t."""
+    step is recorded alongside w_t. `decode_hooks` (TransformerLens (name, hook) pairs) are
+    active during the decode steps only, e.g. a decode-time head ablation."""
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.cfg.device)
     cache = prefill(model, prompt[:-1], chunk_size)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -153,7 +156,9 @@ def greedy_decode(
     def record(pattern: Tensor, hook) -> None:  # pattern: [batch, head, query, key]
         step_argmax[hook.layer()] = newest_row_argmax(pattern).cpu()
 
-    hooks = [(lambda name: name.endswith("attn.hook_pattern"), record)] if record_attention else []
+    hooks = list(decode_hooks)
+    if record_attention:  # after the caller's hooks, so it sees the pattern they leave
+        hooks.append((lambda name: name.endswith("attn.hook_pattern"), record))
     eos_ids = _eos_ids(model)
     tokens: list[int] = []
     argmaxes: list[Tensor] = []

@@ -1,0 +1,326 @@
+"""Causal ablation of attention heads, and the paper's masking experiment on NIAH.
+
+`mask_heads(model, heads, method)` is a context manager usable around any forward pass,
+generation or experiment. Methods, all through TransformerLens hook points:
+- "uniform" (the paper's masking): the head's pre-softmax scores (`hook_attn_scores`) are
+  set to one constant where the causal mask and padding allow attention, so it attends
+  uniformly to the keys it may see and outputs the mean of their values;
+- "zero": the head's output (`hook_z`) is set to 0;
+- "mean": the head's output is replaced by its mean over a reference set of prompts
+  (`head_means`).
+With grouped-query attention each query head is masked on its own, not its whole group:
+both hook points are per query head.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from .generation import MAX_NEW_TOKENS, greedy_decode, prefill
+from .niah import Trial
+from .results import DetectionResult, write_json
+from .runs import run_trials
+from .scoring import SUCCESS_RECALL, rouge1_recall
+
+Head = tuple[int, int]  # (layer, head)
+METHODS = ("uniform", "zero", "mean")
+
+
+def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+    layers: dict[int, list[int]] = {}
+    for layer, head in heads:
+        layers.setdefault(int(layer), []).append(int(head))
+    return layers
+
+
+def ablation_hooks(
+    heads: Iterable[Head], method: str = "uniform", mean_z: Float[Tensor, "layer head d_head"] | None = None
+) -> list[tuple[str, Any]]:
+    """TransformerLens (hook name, function) pairs that ablate `heads` with `method`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown ablation method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "mean" and mean_z is None:
+        raise ValueError("mean ablation needs mean_z: compute it with head_means(model, prompts)")
+    hooks = []
+    for layer, idx in _by_layer(heads).items():
+        if method == "uniform":
+
+            def uniform(scores: Tensor, hook, idx=idx) -> Tensor:  # [batch, head, query, key]
+                chosen = scores[:, idx]
+                # Masked keys hold -inf (causal mask, padding): keep them, flatten the rest.
+                scores[:, idx] = torch.where(torch.isneginf(chosen), chosen, torch.zeros_like(chosen))
+                return scores
+
+            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", uniform))
+        else:
+            value = None if method == "zero" else mean_z[layer, idx]
+
+            def replace_z(z: Tensor, hook, idx=idx, value=value) -> Tensor:  # [batch, pos, head, d_head]
+                z[:, :, idx] = 0.0 if value is None else value.to(z)
+                return z
+
+            hooks.append((f"blocks.{layer}.attn.hook_z", replace_z))
+    return hooks
+
+
+@contextmanager
+def mask_heads(
+    model: HookedTransformer,
+    heads: Iterable[Head],
+    method: str = "uniform",
+    mean_z: Float[Tensor, "layer head d_head"] | None = None,
+):
+    """Ablate `heads` for every forward pass inside the context (all positions)."""
+    with model.hooks(fwd_hooks=ablation_hooks(heads, method, mean_z)):
+        yield model
+
+
+@torch.inference_mode()
+def head_means(model: HookedTransformer, prompts: Sequence[Sequence[int]]) -> Float[Tensor, "layer head d_head"]:
+    """Each head's output `hook_z` averaged over every position of the reference prompts."""
+    total = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head, dtype=torch.float64)
+    count = 0
+
+    def accumulate(z: Tensor, hook) -> None:
+        total[hook.layer()] += z[0].double().sum(dim=0).cpu()
+
+    with model.hooks(fwd_hooks=[(lambda name: name.endswith("attn.hook_z"), accumulate)]):
+        for prompt in prompts:
+            prefill(model, torch.as_tensor(list(prompt), device=model.cfg.device))
+            count += len(prompt)
+    return (total / count).float()
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, exclude: Iterable[Head], seed: int) -> list[Head]:
+    """k heads drawn uniformly (seeded) from those not in `exclude`."""
+    excluded = {tuple(h) for h in exclude}
+    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in excluded]
+    if k > len(pool):
+        raise ValueError(f"cannot draw {k} heads from the {len(pool)} outside the excluded set")
+    return sorted(random.Random(seed).sample(pool, k))
+
+
+def default_ks(n_layers: int, n_heads: int) -> list[int]:
+    """About 2%, 5% and 10% of all heads: the paper masked 20, 50 and 100 of Llama-2-7B's 1024."""
+    total = n_layers * n_heads
+    return sorted({max(1, round(f * total)) for f in (0.02, 0.05, 0.1)})
+
+
+# --- NIAH under ablation --------------------------------------------------------------
+
+
+@dataclass
+class NiahRecord:
+    """One NIAH trial's answer. `outcome`: retrieved (recall > 0.5), partial, or absent (no
+    answer word in the response: the model hallucinated or paraphrased)."""
+
+    key: str
+    context_length: int
+    depth: int
+    needle_id: str
+    haystack: str
+    answer: str
+    response: str
+    generated_ids: list[int]
+    rouge_recall: float
+    success: bool
+    outcome: str
+    seconds: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "NiahRecord":
+        return cls(**data)
+
+
+def niah_trial(
+    model: HookedTransformer,
+    trial: Trial,
+    decode_hooks: Sequence[tuple] = (),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> NiahRecord:
+    """Greedy answer to one trial under whatever hooks are on the model (plus decode-only ones)."""
+    started = time.perf_counter()
+    tokens = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention=False, decode_hooks=decode_hooks).tokens
+    response = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    recall = rouge1_recall(response, trial.needle.real_needle)
+    outcome = "retrieved" if recall > SUCCESS_RECALL else "partial" if recall > 0 else "absent"
+    return NiahRecord(
+        trial.key, trial.context_length, trial.depth, trial.needle.id, trial.haystack, trial.needle.real_needle,
+        response, tokens, recall, recall > SUCCESS_RECALL, outcome, time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def evaluate_niah(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    heads: Iterable[Head] = (),
+    method: str = "uniform",
+    decode_only: bool = False,
+    mean_z: Float[Tensor, "layer head d_head"] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+    desc: str = "niah",
+) -> list[NiahRecord]:
+    """The NIAH grid answered with `heads` ablated (at every position, or at decode steps
+    only), one resumable per-trial file each when `out_dir` is given."""
+    hooks = ablation_hooks(heads, method, mean_z)
+    settings = {**(settings or {}), "heads": [list(h) for h in heads], "method": method, "decode_only": decode_only}
+    with model.hooks(fwd_hooks=[] if decode_only else hooks):
+        return run_trials(
+            trials,
+            lambda trial: niah_trial(model, trial, hooks if decode_only else (), max_new_tokens),
+            NiahRecord,
+            out_dir,
+            resume,
+            settings,
+            desc=desc,
+            progress=progress,
+        )
+
+
+# --- the paper's experiment: top-K retrieval heads vs random heads ---------------------
+
+
+@dataclass
+class Condition:
+    """One masking condition: none, the top-K retrieval heads, or K random other heads."""
+
+    kind: str  # "none", "top" or "random"
+    k: int
+    seed: int | None
+    heads: list[Head]
+    records: list[NiahRecord] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return {"none": "none", "top": f"top-{self.k}", "random": f"random-{self.k}-seed{self.seed}"}[self.kind]
+
+    def mean_recall(self) -> float:
+        return float(np.mean([r.rouge_recall for r in self.records])) if self.records else float("nan")
+
+
+@dataclass
+class AblationResult:
+    model: str
+    method: str
+    decode_only: bool
+    conditions: list[Condition]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Mean ROUGE recall per (kind, K); for random heads the mean and spread over seeds."""
+        rows = []
+        for kind, k in dict.fromkeys((c.kind, c.k) for c in self.conditions):
+            group = [c for c in self.conditions if (c.kind, c.k) == (kind, k)]
+            per_seed = [c.mean_recall() for c in group]
+            records = [r for c in group for r in c.records]
+            rows.append({
+                "condition": group[0].name if kind != "random" else f"random-{k}",
+                "kind": kind,
+                "k": k,
+                "mean_recall": float(np.mean(per_seed)),
+                "std_over_seeds": float(np.std(per_seed)) if len(per_seed) > 1 else 0.0,
+                "n_seeds": len(group) if kind == "random" else None,
+                "success_rate": float(np.mean([r.success for r in records])),
+                "absent_rate": float(np.mean([r.outcome == "absent" for r in records])),
+            })  # fmt: skip
+        return rows
+
+    def recall_grid(self, kind: str, k: int) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
+        """Mean recall per (depth, length) over needles (and seeds): the paper's NIAH heatmap."""
+        records = [r for c in self.conditions if (c.kind, c.k) == (kind, k) for r in c.records]
+        lengths = sorted({r.context_length for r in records})
+        depths = sorted({r.depth for r in records})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                values = [r.rouge_recall for r in records if r.depth == depth and r.context_length == length]
+                grid[i, j] = np.mean(values) if values else np.nan
+        return lengths, depths, grid
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "rh_lens.ablation/1", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AblationResult":
+        conditions = [
+            Condition(c["kind"], c["k"], c["seed"], [tuple(h) for h in c["heads"]], [NiahRecord.from_json(r) for r in c["records"]])
+            for c in data["conditions"]
+        ]
+        return cls(data["model"], data["method"], data["decode_only"], conditions, data.get("settings", {}))
+
+
+def ablation_conditions(
+    detection: DetectionResult, ks: Sequence[int], seeds: Sequence[int]
+) -> list[Condition]:
+    """No masking; the top-K heads by retrieval score; K random heads drawn only from outside
+    the top list (the largest K's top heads and every head above the threshold)."""
+    ranking = [(layer, head) for layer, head, _ in detection.ranking()]
+    outside = set(ranking[: max(ks)]) | {(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    conditions = [Condition("none", 0, None, [])]
+    for k in ks:
+        conditions.append(Condition("top", k, None, ranking[:k]))
+        for seed in seeds:
+            conditions.append(Condition("random", k, seed, random_heads(detection.n_layers, detection.n_heads, k, outside, seed)))
+    return conditions
+
+
+def ablation_experiment(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    detection: DetectionResult,
+    ks: Sequence[int] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    method: str = "uniform",
+    decode_only: bool = False,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+) -> AblationResult:
+    """The paper's masking experiment; each condition's trials are saved (and resumed)
+    under `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`."""
+    if (detection.n_layers, detection.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
+        raise ValueError(
+            f"scores are for {detection.n_layers} x {detection.n_heads} heads, "
+            f"the model has {model.cfg.n_layers} x {model.cfg.n_heads}"
+        )
+    ks = list(ks or default_ks(model.cfg.n_layers, model.cfg.n_heads))
+    # Mean ablation: each head's mean output over a few of the grid's own prompts.
+    mean_z = head_means(model, [t.prompt_ids for t in trials[:4]]) if method == "mean" else None
+    settings = {**(settings or {}), "ks": ks, "seeds": list(seeds), "max_new_tokens": max_new_tokens}
+    conditions = ablation_conditions(detection, ks, seeds)
+    for condition in conditions:
+        condition.records = evaluate_niah(
+            model,
+            trials,
+            condition.heads,
+            method,
+            decode_only,
+            mean_z,
+            Path(out_dir) / "conditions" / condition.name if out_dir is not None else None,
+            resume,
+            settings,
+            max_new_tokens,
+            progress,
+            desc=condition.name,
+        )
+    result = AblationResult(model.cfg.model_name, method, decode_only, conditions, settings)
+    if out_dir is not None:
+        write_json(Path(out_dir) / "ablation.json", result.to_json())
+    return result
