@@ -48,3 +48,18 @@ def test_errors_are_one_line(inputs, capsys, tmp_path):
     assert cli.main(["show", str(tmp_path / "missing.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rh-lens: error:") and err.count("\n") == 1
+
+
+def test_ablate_prints_summary_and_writes_figures(inputs, capsys):
+    tmp_path, argv = inputs
+    assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
+    argv = [a if a != "detect" else "ablate" for a in argv if a not in ("--top", "3")]
+    out = tmp_path / "abl"
+    args = argv + ["--scores", str(tmp_path / "det" / "results.json"), "--top-k", "1", "--random-seeds", "2", "--out", str(out)]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:5]}
+    assert float(rows["none"][2]) == 1.0 and float(rows["top-1"][2]) < 0.5 and float(rows["random-1"][2]) == 1.0
+    for name in ("niah_heatmaps.png", "recall_vs_k.png", "ablation.json"):
+        assert (out / name).stat().st_size > 0
