@@ -90,7 +90,8 @@ def recall_vs_k(result: AblationResult):
             ax.axhline(r["mean_recall"], color="grey", linestyle=":", label="no masking")
     ax.set_xlabel("masked heads K")
     ax.set_ylabel("mean ROUGE-1 recall")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xticks(sorted({r["k"] for r in rows if r["kind"] != "none"}))
     ax.set_title(f"{result.model}: {result.method} masking", fontsize=10)
     ax.legend(fontsize=8)
     return figure
