@@ -19,7 +19,7 @@ from .generation import MAX_NEW_TOKENS, greedy_decode
 from .niah import Trial
 from .results import DetectionResult, TrialRecord
 from .runs import run_trials
-from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copy_scores, rouge1_recall
+from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
 
 
 def run_trial(
@@ -33,7 +33,7 @@ def run_trial(
     generation = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention=True, chunk_size=chunk_size)
     response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
     recall = rouge1_recall(response, trial.needle.real_needle)
-    head_scores = copy_scores(
+    events = copy_events(
         generation.argmax_keys, torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids), trial.answer_span
     )
     return TrialRecord(
@@ -50,8 +50,9 @@ def run_trial(
         response=response,
         rouge_recall=recall,
         success=recall > SUCCESS_RECALL,
-        head_scores=head_scores.tolist(),
+        head_scores=event_scores(events, trial.answer_span).tolist(),
         seconds=time.perf_counter() - started,
+        copied=copied_offsets(events, generation.argmax_keys, trial.answer_span),
     )
 
 

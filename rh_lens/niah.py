@@ -172,7 +172,7 @@ def insert_needle(tokenizer, haystack_ids: Sequence[int], needle: str, context_l
     return " ".join(part for part in (before, needle, after) if part)
 
 
-def _answer_chars(needle: Needle) -> tuple[int, int]:
+def answer_chars(needle: Needle) -> tuple[int, int]:
     """Where the answer lies inside the needle sentence (the reference's answers differ in case,
     e.g. 'Because ...' inside '... because ...')."""
     answer = needle.real_needle.strip()
@@ -235,7 +235,7 @@ def build_trial(
     needle_at = prompt.find(needle.needle)
     if needle_at < 0:
         raise TrialError("needle not found in the prompt text")
-    a, b = _answer_chars(needle)
+    a, b = answer_chars(needle)
     if tokenizer.is_fast:
         encoded = tokenizer(prompt, add_special_tokens=special, return_offsets_mapping=True)
         prompt_ids = list(encoded["input_ids"])

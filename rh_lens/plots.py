@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # figures are written to files; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from .ablation import AblationResult
 from .results import DetectionResult
@@ -97,8 +97,249 @@ def recall_vs_k(result: AblationResult):
     return figure
 
 
-def save_figure(figure, path: str | Path) -> None:
+def save_figure(figure, path: str | Path, also: tuple[str, ...] = ()) -> None:
+    """Write the figure to `path`, and beside it in each format of `also` (e.g. ("pdf",))."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150)
+    for suffix in also:
+        figure.savefig(path.with_suffix(f".{suffix}"))
     plt.close(figure)
+
+
+# --- analysis figures ---
+# One style for every analysis figure: small serif-free fonts that stay readable at column
+# width, no top/right spines, one colour per role.
+
+PAPER_STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+ALWAYS_ON_COLOUR = "#c0392b"
+CONTEXT_COLOUR = "#2e86c1"
+NEUTRAL_COLOUR = "#7f8c8d"
+
+
+def _paper_figure(width: float, height: float, ncols: int = 1):
+    """A row of axes; call inside `plt.rc_context(PAPER_STYLE)` so the style applies."""
+    figure, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False, constrained_layout=True)
+    return figure, axes[0]
+
+
+def activation_frequency_chart(activation, top: int | None = 60):
+    """Each head's activation frequency, sorted; always-on heads in red, the rest in blue."""
+    heads = activation.heads[:top]
+    with plt.rc_context(PAPER_STYLE):
+        figure, (ax,) = _paper_figure(max(3.5, 0.14 * len(heads) + 1), 2.6)
+        colours = [ALWAYS_ON_COLOUR if h in activation.always_on else CONTEXT_COLOUR for h in heads]
+        ax.bar(range(len(heads)), [activation.frequency[h] for h in heads], color=colours)
+        ax.axhline(activation.always_on_fraction, color="black", linewidth=0.7, linestyle=":")
+        ax.set_xticks(range(len(heads)), heads, rotation=90, fontsize=6)
+        ax.set_ylim(0, 1.2)  # room above the bars for the legend
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_xlabel("head (layer-head)")
+        ax.set_ylabel("fraction of trials active")
+        legend = [
+            Patch(color=ALWAYS_ON_COLOUR, label=f"always on (active in >= {activation.always_on_fraction:g} of trials)"),
+            Patch(color=CONTEXT_COLOUR, label="context-dependent"),
+        ]
+        ax.legend(handles=legend, loc="upper right", ncols=2, frameon=False)
+        shown = f"top {len(heads)} of " if len(heads) < len(activation.heads) else ""
+        ax.set_title(
+            f"{activation.model}: {shown}{len(activation.heads)} heads ever active "
+            f"(trial score > {activation.threshold:g}), {len(activation.trials)} trials"
+        )
+    return figure
+
+
+def activation_matrix_heatmap(activation, top: int | None = 60):
+    """Heads x trials (active or not), trials grouped by context length."""
+    heads = activation.heads[:top]
+    matrix = np.array(activation.active[: len(heads)])
+    lengths = [t["context_length"] for t in activation.trials]
+    with plt.rc_context(PAPER_STYLE):
+        figure, (ax,) = _paper_figure(min(12, max(4, 0.09 * len(lengths) + 1.5)), max(2.5, 0.12 * len(heads) + 1))
+        ax.imshow(matrix, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        blocks = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+        for boundary in blocks:
+            ax.axvline(boundary - 0.5, color=ALWAYS_ON_COLOUR, linewidth=1)
+        starts = [0] + blocks
+        ends = blocks + [len(lengths)]
+        ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [f"{lengths[s]} tok" if lengths[s] else "all" for s in starts])
+        ax.set_yticks(range(len(heads)), heads, fontsize=6)
+        ax.set_xlabel("trials, grouped by context length" if any(lengths) else "trials (context lengths not recorded)")
+        ax.set_ylabel("head (most often active first)")
+        ax.set_title(f"{activation.model}: active heads per trial (black = trial score > {activation.threshold:g})")
+    return figure
+
+
+def score_histograms(universalities):
+    """Distribution of retrieval scores per model (log count), threshold marked."""
+    with plt.rc_context(PAPER_STYLE):
+        figure, axes = _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities))
+        for ax, u in zip(axes, universalities):
+            edges = np.array(u.histogram_edges)
+            ax.bar(edges[:-1], u.histogram_counts, width=np.diff(edges), align="edge", color=NEUTRAL_COLOUR, edgecolor="white", linewidth=0.4)
+            ax.axvline(u.threshold, color=ALWAYS_ON_COLOUR, linewidth=1, label=f"threshold {u.threshold:g}")
+            ax.set_yscale("log")
+            ax.set_xlabel("retrieval score")
+            ax.set_title(f"{u.model}\n{u.n_above}/{u.n_layers * u.n_heads} heads = {100 * u.fraction_above:.1f}% >= {u.threshold:g}")
+            ax.legend(frameon=False)
+        axes[0].set_ylabel("heads")
+    return figure
+
+
+def layer_profiles(universalities):
+    """Retrieval heads per layer, one panel per model."""
+    with plt.rc_context(PAPER_STYLE):
+        figure, axes = _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities))
+        for ax, u in zip(axes, universalities):
+            ax.bar(range(u.n_layers), u.layer_count_above, color=CONTEXT_COLOUR)
+            ax.set_xlabel(f"layer (of {u.n_layers})")
+            ax.set_title(f"{u.model}")
+            ax.set_xlim(-0.6, u.n_layers - 0.4)
+            ax.yaxis.get_major_locator().set_params(integer=True)
+        axes[0].set_ylabel(f"heads with score >= {universalities[0].threshold:g}")
+    return figure
+
+
+def score_scatter(comparison, labels: int = 10):
+    """Model A's score against model B's, head by head; shared top-K heads in red, the best
+    `labels` of them named (more would overlap)."""
+    with plt.rc_context(PAPER_STYLE):
+        figure, (ax,) = _paper_figure(3.4, 3.2)
+        ax.scatter(comparison.scores_a, comparison.scores_b, s=6, color=NEUTRAL_COLOUR, alpha=0.6, linewidths=0)
+        for rank, shared in enumerate(comparison.shared_top):
+            ax.scatter(shared["score_a"], shared["score_b"], s=12, color=ALWAYS_ON_COLOUR)
+            if rank < labels:
+                ax.annotate(shared["head"], (shared["score_a"], shared["score_b"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        upper = max(comparison.scores_a + comparison.scores_b + [1e-9])
+        ax.plot([0, upper], [0, upper], color="black", linewidth=0.5, linestyle=":")
+        ax.set_xlabel(f"{comparison.model_a} retrieval score")
+        ax.set_ylabel(f"{comparison.model_b} retrieval score")
+        pearson = "n/a" if comparison.pearson is None else f"{comparison.pearson:.2f}"
+        spearman = "n/a" if comparison.spearman is None else f"{comparison.spearman:.2f}"
+        ax.set_title(
+            f"Pearson {pearson}, Spearman {spearman}\n"
+            f"top-{comparison.top_k} overlap {comparison.top_k_overlap:.2f} (red: shared top heads)"
+        )
+    return figure
+
+
+def coverage_curves(coverages):
+    """Mean fraction of copied answer tokens explained by the top-n heads, per model."""
+    with plt.rc_context(PAPER_STYLE):
+        figure, (ax,) = _paper_figure(3.4, 2.6)
+        for c in coverages:
+            n = range(1, len(c.mean_coverage) + 1)
+            ax.plot(n, c.mean_coverage, marker="o", markersize=2.5, linewidth=1, label=f"{c.model} ({len(c.trials)} trials)")
+        ax.set_xlabel("top-n heads (by retrieval score)")
+        ax.set_ylabel("copied answer tokens explained")
+        ax.set_ylim(0, 1.03)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))  # 1, 10, not 10^0
+        ax.legend(frameon=False)
+        ax.set_title("How many heads a trial needs")
+    return figure
+
+
+def analysis_figures(analysis) -> dict:
+    """The figures of one results file's `Analysis`, by file stem."""
+    figures = {
+        "activation_frequency": activation_frequency_chart(analysis.dynamic_activation),
+        "activation_matrix": activation_matrix_heatmap(analysis.dynamic_activation),
+        "score_histogram": score_histograms([analysis.universality]),
+        "layer_profile": layer_profiles([analysis.universality]),
+    }
+    if analysis.coverage is not None:
+        figures["coverage"] = coverage_curves([analysis.coverage])
+    return figures
+
+
+def save_figures(figures: dict, out_dir: str | Path) -> list[Path]:
+    """Each figure as `<out_dir>/<stem>.png` and `.pdf`; returns the PNG paths."""
+    paths = [Path(out_dir) / f"{stem}.png" for stem in figures]
+    for path, figure in zip(paths, figures.values()):
+        save_figure(figure, path, also=("pdf",))
+    return paths
+
+
+# --- patching figures ---
+
+PATCHING_TITLES = {"head_out": "head output (hook_z)", "pattern": "attention pattern (hook_pattern)", "resid": "residual stream (hook_resid_pre)"}
+DIRECTION_TITLES = {"denoise": "denoising: clean into corrupted (restored)", "noise": "noising: corrupted into clean (destroyed)"}
+
+
+def _effect_limit(grids) -> float:
+    values = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids])
+    values = values[~np.isnan(values)]
+    return max(1e-6, float(np.abs(values).max())) if len(values) else 1.0
+
+
+def patching_heatmaps(result, kind: str = "head_out"):
+    """Layer x head maps of patching effect, one panel per direction, one colour scale
+    (1 = the head alone carries the clean answer; grey = not patched)."""
+    directions = list(result.effects[kind])
+    grids = [result.effect(kind, d).numpy() for d in directions]
+    limit = _effect_limit(grids)
+    width = min(16, 2.0 + 0.3 * result.n_heads)
+    height = min(14, 1.5 + 0.2 * result.n_layers)
+    figure, axes = plt.subplots(1, len(grids), figsize=(width * len(grids) + 1, height), squeeze=False, constrained_layout=True)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
+    for ax, direction, grid in zip(axes.flat, directions, grids):
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto", origin="lower")
+        for layer, head, effect in result.ranking(kind, direction)[:5]:
+            ax.text(head, layer, f"{effect:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_title(DIRECTION_TITLES[direction], fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(0, result.n_heads, max(1, result.n_heads // 16)))
+        ax.set_yticks(range(0, result.n_layers, max(1, result.n_layers // 16)))
+    figure.colorbar(image, ax=axes, label="patching effect")
+    settings = result.settings
+    figure.suptitle(
+        f"{result.model}: {PATCHING_TITLES[kind]} patching, {settings.get('positions', '')} position(s), "
+        f"{settings.get('prompt_tokens', '?')} tokens, '{result.clean_token.strip()}' vs '{result.corrupted_token.strip()}'",
+        fontsize=10,
+    )
+    return figure
+
+
+def resid_heatmap(result, direction: str = "denoise"):
+    """Position x layer map of residual-stream patching: where the answer lives, layer by
+    layer, from the needle's answer tokens to the answer position."""
+    grid = result.effect("resid", direction).numpy()
+    labels = [c["label"] for c in result.resid_columns]
+    limit = _effect_limit([grid])
+    figure, ax = plt.subplots(figsize=(min(18, 2.5 + 0.28 * len(labels)), min(12, 1.8 + 0.2 * result.n_layers)), constrained_layout=True)
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(0, result.n_layers, max(1, result.n_layers // 16)))
+    ax.set_xlabel("position (answer tokens clean/corrupted, context, prompt end)")
+    ax.set_ylabel("layer (residual stream entering it)")
+    figure.colorbar(image, ax=ax, label="patching effect")
+    ax.set_title(f"{result.model}: residual stream, {DIRECTION_TITLES[direction]}", fontsize=10)
+    return figure
+
+
+def effect_vs_score_scatter(correlation: dict, model: str = "", labels: int = 8):
+    """Each head's patching effect against its retrieval score, Spearman rho in the title;
+    the heads with the largest effect or score are labelled."""
+    effect, score = np.array(correlation["effect"]), np.array(correlation["score"])
+    heads = correlation["heads"]
+    figure, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
+    ax.scatter(score, effect, s=14, alpha=0.7, color="#2e86c1", edgecolor="none")
+    picked = set(np.argsort(-effect)[:labels]) | set(np.argsort(-score)[:labels])
+    for i in sorted(picked):
+        ax.annotate(f"{heads[i][0]}.{heads[i][1]}", (score[i], effect[i]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("retrieval score")
+    ax.set_ylabel(f"patching effect ({correlation['kind']}, {correlation['direction']})")
+    ax.set_title(f"{model}: Spearman rho = {correlation['spearman']:.2f} over {correlation['n_heads']} heads", fontsize=10)
+    return figure

@@ -26,7 +26,9 @@ FORMAT = "rh_lens.detection/1"
 
 @dataclass
 class TrialRecord:
-    """What one NIAH trial produced. `head_scores[layer][head]` is the head's trial score."""
+    """What one NIAH trial produced. `head_scores[layer][head]` is the head's trial score;
+    `copied["layer-head"]` the answer-span offsets (key - span start) the head copied, one
+    per copy event, for heads with any (None in files written before it was recorded)."""
 
     key: str
     context_length: int | None
@@ -43,6 +45,7 @@ class TrialRecord:
     success: bool
     head_scores: list[list[float]]
     seconds: float | None = None
+    copied: dict[str, list[int]] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrialRecord":

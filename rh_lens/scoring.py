@@ -19,24 +19,52 @@ DEFAULT_THRESHOLD = 0.1  # heads scoring at least this are retrieval heads
 SUCCESS_RECALL = 0.5  # a trial counts when ROUGE-1 recall exceeds this
 
 
-def copy_scores(
+def copy_events(
     argmax_keys: Int[Tensor, "step layer head"],
     emitted: Int[Tensor, "step"],
     prompt_ids: Int[Tensor, "pos"],
     answer_span: tuple[int, int],
-) -> Float[Tensor, "layer head"]:
-    """Each head's trial score: copy events from the answer span, each worth 1/|span|.
+) -> Bool[Tensor, "step layer head"]:
+    """The rule: did each head copy at each decode step?
 
     `argmax_keys[t]` is where each head looked at decode step t (keys past the prompt
     are generated tokens, never inside the span), `emitted[t]` the token emitted there.
+    A head copied when it looked inside the answer span at the very token emitted.
     """
     start, end = answer_span
     if not 0 <= start < end <= len(prompt_ids):
         raise ValueError(f"answer span {answer_span} is not inside a prompt of {len(prompt_ids)} tokens")
     in_span = (argmax_keys >= start) & (argmax_keys < end)
     attended_token = prompt_ids[argmax_keys.clamp(max=len(prompt_ids) - 1)]
-    copied = in_span & (attended_token == emitted[:, None, None])
-    return copied.sum(dim=0).float() / (end - start)
+    return in_span & (attended_token == emitted[:, None, None])
+
+
+def event_scores(events: Bool[Tensor, "step layer head"], answer_span: tuple[int, int]) -> Float[Tensor, "layer head"]:
+    """Each head's trial score: its copy events, each worth 1/|span|."""
+    start, end = answer_span
+    return events.sum(dim=0).float() / (end - start)
+
+
+def copy_scores(
+    argmax_keys: Int[Tensor, "step layer head"],
+    emitted: Int[Tensor, "step"],
+    prompt_ids: Int[Tensor, "pos"],
+    answer_span: tuple[int, int],
+) -> Float[Tensor, "layer head"]:
+    """Each head's trial score: copy events from the answer span, each worth 1/|span|."""
+    return event_scores(copy_events(argmax_keys, emitted, prompt_ids, answer_span), answer_span)
+
+
+def copied_offsets(
+    events: Bool[Tensor, "step layer head"], argmax_keys: Int[Tensor, "step layer head"], answer_span: tuple[int, int]
+) -> dict[str, list[int]]:
+    """Per head ("layer-head") with at least one copy event, the answer-span offset it copied
+    at each event, in step order (so a head's list has one entry per event)."""
+    copied: dict[str, list[int]] = {}
+    for step, layer, head in events.nonzero().tolist():  # row-major: steps in order
+        offset = int(argmax_keys[step, layer, head]) - answer_span[0]
+        copied.setdefault(f"{layer}-{head}", []).append(offset)
+    return copied
 
 
 @lru_cache(maxsize=1)

@@ -63,3 +63,29 @@ def test_ablate_prints_summary_and_writes_figures(inputs, capsys):
     assert float(rows["none"][2]) == 1.0 and float(rows["top-1"][2]) < 0.5 and float(rows["random-1"][2]) == 1.0
     for name in ("niah_heatmaps.png", "recall_vs_k.png", "ablation.json"):
         assert (out / name).stat().st_size > 0
+
+
+def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
+    tmp_path, argv = inputs
+    assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
+    needles, hay = argv[argv.index("--needles") + 1], argv[argv.index("--haystack") + 1]
+    out = tmp_path / "patch"
+    common = ["patch", "--model", "planted", "--needles", needles, "--haystack", hay, "--context-length", "300",
+              "--corrupted-answer", "echo delta charlie bravo alpha", "--prompt", "plain", "--max-new-tokens", "4"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(common + ["--all-heads", "--scores", str(tmp_path / "det" / "results.json"), "--tail", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "head_out denoise (final position), top 8: 1.2 1.000" in printed
+    assert "head_out noise (final position), top 8: 1.2 1.000" in printed
+    assert "Spearman rho" in printed
+    for name in ("head_out_heatmap.png", "pattern_heatmap.png", "resid_heatmap_denoise.png", "effect_vs_score.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "patching.json").read_text())
+    assert saved["effects"]["head_out"]["denoise"][1][2] == pytest.approx(1.0, abs=1e-3)
+
+    assert cli.main(common + ["--heads", "0.0", "1.1", "--kinds", "head_out", "--out", str(tmp_path / "two")]) == 0
+    assert "top 2: 0.0 " in capsys.readouterr().out
+    assert cli.main(common + ["--heads", "1.9", "--out", str(tmp_path / "bad")]) == 1
+    assert "do not exist" in capsys.readouterr().err
+    assert cli.main(common[:-6] + ["--corrupted-answer", "echo", "--all-heads", "--out", str(tmp_path / "bad")]) == 1
+    assert "differ in token length" in capsys.readouterr().err

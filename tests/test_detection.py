@@ -5,6 +5,7 @@ import pytest
 import rh_lens.detection as detection
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 from rh_lens.niah import build_trial, tokenize_haystack
+from rh_lens.analysis import coverage
 from rh_lens.results import load_results
 
 
@@ -56,3 +57,17 @@ def test_trial_records_are_complete(planted, tmp_path):
     assert trial.prompt_length == len(trials[0].prompt_ids) and len(trial.prompt_sha256) == 64
     assert trial.generated_ids[:5] == trials[0].prompt_ids[trial.answer_span[0] : trial.answer_span[1]]
     assert len(trial.head_scores) == 2 and len(trial.head_scores[0]) == 4
+
+
+def test_copied_offsets_agree_with_head_scores(planted):
+    model, trials = planted
+    result = detection.detect(model, trials, max_new_tokens=8, progress=False)
+    for trial in result.trials:
+        start, end = trial.answer_span
+        assert set(trial.copied) == {"1-2"}  # only the planted head copies
+        assert trial.copied["1-2"] == list(range(end - start))  # each answer token once, in order
+        for layer, row in enumerate(trial.head_scores):
+            for head, score in enumerate(row):
+                assert len(trial.copied.get(f"{layer}-{head}", [])) / (end - start) == pytest.approx(score)
+    curves = coverage(result)
+    assert curves.ranked_heads[0] == "1-2" and curves.mean_coverage[0] == 1.0

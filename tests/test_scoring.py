@@ -11,7 +11,7 @@ import rh_lens.detection as detection
 import rh_lens.generation as generation
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 from rh_lens.niah import build_trial, tokenize_haystack
-from rh_lens.scoring import copy_scores, retrieval_scores, rouge1_recall
+from rh_lens.scoring import copied_offsets, copy_events, copy_scores, retrieval_scores, rouge1_recall
 
 
 def test_worked_example_ten_token_answer_eight_copies():
@@ -38,6 +38,16 @@ def test_copy_needs_span_and_token():
     # the span though it holds the token); head 2 once (pos 0 holds 5 at step 0).
     scores = copy_scores(argmax, emitted, prompt, (1, 3))
     assert scores.tolist() == [[1.0, 0.5, 0.5]]
+
+
+def test_copied_offsets_name_each_event_in_step_order():
+    prompt = torch.tensor([5, 6, 7, 8, 6])
+    emitted = torch.tensor([6, 7, 6])
+    argmax = torch.tensor([[[1, 4]], [[2, 2]], [[1, 0]]])  # [step, layer, head]
+    events = copy_events(argmax, emitted, prompt, (1, 3))
+    assert events[:, 0].tolist() == [[True, False], [True, True], [True, False]]
+    # head 0 copied offsets 0, 1, 0 (one entry per event); head 1 only at step 1, offset 1
+    assert copied_offsets(events, argmax, (1, 3)) == {"0-0": [0, 1, 0], "0-1": [1]}
 
 
 def test_keys_past_the_prompt_never_count():
@@ -107,14 +117,14 @@ def _off_by_one(argmax_keys, emitted, prompt_ids, answer_span):
 
 def _no_token_check(argmax_keys, emitted, prompt_ids, answer_span):
     start, end = answer_span
-    return ((argmax_keys >= start) & (argmax_keys < end)).sum(0).float() / (end - start)
+    return (argmax_keys >= start) & (argmax_keys < end)
 
 
-_reference_copy = copy_scores
+_reference_copy = copy_events
 
 BROKEN_RULES = {
-    "off-by-one token": ("copy_scores", _off_by_one),
-    "no token check": ("copy_scores", _no_token_check),
+    "off-by-one token": ("copy_events", _off_by_one),
+    "no token check": ("copy_events", _no_token_check),
     "argmax over heads": ("newest_row_argmax", lambda pattern: pattern[0, :, -1].argmax(dim=0)[: pattern.shape[1]]),
     "argmax over queries": ("newest_row_argmax", lambda pattern: pattern[0].argmax(dim=1)[:, -1]),
     "last key": ("newest_row_argmax", lambda pattern: torch.full((pattern.shape[1],), pattern.shape[-1] - 1)),
@@ -124,7 +134,7 @@ BROKEN_RULES = {
 @pytest.mark.parametrize("name", sorted(BROKEN_RULES))
 def test_broken_rules_are_caught(planted, monkeypatch, name):
     attribute, broken = BROKEN_RULES[name]
-    module = detection if attribute == "copy_scores" else generation
+    module = detection if attribute == "copy_events" else generation
     monkeypatch.setattr(module, attribute, broken)
     model, trials = planted
     passed, _ = planted_head_is_found(model, trials)

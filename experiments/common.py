@@ -1,0 +1,51 @@
+"""What every experiment script shares: the grid arguments and where results live.
+
+Default: the CPU catalogue models on the CLI's default grid (pydoc haystack, the three
+built-in needles, lengths 500/1000/2000, depths 0/25/50/75/100 = 45 trials per model).
+On a GPU pass a bigger model and grid, e.g.
+`--models path/to/Llama-3-8B --lengths 1000 4000 8000 16000 --device cuda`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="catalogue names, HF directories or .gguf files")
+    parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="as for rh-lens detect")
+    parser.add_argument("--needles", default=None, help="JSONL needles (default: the built-in three)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[500, 1000, 2000])
+    parser.add_argument("--depths", nargs="+", type=int, default=[0, 25, 50, 75, 100])
+    parser.add_argument("--prompt", choices=["auto", "chat", "plain"], default="auto")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where results and figures go")
+
+
+def model_dir(results_dir: Path, model: str) -> Path:
+    """One folder per model, named after the catalogue name or the path's last part."""
+    return Path(results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name.removesuffix(".gguf"))
+
+
+def results_file(results_dir: Path, model: str) -> Path:
+    return model_dir(results_dir, model) / "results.json"
+
+
+def load_model_results(args) -> list:
+    """The detection result of each model in `args.models`, in order (run detect_catalogue.py first)."""
+    from rh_lens.results import load_results
+
+    results = []
+    for model in args.models:
+        path = results_file(args.results_dir, model)
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run experiments/detect_catalogue.py for {model} first")
+        result = load_results(path)
+        result.model = model_dir(args.results_dir, model).name  # short names in tables and figures
+        results.append(result)
+    return results

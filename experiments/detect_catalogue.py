@@ -1,0 +1,44 @@
+"""Detect retrieval heads on each model of a grid: `results/<model>/results.json`.
+
+Resumable: finished trials are kept under `results/<model>/trials/`, so a rerun (or an
+interrupted one) only does what is missing. The grid is the CLI's (`rh-lens detect`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import add_grid_arguments, model_dir
+from rh_lens import detect, load_model
+from rh_lens.cli import build_trials, format_ranking
+from rh_lens.plots import save_figure, score_heatmap
+from rh_lens.results import save_results, write_json
+
+
+def detect_model(args: argparse.Namespace, model_name: str) -> float:
+    """Run (or resume) one model's detection; returns the seconds it took."""
+    started = time.perf_counter()
+    out = model_dir(args.results_dir, model_name)
+    model = load_model(model_name, device=args.device)
+    trials, settings = build_trials(args, model)
+    result = detect(model, trials, out, resume=True, settings=settings)
+    save_results(result, out / "results.json")
+    write_json(out / "head_scores.json", result.to_published())
+    save_figure(score_heatmap(result), out / "heatmap.png")
+    print(format_ranking(result, 10, result.threshold), flush=True)
+    seconds = time.perf_counter() - started
+    print(f"{model_name}: {len(trials)} trials, {seconds:.0f} s (model loading included)", flush=True)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_grid_arguments(parser)
+    args = parser.parse_args(argv)
+    for model_name in args.models:
+        detect_model(args, model_name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""Activation patching on NIAH prompts: which heads carry the needle's answer.
+
+A clean prompt holds the needle's answer; a corrupted prompt is the same prompt with another
+answer of the same token length at the same positions. Copying one activation from one run
+into the other and reading the answer's logit difference says how much of the retrieved
+fact flows through that activation:
+- denoising: clean activation into the corrupted run; effect = fraction of the clean
+  behaviour it restores;
+- noising: corrupted activation into the clean run; effect = fraction of the clean
+  behaviour it destroys.
+Both are 1 when the component alone carries the fact and 0 when it carries none of it.
+
+Activations are named and set as in TransformerLens's `patching` module (its patch setters
+do the copying); what this module adds is speed: the source activations are cached once,
+patched runs are batched (one patch per batch element), each starts at the patched layer
+from the cached residual stream, and only the final position is unembedded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, patching
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from .generation import MAX_NEW_TOKENS, fused_attention, greedy_decode
+from .niah import Needle, Trial, TrialError, answer_chars, build_trial
+from .results import DetectionResult
+
+Head = tuple[int, int]  # (layer, head)
+KINDS = ("head_out", "pattern", "resid")  # hook_z per head, hook_pattern per head, hook_resid_pre per position
+DIRECTIONS = ("denoise", "noise")
+POSITIONS = ("final", "all")
+
+# Same-length alternatives for the built-in needles; the first that tokenises to the same
+# number of tokens as the clean answer is used.
+CORRUPTED_ANSWERS = {
+    "the Amber Kestrel": ["the Crimson Kestrel", "the Velvet Kestrel", "the Silver Kestrel", "the Scarlet Osprey", "the Umber Kestrel"],
+    "purple otter seventeen": ["yellow badger twelve", "green walrus fourteen", "orange falcon eleven"],
+    "in a green tin box under the kitchen stairs": [
+        "in a blue tin box under the garden shed",
+        "in a brown tin box under the attic stairs",
+        "in a red tin box under the cellar stairs",
+    ],
+}
+
+
+class PairError(ValueError):
+    """A clean/corrupted pair that does not differ only in the answer tokens."""
+
+
+# --- paired prompts ------------------------------------------------------------------
+
+
+@dataclass
+class PatchingPair:
+    """Clean and corrupted token ids of equal length that differ only inside the answer span.
+
+    Both end with `lead_in`: the clean model's own response up to the answer, so the final
+    position is where the model is about to emit the first answer token that differs.
+    """
+
+    clean: Trial
+    corrupted: Trial
+    lead_in: list[int] = field(default_factory=list)
+
+    @property
+    def clean_ids(self) -> Int[Tensor, "pos"]:
+        return torch.tensor(self.clean.prompt_ids + self.lead_in)
+
+    @property
+    def corrupted_ids(self) -> Int[Tensor, "pos"]:
+        return torch.tensor(self.corrupted.prompt_ids + self.lead_in)
+
+    @property
+    def first_difference(self) -> int:
+        """Position of the first prompt token where the two answers differ."""
+        return next(i for i, (a, b) in enumerate(zip(self.clean.prompt_ids, self.corrupted.prompt_ids)) if a != b)
+
+    @property
+    def clean_token(self) -> int:
+        """The clean answer's first token that differs: the token the metric favours."""
+        return self.clean.prompt_ids[self.first_difference]
+
+    @property
+    def corrupted_token(self) -> int:
+        return self.corrupted.prompt_ids[self.first_difference]
+
+
+def corrupt_needle(needle: Needle, answer: str) -> Needle:
+    """The same needle sentence and question with `answer` in place of the real answer."""
+    start, end = answer_chars(needle)
+    return Needle(needle.needle[:start] + answer + needle.needle[end:], needle.question, answer)
+
+
+def check_pair(clean: Trial, corrupted: Trial) -> None:
+    """Refuse pairs that differ anywhere but in the answer span, or differ in length."""
+    a, b = clean.prompt_ids, corrupted.prompt_ids
+    n_clean = clean.answer_span[1] - clean.answer_span[0]
+    n_corrupted = corrupted.answer_span[1] - corrupted.answer_span[0]
+    if len(a) != len(b) or clean.answer_span != corrupted.answer_span:
+        # (the haystack is cut to fit the needle, so prompts can match in length while the answers do not)
+        raise PairError(
+            f"clean and corrupted answers differ in token length: {clean.needle.real_needle!r} is {n_clean} "
+            f"tokens here and {corrupted.needle.real_needle!r} is {n_corrupted} (prompts of {len(a)} and "
+            f"{len(b)} tokens); choose a corrupted answer with the same number of tokens for this tokenizer"
+        )
+    start, end = clean.answer_span
+    outside = [i for i in range(len(a)) if a[i] != b[i] and not start <= i < end]
+    if outside:
+        raise PairError(f"prompts differ outside the answer span, at positions {outside[:5]}")
+    if a[start:end] == b[start:end]:
+        raise PairError(f"the corrupted answer {corrupted.needle.real_needle!r} tokenises like the clean one")
+
+
+def patching_pair(
+    model: HookedTransformer,
+    needle: Needle,
+    haystack_ids: Sequence[int],
+    context_length: int,
+    depth: int,
+    corrupted_answer: str | None = None,
+    chat: bool | None = None,
+    haystack: str = "haystack",
+    lead_in: bool = True,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> PatchingPair:
+    """Build the clean trial and its corrupted twin with the NIAH trial machinery.
+
+    `corrupted_answer=None` tries the built-in alternatives for the built-in needles.
+    With `lead_in`, the clean prompt is decoded greedily and the response up to the first
+    differing answer token is appended to both prompts (if that token never comes, nothing is).
+    """
+    tokenizer = model.tokenizer
+    candidates = [corrupted_answer] if corrupted_answer is not None else CORRUPTED_ANSWERS.get(needle.real_needle)
+    if not candidates:
+        raise PairError(f"no built-in corrupted answer for {needle.real_needle!r}: give one of the same token length")
+    clean = build_trial(tokenizer, haystack_ids, needle, context_length, depth, chat, model.cfg.n_ctx, haystack)
+    errors = []
+    for answer in candidates:
+        try:
+            corrupted = build_trial(
+                tokenizer, haystack_ids, corrupt_needle(needle, answer), context_length, depth, chat, model.cfg.n_ctx, haystack
+            )
+            check_pair(clean, corrupted)
+            break
+        except (PairError, TrialError) as error:
+            errors.append(str(error))
+    else:
+        raise PairError("; ".join(errors))
+    pair = PatchingPair(clean, corrupted)
+    if lead_in:
+        response = greedy_decode(model, clean.prompt_ids, max_new_tokens, record_attention=False).tokens
+        if pair.clean_token in response:
+            pair.lead_in = response[: response.index(pair.clean_token)]
+    return pair
+
+
+# --- metric --------------------------------------------------------------------------
+
+
+def logit_diff(logits: Float[Tensor, "batch vocab"], pair: PatchingPair) -> Float[Tensor, "batch"]:
+    """Clean answer token's logit minus the corrupted answer token's, at the answer position."""
+    return logits[:, pair.clean_token] - logits[:, pair.corrupted_token]
+
+
+def final_logits(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    """Unembed the final position only, as TransformerLens's forward would: the metric reads
+    nothing else, and unembedding every position would cost more than a layer."""
+    final = residual[:, -1:]
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final)
+    return apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)[:, -1]
+
+
+# --- cached runs and batched patching ----------------------------------------------------
+
+
+@dataclass
+class CachedRun:
+    """One unpatched run: the activations a patch may copy from it or start from (every
+    layer's hook_resid_pre, hook_z, hook_k and hook_v, hook_pattern on request), and its
+    logit difference."""
+
+    activations: dict[str, Tensor]
+    logit_diff: float
+
+
+@torch.inference_mode()
+def cache_run(model: HookedTransformer, tokens: Int[Tensor, "pos"], pair: PatchingPair, patterns: str | None = None) -> CachedRun:
+    """Run once, caching what patching needs. `patterns`: None, "final" (each pattern's final
+    query row only: all a final-position patch reads) or "all"."""
+    store: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:
+        if hook.name.endswith("hook_pattern") and patterns == "final":
+            act = act[:, :, -1:]  # [batch, head, 1, key]
+        store[hook.name] = act.clone()
+
+    names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ())
+    with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model):
+        residual = model(tokens[None].to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+    return CachedRun(store, float(logit_diff(final_logits(model, residual), pair)[0]))
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Copy activation `name` (TransformerLens short name: "z", "pattern", "resid_pre") at
+    `index` (layer first) from the source run, with a TransformerLens patch setter.
+    `position` is the first position the patch touches (negative: from the end)."""
+
+    name: str
+    index: tuple
+    setter: Callable
+    position: int = 0
+
+    @property
+    def layer(self) -> int:
+        return self.index[0]
+
+    @property
+    def hook_name(self) -> str:
+        return get_act_name(self.name, self.layer)
+
+
+def _window(name: str, act: Tensor, start: int) -> Tensor:
+    """A cached activation from position `start` on, matching a run that starts there."""
+    if name.endswith("hook_pattern"):  # [batch, head, query, key]; a final-row cache is one query already
+        return act if act.size(2) == 1 else act[:, :, start:]
+    return act[:, start:]
+
+
+def _shifted(patch: Patch, start: int) -> list:
+    """The setter's index for a run that starts at position `start`."""
+    if patch.name == "resid_pre":  # (layer, positions)
+        return [patch.layer, [p - start for p in patch.index[1]]]
+    return list(patch.index)  # head patches use position -1 or all positions
+
+
+def _prefix_cache(model: HookedTransformer, base: CachedRun, start: int, batch: int) -> TransformerLensKeyValueCache | None:
+    """The base run's keys and values before `start`, frozen: a patched run from `start` on
+    attends to them exactly as the full run would."""
+    if start == 0:
+        return None
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+    for layer, entry in enumerate(cache.entries):
+        entry.past_keys = base.activations[get_act_name("k", layer)][:, :start].expand(batch, -1, -1, -1)
+        entry.past_values = base.activations[get_act_name("v", layer)][:, :start].expand(batch, -1, -1, -1)
+    cache.previous_attention_mask = torch.ones(batch, start, dtype=torch.int, device=model.cfg.device)
+    cache.freeze()
+    return cache
+
+
+@torch.inference_mode()
+def run_patches(
+    model: HookedTransformer,
+    pair: PatchingPair,
+    base: CachedRun,
+    source: CachedRun,
+    groups: Sequence[Sequence[Patch]],
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "patching",
+) -> Float[Tensor, "group"]:
+    """Logit difference of the base run with each group of patches applied together.
+
+    Nothing before a patch's layer, nor before its first position, differs from the base
+    run. So each patched run starts at that layer and position, from the base run's cached
+    residual stream and keys/values: a patch at the answer position recomputes one token.
+    Groups starting at the same layer are batched, one group per batch element."""
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise NotImplementedError("shortformer models add positions at every layer; patching them is not supported")
+    n = len(pair.clean_ids)
+    layers = [min((p.layer for p in group), default=model.cfg.n_layers - 1) for group in groups]
+    positions = [min((p.position % n for p in group), default=n - 1) for group in groups]
+    order = sorted(range(len(groups)), key=lambda g: (layers[g], positions[g]))
+    batches, current = [], []
+    for g in order:
+        if current and (len(current) == batch_size or layers[current[0]] != layers[g]):
+            batches.append(current)
+            current = []
+        current.append(g)
+    batches += [current] if current else []
+    out = torch.empty(len(groups))
+    with tqdm(total=len(groups), desc=desc, unit="run", disable=not progress) as bar:
+        for batch in batches:
+            layer, start = layers[batch[0]], min(positions[g] for g in batch)
+            by_hook: dict[str, list[tuple[int, list]]] = defaultdict(list)
+            for b, g in enumerate(batch):
+                for patch in groups[g]:
+                    by_hook[patch.hook_name].append((b, patch.setter, _shifted(patch, start)))
+            hooks = [(name, _patch_hook(items, _window(name, source.activations[name], start))) for name, items in by_hook.items()]
+            # A copy per batch element: resid_pre patches write into it, never into the cache.
+            residual = base.activations[get_act_name("resid_pre", layer)][:, start:].repeat(len(batch), 1, 1)
+            cache = _prefix_cache(model, base, start, len(batch))
+            with model.hooks(fwd_hooks=hooks), fused_attention(model):  # hooks first: patched patterns stay explicit
+                residual = model(residual, start_at_layer=layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache)
+            out[batch] = logit_diff(final_logits(model, residual), pair).float().cpu()
+            bar.update(len(batch))
+    return out
+
+
+def _patch_hook(items: list[tuple[int, Callable, list]], source: Tensor):
+    def hook(act: Tensor, hook) -> Tensor:
+        for b, setter, index in items:  # batch element b carries its own patch; the setter writes into the view
+            setter(act[b : b + 1], index, source)
+        return act
+
+    return hook
+
+
+# --- what to patch --------------------------------------------------------------------
+
+
+def head_patches(heads: Sequence[Head], kind: str, positions: str = "final") -> list[list[Patch]]:
+    """One single-patch group per head: its output (hook_z) or its attention pattern, at the
+    final position (the answer position) or at every position."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
+    final = positions == "final"
+    if kind == "head_out":
+        name, setter = "z", patching.layer_pos_head_vector_patch_setter if final else patching.layer_head_vector_patch_setter
+    elif kind == "pattern":
+        name, setter = "pattern", patching.layer_head_pos_pattern_patch_setter if final else patching.layer_head_pattern_patch_setter
+    else:
+        raise ValueError(f"unknown head patch kind {kind!r}")
+    if kind == "head_out":
+        index = (lambda layer, head: (layer, -1, head)) if final else (lambda layer, head: (layer, head))
+    else:
+        index = (lambda layer, head: (layer, head, -1)) if final else (lambda layer, head: (layer, head))
+    return [[Patch(name, index(layer, head), setter, -1 if final else 0)] for layer, head in heads]
+
+
+def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[str, Any]]:
+    """Positions of the residual-stream heatmap: each answer token from the first that
+    differs, the context between needle and prompt end as one column, then each of the last
+    `tail` tokens. Earlier positions are skipped: their residual is identical in both runs."""
+    first, end = pair.first_difference, pair.clean.answer_span[1]
+    clean, corrupted = pair.clean_ids.tolist(), pair.corrupted_ids.tolist()
+    tail_start = max(end, len(clean) - tail)
+    columns = [
+        {"label": f"{tokenizer.decode([clean[p]])}/{tokenizer.decode([corrupted[p]])}".strip(), "positions": [p]}
+        for p in range(first, end)
+    ]
+    if tail_start > end:
+        columns.append({"label": f"[{tail_start - end} context tokens]", "positions": list(range(end, tail_start))})
+    columns += [{"label": tokenizer.decode([clean[p]]).strip() or repr(tokenizer.decode([clean[p]])), "positions": [p]} for p in range(tail_start, len(clean))]
+    return columns
+
+
+def resid_patches(n_layers: int, columns: Sequence[dict[str, Any]]) -> list[list[Patch]]:
+    """One group per (layer, column): the residual stream entering the layer at those positions."""
+    return [
+        [Patch("resid_pre", (layer, list(column["positions"])), patching.layer_pos_patch_setter, min(column["positions"]))]
+        for layer in range(n_layers)
+        for column in columns
+    ]
+
+
+# --- the experiment --------------------------------------------------------------------
+
+
+@dataclass
+class PatchingResult:
+    """Patching effects, 1 = the component alone carries the clean answer, 0 = none of it.
+
+    `effects[kind][direction]` is a layer x head grid (None where a head was not patched)
+    for "head_out" and "pattern", a layer x column grid for "resid"."""
+
+    model: str
+    n_layers: int
+    n_heads: int
+    clean_token: str
+    corrupted_token: str
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    heads: list[Head]
+    effects: dict[str, dict[str, list[list[float | None]]]]
+    resid_columns: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def effect(self, kind: str = "head_out", direction: str = "denoise") -> Float[Tensor, "layer column"]:
+        if direction not in self.effects.get(kind, {}):
+            raise KeyError(f"no {kind} patching in the {direction} direction in this result")
+        grid = self.effects[kind][direction]
+        return torch.tensor([[np.nan if v is None else v for v in row] for row in grid], dtype=torch.float64)
+
+    def ranking(self, kind: str = "head_out", direction: str = "denoise") -> list[tuple[int, int, float]]:
+        """Patched heads by effect, largest first."""
+        grid = self.effect(kind, direction)
+        heads = [(layer, head, float(grid[layer, head])) for layer, head in self.heads]
+        return sorted(heads, key=lambda h: (-h[2], h[0], h[1]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "rh_lens.patching/1", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "PatchingResult":
+        data = {k: v for k, v in data.items() if k != "format"}
+        return cls(**{**data, "heads": [tuple(h) for h in data["heads"]]})
+
+
+def activation_patching(
+    model: HookedTransformer,
+    pair: PatchingPair,
+    heads: Sequence[Head] | None = None,
+    kinds: Sequence[str] = KINDS,
+    directions: Sequence[str] = DIRECTIONS,
+    positions: str = "final",
+    tail: int = 24,
+    batch_size: int = 8,
+    min_logit_diff: float = 0.5,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+) -> PatchingResult:
+    """Patch every head in `heads` (all heads if None) and, for "resid", every (layer,
+    column) of the residual stream, in each direction. The clean and corrupted runs are
+    cached once; every patched run is measured against them."""
+    for name, values, allowed in (("kind", kinds, KINDS), ("direction", directions, DIRECTIONS)):
+        unknown = set(values) - set(allowed)
+        if unknown:
+            raise ValueError(f"unknown {name} {sorted(unknown)}; choose from {', '.join(allowed)}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads = [(int(l), int(h)) for l, h in (heads if heads is not None else [(l, h) for l in range(n_layers) for h in range(n_heads)])]
+    bad = [h for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise ValueError(f"heads {bad} do not exist in a model of {n_layers} layers x {n_heads} heads")
+    patterns = positions if "pattern" in kinds else None
+    runs = {
+        "clean": cache_run(model, pair.clean_ids, pair, patterns),
+        "corrupted": cache_run(model, pair.corrupted_ids, pair, patterns),
+    }
+    clean_ld, corrupted_ld = runs["clean"].logit_diff, runs["corrupted"].logit_diff
+    if clean_ld - corrupted_ld < min_logit_diff:
+        raise PairError(
+            f"the model barely tells the answers apart (logit difference {clean_ld:.2f} clean vs "
+            f"{corrupted_ld:.2f} corrupted): nothing to patch; try another context length, depth or needle"
+        )
+    columns = resid_columns(pair, model.tokenizer, tail) if "resid" in kinds else []
+    effects: dict[str, dict[str, list]] = {}
+    for kind in kinds:
+        groups = resid_patches(n_layers, columns) if kind == "resid" else head_patches(heads, kind, positions)
+        for direction in directions:
+            base, source = (runs["corrupted"], runs["clean"]) if direction == "denoise" else (runs["clean"], runs["corrupted"])
+            measured = run_patches(model, pair, base, source, groups, batch_size, progress, desc=f"{kind} {direction}")
+            recovered = (measured - corrupted_ld) / (clean_ld - corrupted_ld)  # 1 = clean, 0 = corrupted
+            effect = recovered if direction == "denoise" else 1 - recovered
+            if kind == "resid":
+                grid = effect.view(n_layers, len(columns)).tolist()
+            else:
+                grid = [[None] * n_heads for _ in range(n_layers)]
+                for (layer, head), value in zip(heads, effect.tolist()):
+                    grid[layer][head] = value
+            effects.setdefault(kind, {})[direction] = grid
+    tokenizer = model.tokenizer
+    settings = {
+        **(settings or {}),
+        "context_length": pair.clean.context_length,
+        "depth": pair.clean.depth,
+        "needle": pair.clean.needle.needle,
+        "answer": pair.clean.needle.real_needle,
+        "corrupted_answer": pair.corrupted.needle.real_needle,
+        "lead_in": tokenizer.decode(pair.lead_in),
+        "prompt_tokens": len(pair.clean_ids),
+        "positions": positions,
+    }
+    return PatchingResult(
+        model.cfg.model_name, n_layers, n_heads, tokenizer.decode([pair.clean_token]), tokenizer.decode([pair.corrupted_token]),
+        clean_ld, corrupted_ld, heads, effects, columns, settings,
+    )  # fmt: skip
+
+
+def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: str = "head_out", direction: str = "denoise") -> dict[str, Any]:
+    """Spearman correlation between each patched head's effect and its retrieval score."""
+    if (detection.n_layers, detection.n_heads) != (result.n_layers, result.n_heads):
+        raise ValueError(f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}")
+    scores, grid = detection.scores(), result.effect(kind, direction)
+    effect = [float(grid[l, h]) for l, h in result.heads]
+    score = [float(scores[l, h]) for l, h in result.heads]
+    rho, p = stats.spearmanr(effect, score) if len(set(effect)) > 1 and len(set(score)) > 1 else (float("nan"), float("nan"))
+    return {
+        "kind": kind, "direction": direction, "spearman": float(rho), "p_value": float(p),
+        "n_heads": len(effect), "heads": [list(h) for h in result.heads], "effect": effect, "score": score,
+    }  # fmt: skip
