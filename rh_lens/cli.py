@@ -119,7 +119,8 @@ def format_patching(result: PatchingResult, top: int, correlation: dict | None) 
     if correlation is not None:
         lines.append(
             f"Spearman rho between {correlation['kind']} {correlation['direction']} effect and retrieval score: "
-            f"{correlation['spearman']:.3f} (p = {correlation['p_value']:.2g}, {correlation['n_heads']} heads)"
+            f"{correlation['spearman']:.3f} (p = {correlation['p_value']:.2g}, {correlation['n_heads']} heads); over the "
+            f"{correlation['n_scored']} heads scoring > 0: {correlation['spearman_scored']:.3f} (p = {correlation['p_value_scored']:.2g})"
         )
     return "\n".join(lines)
 

@@ -481,14 +481,26 @@ def activation_patching(
 
 
 def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: str = "head_out", direction: str = "denoise") -> dict[str, Any]:
-    """Spearman correlation between each patched head's effect and its retrieval score."""
+    """Spearman correlation between each patched head's effect and its retrieval score, over
+    all patched heads and over those that scored at all (most heads score 0 and sit at the
+    noise floor of the effect, which can drown the rest)."""
     if (detection.n_layers, detection.n_heads) != (result.n_layers, result.n_heads):
         raise ValueError(f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}")
     scores, grid = detection.scores(), result.effect(kind, direction)
     effect = [float(grid[l, h]) for l, h in result.heads]
     score = [float(scores[l, h]) for l, h in result.heads]
-    rho, p = stats.spearmanr(effect, score) if len(set(effect)) > 1 and len(set(score)) > 1 else (float("nan"), float("nan"))
+
+    def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
+        if len(set(x)) < 2 or len(set(y)) < 2:
+            return float("nan"), float("nan")
+        rho, p = stats.spearmanr(x, y)
+        return float(rho), float(p)
+
+    scored = [i for i, v in enumerate(score) if v > 0]
+    rho, p = spearman(effect, score)
+    rho_scored, p_scored = spearman([effect[i] for i in scored], [score[i] for i in scored])
     return {
-        "kind": kind, "direction": direction, "spearman": float(rho), "p_value": float(p),
-        "n_heads": len(effect), "heads": [list(h) for h in result.heads], "effect": effect, "score": score,
+        "kind": kind, "direction": direction, "spearman": rho, "p_value": p, "n_heads": len(effect),
+        "spearman_scored": rho_scored, "p_value_scored": p_scored, "n_scored": len(scored),
+        "heads": [list(h) for h in result.heads], "effect": effect, "score": score,
     }  # fmt: skip

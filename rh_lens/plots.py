@@ -341,5 +341,9 @@ def effect_vs_score_scatter(correlation: dict, model: str = "", labels: int = 8)
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.set_xlabel("retrieval score")
     ax.set_ylabel(f"patching effect ({correlation['kind']}, {correlation['direction']})")
-    ax.set_title(f"{model}: Spearman rho = {correlation['spearman']:.2f} over {correlation['n_heads']} heads", fontsize=10)
+    ax.set_title(
+        f"{model}: Spearman rho {correlation['spearman']:.2f} over {correlation['n_heads']} heads, "
+        f"{correlation['spearman_scored']:.2f} over the {correlation['n_scored']} scoring > 0",
+        fontsize=9,
+    )
     return figure
