@@ -295,7 +295,7 @@ def run_patches(
     with tqdm(total=len(groups), desc=desc, unit="run", disable=not progress) as bar:
         for batch in batches:
             layer, start = layers[batch[0]], min(positions[g] for g in batch)
-            by_hook: dict[str, list[tuple[int, list]]] = defaultdict(list)
+            by_hook: dict[str, list[tuple[int, Callable, list]]] = defaultdict(list)
             for b, g in enumerate(batch):
                 for patch in groups[g]:
                     by_hook[patch.hook_name].append((b, patch.setter, _shifted(patch, start)))
