@@ -12,6 +12,8 @@ import argparse
 import re
 from pathlib import Path
 
+from rh_lens.cli import CHAT
+
 CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -22,7 +24,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--needles", default=None, help="JSONL needles (default: the built-in three)")
     parser.add_argument("--lengths", nargs="+", type=int, default=[500, 1000, 2000])
     parser.add_argument("--depths", nargs="+", type=int, default=[0, 25, 50, 75, 100])
-    parser.add_argument("--prompt", choices=["auto", "chat", "plain"], default="auto")
+    parser.add_argument("--prompt", choices=list(CHAT), default="auto")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where results and figures go")
 

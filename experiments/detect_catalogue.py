@@ -11,9 +11,7 @@ import time
 
 from common import add_grid_arguments, model_dir
 from rh_lens import detect, load_model
-from rh_lens.cli import build_trials, format_ranking
-from rh_lens.plots import save_figure, score_heatmap
-from rh_lens.results import save_results, write_json
+from rh_lens.cli import build_trials, format_ranking, save_detection
 
 
 def detect_model(args: argparse.Namespace, model_name: str) -> float:
@@ -23,9 +21,7 @@ def detect_model(args: argparse.Namespace, model_name: str) -> float:
     model = load_model(model_name, device=args.device)
     trials, settings = build_trials(args, model)
     result = detect(model, trials, out, resume=True, settings=settings)
-    save_results(result, out / "results.json")
-    write_json(out / "head_scores.json", result.to_published())
-    save_figure(score_heatmap(result), out / "heatmap.png")
+    save_detection(result, out)
     print(format_ranking(result, 10, result.threshold), flush=True)
     seconds = time.perf_counter() - started
     print(f"{model_name}: {len(trials)} trials, {seconds:.0f} s (model loading included)", flush=True)

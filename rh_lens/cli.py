@@ -34,11 +34,18 @@ def format_ranking(result: DetectionResult, top: int, threshold: float) -> str:
     return "\n".join(lines)
 
 
+MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
+CHAT = {"auto": None, "chat": True, "plain": False}  # --prompt -> build_trial's `chat`
+
+
+def needles_of(args: argparse.Namespace):
+    return load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
+
+
 def build_trials(args: argparse.Namespace, model):
     """The NIAH grid of the command line, and the settings that identify it."""
-    needles = load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
-    chat = {"auto": None, "chat": True, "plain": False}[args.prompt]
-    trials = trial_grid(model.tokenizer, needles, args.lengths, args.depths, args.haystack, chat, model.cfg.n_ctx)
+    needles = needles_of(args)
+    trials = trial_grid(model.tokenizer, needles, args.lengths, args.depths, args.haystack, CHAT[args.prompt], model.cfg.n_ctx)
     settings = {
         "haystack": [str(h) for h in args.haystack],
         "needles": [n.id for n in needles],
@@ -49,14 +56,19 @@ def build_trials(args: argparse.Namespace, model):
     return trials, settings
 
 
+def save_detection(result: DetectionResult, out: Path) -> None:
+    """results.json, head_scores.json (the reference's format) and heatmap.png in `out`."""
+    save_results(result, out / "results.json")
+    write_json(out / "head_scores.json", result.to_published())
+    save_figure(score_heatmap(result), out / "heatmap.png")
+
+
 def run_detect(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device)
     trials, settings = build_trials(args, model)
     out = Path(args.out)
     result = detect(model, trials, out, args.resume, args.threshold, settings, args.max_new_tokens, args.chunk_size)
-    save_results(result, out / "results.json")
-    write_json(out / "head_scores.json", result.to_published())
-    save_figure(score_heatmap(result, args.threshold), out / "heatmap.png")
+    save_detection(result, out)
     print(format_ranking(result, args.top, args.threshold))
     print(f"wrote {out / 'results.json'}, {out / 'head_scores.json'} (reference format), {out / 'heatmap.png'}")
 
@@ -128,13 +140,12 @@ def format_patching(result: PatchingResult, top: int, correlation: dict | None) 
 def run_patch(args: argparse.Namespace) -> None:
     detection = load_results(args.scores) if args.scores else None  # fail early on a bad file
     model = load_model(args.model, device=args.device)
-    needles = load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
+    needles = needles_of(args)
     if not 0 <= args.needle < len(needles):
         raise ValueError(f"--needle {args.needle}: there are {len(needles)} needles")
     haystack_ids = tokenize_haystack(model.tokenizer, load_haystack(args.haystack), args.context_length)
-    chat = {"auto": None, "chat": True, "plain": False}[args.prompt]
     pair = patching_pair(
-        model, needles[args.needle], haystack_ids, args.context_length, args.depth, args.corrupted_answer, chat,
+        model, needles[args.needle], haystack_ids, args.context_length, args.depth, args.corrupted_answer, CHAT[args.prompt],
         haystack_name(args.haystack), max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     result = activation_patching(
@@ -228,12 +239,12 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="directory of .txt files, 'pydoc' (default) or 'synthetic'; one, or one per needle")
     parser.add_argument("--needles", help="JSONL file of {needle, question, real_needle} (default: built-in needles)")
     parser.add_argument("--lengths", nargs="+", type=int, default=[500, 1000, 2000], help="context lengths in tokens")
     parser.add_argument("--depths", nargs="+", type=int, default=[0, 25, 50, 75, 100], help="needle depths in percent")
-    parser.add_argument("--prompt", choices=["auto", "chat", "plain"], default="auto", help="chat template if the tokenizer has one (auto)")
+    parser.add_argument("--prompt", choices=list(CHAT), default="auto", help="chat template if the tokenizer has one (auto)")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -265,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--heads", nargs="+", type=parse_head, help="heads to patch, LAYER.HEAD (e.g. 12.3 14.1)")
     which.add_argument("--all-heads", action="store_true", help="patch every head")
-    p.add_argument("--model", required=True, help=f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--context-length", type=int, default=1000, help="prompt length in tokens (default 1000)")
     p.add_argument("--depth", type=int, default=50, help="needle depth in percent (default 50)")
     p.add_argument("--needles", help="JSONL file of {needle, question, real_needle} (default: built-in needles)")
     p.add_argument("--needle", type=int, default=0, help="which needle (index, default 0)")
     p.add_argument("--corrupted-answer", help="the corrupted prompt's answer, same token length (default: built-in alternatives)")
     p.add_argument("--haystack", default="pydoc", help="directory of .txt files, 'pydoc' (default) or 'synthetic'")
-    p.add_argument("--prompt", choices=["auto", "chat", "plain"], default="auto", help="chat template if the tokenizer has one (auto)")
+    p.add_argument("--prompt", choices=list(CHAT), default="auto", help="chat template if the tokenizer has one (auto)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="what to patch (default: all)")
     p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS), help="denoise (clean into corrupted), noise (reverse)")
     p.add_argument("--positions", choices=POSITIONS, default="final", help="patch heads at the answer position only, or at all positions")

@@ -322,23 +322,25 @@ def _patch_hook(items: list[tuple[int, Callable, list]], source: Tensor):
 # --- what to patch --------------------------------------------------------------------
 
 
+# (kind, positions) -> TransformerLens activation, its patch setter, and the setter's index for (layer, head)
+HEAD_PATCHES = {
+    ("head_out", "final"): ("z", patching.layer_pos_head_vector_patch_setter, lambda layer, head: (layer, -1, head)),
+    ("head_out", "all"): ("z", patching.layer_head_vector_patch_setter, lambda layer, head: (layer, head)),
+    ("pattern", "final"): ("pattern", patching.layer_head_pos_pattern_patch_setter, lambda layer, head: (layer, head, -1)),
+    ("pattern", "all"): ("pattern", patching.layer_head_pattern_patch_setter, lambda layer, head: (layer, head)),
+}
+
+
 def head_patches(heads: Sequence[Head], kind: str, positions: str = "final") -> list[list[Patch]]:
     """One single-patch group per head: its output (hook_z) or its attention pattern, at the
     final position (the answer position) or at every position."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
-    final = positions == "final"
-    if kind == "head_out":
-        name, setter = "z", patching.layer_pos_head_vector_patch_setter if final else patching.layer_head_vector_patch_setter
-    elif kind == "pattern":
-        name, setter = "pattern", patching.layer_head_pos_pattern_patch_setter if final else patching.layer_head_pattern_patch_setter
-    else:
+    if (kind, positions) not in HEAD_PATCHES:
         raise ValueError(f"unknown head patch kind {kind!r}")
-    if kind == "head_out":
-        index = (lambda layer, head: (layer, -1, head)) if final else (lambda layer, head: (layer, head))
-    else:
-        index = (lambda layer, head: (layer, head, -1)) if final else (lambda layer, head: (layer, head))
-    return [[Patch(name, index(layer, head), setter, -1 if final else 0)] for layer, head in heads]
+    name, setter, index = HEAD_PATCHES[kind, positions]
+    first = -1 if positions == "final" else 0
+    return [[Patch(name, index(layer, head), setter, first)] for layer, head in heads]
 
 
 def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[str, Any]]:

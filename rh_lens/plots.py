@@ -34,11 +34,16 @@ def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=No
         f"score >= {threshold:g} (red)  [{n_good}/{n_all} trials retrieved]",
         fontsize=9,
     )
+    _layer_head_axes(ax, result.n_layers, result.n_heads)
+    return ax.figure
+
+
+def _layer_head_axes(ax, n_layers: int, n_heads: int) -> None:
+    """Labels and ticks (at most ~16 per axis) of a layer x head map."""
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_xticks(range(0, result.n_heads, max(1, result.n_heads // 16)))
-    ax.set_yticks(range(0, result.n_layers, max(1, result.n_layers // 16)))
-    return ax.figure
+    ax.set_xticks(range(0, n_heads, max(1, n_heads // 16)))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
 
 
 def _panels(result: AblationResult) -> list[tuple[str, str, int]]:
@@ -297,10 +302,7 @@ def patching_heatmaps(result, kind: str = "head_out"):
         for layer, head, effect in result.ranking(kind, direction)[:5]:
             ax.text(head, layer, f"{effect:.2f}", ha="center", va="center", fontsize=6)
         ax.set_title(DIRECTION_TITLES[direction], fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(0, result.n_heads, max(1, result.n_heads // 16)))
-        ax.set_yticks(range(0, result.n_layers, max(1, result.n_layers // 16)))
+        _layer_head_axes(ax, result.n_layers, result.n_heads)
     figure.colorbar(image, ax=axes, label="patching effect")
     settings = result.settings
     figure.suptitle(
