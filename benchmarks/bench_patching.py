@@ -51,7 +51,7 @@ def main() -> None:
         def metric(logits):
             return logits[0, -1, pair.clean_token] - logits[0, -1, pair.corrupted_token]
 
-        (clean, corrupted), cache_s = timed(lambda: (cache_run(model, pair.clean_ids, pair), cache_run(model, pair.corrupted_ids, pair)))
+        (clean, corrupted), cache_s = timed(lambda: (cache_run(model, pair.clean_ids), cache_run(model, pair.corrupted_ids)))
         _, clean_cache = model.run_with_cache(pair.clean_ids[None])
         columns = [{"label": str(p), "positions": [p]} for p in range(n - args.tail, n)]
         jobs = {

@@ -1,6 +1,6 @@
 """What every experiment script shares: the grid arguments and where results live.
 
-Default: the CPU catalogue models on the CLI's default grid (pydoc haystack, the three
+Default: the CPU catalogue models on rh-lens's default grid (pydoc haystack, the three
 built-in needles, lengths 500/1000/2000, depths 0/25/50/75/100 = 45 trials per model).
 On a GPU pass a bigger model and grid, e.g.
 `--models path/to/Llama-3-8B --lengths 1000 4000 8000 16000 --device cuda`.
@@ -12,20 +12,22 @@ import argparse
 import re
 from pathlib import Path
 
-from rh_lens.cli import CHAT
+import matplotlib
+
+matplotlib.use("Agg")  # the scripts write figures to files
+
+from rh_lens.options import add_grid_arguments as add_niah_arguments
+from rh_lens.options import add_model_arguments
+from rh_lens.results import load_results
 
 CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="catalogue names, HF directories or .gguf files")
-    parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="as for rh-lens detect")
-    parser.add_argument("--needles", default=None, help="JSONL needles (default: the built-in three)")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[500, 1000, 2000])
-    parser.add_argument("--depths", nargs="+", type=int, default=[0, 25, 50, 75, 100])
-    parser.add_argument("--prompt", choices=list(CHAT), default="auto")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    """rh-lens's model and grid options (--models for several), and --results-dir."""
+    add_model_arguments(parser, multiple=True, default_models=CPU_MODELS)
+    add_niah_arguments(parser)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where results and figures go")
 
 
@@ -40,8 +42,6 @@ def results_file(results_dir: Path, model: str) -> Path:
 
 def load_model_results(args) -> list:
     """The detection result of each model in `args.models`, in order (run detect_catalogue.py first)."""
-    from rh_lens.results import load_results
-
     results = []
     for model in args.models:
         path = results_file(args.results_dir, model)

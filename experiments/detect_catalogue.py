@@ -1,7 +1,7 @@
 """Detect retrieval heads on each model of a grid: `results/<model>/results.json`.
 
 Resumable: finished trials are kept under `results/<model>/trials/`, so a rerun (or an
-interrupted one) only does what is missing. The grid is the CLI's (`rh-lens detect`).
+interrupted one) only does what is missing. The grid options and the steps are `rh-lens detect`'s.
 """
 
 from __future__ import annotations
@@ -10,21 +10,18 @@ import argparse
 import time
 
 from common import add_grid_arguments, model_dir
-from rh_lens import detect, load_model
-from rh_lens.cli import build_trials, format_ranking, save_detection
+from rh_lens.options import grid_from_args
+from rh_lens.reports import format_ranking
+from rh_lens.workflows import detect_grid
 
 
 def detect_model(args: argparse.Namespace, model_name: str) -> float:
     """Run (or resume) one model's detection; returns the seconds it took."""
     started = time.perf_counter()
-    out = model_dir(args.results_dir, model_name)
-    model = load_model(model_name, device=args.device)
-    trials, settings = build_trials(args, model)
-    result = detect(model, trials, out, resume=True, settings=settings)
-    save_detection(result, out)
-    print(format_ranking(result, 10, result.threshold), flush=True)
+    result, _ = detect_grid(model_name, grid_from_args(args), model_dir(args.results_dir, model_name), device=args.device, resume=True)
+    print(format_ranking(result, 10), flush=True)
     seconds = time.perf_counter() - started
-    print(f"{model_name}: {len(trials)} trials, {seconds:.0f} s (model loading included)", flush=True)
+    print(f"{model_name}: {len(result.trials)} trials, {seconds:.0f} s (model loading included)", flush=True)
     return seconds
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common import add_grid_arguments, load_model_results
 from rh_lens.analysis import universality
+from rh_lens.heads import Head
 from rh_lens.plots import layer_profiles, save_figures, score_histograms
 from rh_lens.results import write_json
 from rh_lens.scoring import DEFAULT_THRESHOLD
@@ -16,11 +17,11 @@ from rh_lens.scoring import DEFAULT_THRESHOLD
 
 def markdown_table(rows) -> str:
     lines = [
-        f"| model | layers x heads | trials retrieved | heads >= {rows[0].threshold:g} | top 5 heads (layer, head, score) |",
+        f"| model | layers x heads | trials retrieved | heads >= {rows[0].threshold:g} | top 5 heads (layer-head score) |",
         "|---|---|---|---|---|",
     ]
     for u in rows:
-        top = ", ".join(f"({layer}, {head}) {score:.2f}" for layer, head, score in u.top[:5])
+        top = ", ".join(f"{Head(layer, head)} {score:.2f}" for layer, head, score in u.top[:5])
         lines.append(
             f"| {u.model} | {u.n_layers} x {u.n_heads} | {u.n_successful}/{u.n_trials} | "
             f"{u.n_above} = {100 * u.fraction_above:.1f}% | {top} |"

@@ -2,23 +2,31 @@
 
 __version__ = "0.1.0"
 
-from .detection import detect, run_trial
+from .detection import answer_trial, detect, run_trial
+from .errors import InputError, ModelLoadError, RhLensError, TrialError
 from .generation import greedy_decode
-from .models import CATALOGUE, ModelLoadError, load_model
-from .niah import BUILTIN_NEEDLES, Needle, Trial, TrialError, build_trial, load_haystack, load_needles, trial_grid
+from .heads import Head
+from .models import CATALOGUE, load_model
+from .niah import BUILTIN_NEEDLES, Grid, Needle, Trial, build_trial, load_haystack, load_needles, trial_grid
 from .results import DetectionResult, TrialRecord, load_results, save_results
-from .scoring import copy_scores, retrieval_scores, rouge1_recall
+from .scoring import copy_events, copy_scores, retrieval_scores, rouge1_recall
 
 __all__ = [
     "BUILTIN_NEEDLES",
     "CATALOGUE",
     "DetectionResult",
+    "Grid",
+    "Head",
+    "InputError",
     "ModelLoadError",
     "Needle",
+    "RhLensError",
     "Trial",
     "TrialError",
     "TrialRecord",
+    "answer_trial",
     "build_trial",
+    "copy_events",
     "copy_scores",
     "detect",
     "greedy_decode",

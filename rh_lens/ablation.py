@@ -15,7 +15,6 @@ both hook points are per query head.
 from __future__ import annotations
 
 import random
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,20 +26,23 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .generation import MAX_NEW_TOKENS, greedy_decode, prefill
+from .detection import answer_trial
+from .errors import InputError
+from .generation import MAX_NEW_TOKENS, prefill
+from .heads import Head, all_heads, heads_of
 from .niah import Trial
-from .results import DetectionResult, write_json
+from .results import Answer, DetectionResult, write_json
 from .runs import run_trials
-from .scoring import SUCCESS_RECALL, rouge1_recall
+from .scoring import SUCCESS_RECALL
+from .tl_internals import allowed_keys
 
-Head = tuple[int, int]  # (layer, head)
 METHODS = ("uniform", "zero", "mean")
 
 
 def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
     layers: dict[int, list[int]] = {}
-    for layer, head in heads:
-        layers.setdefault(int(layer), []).append(int(head))
+    for layer, head in heads_of(heads):
+        layers.setdefault(layer, []).append(head)
     return layers
 
 
@@ -49,17 +51,17 @@ def ablation_hooks(
 ) -> list[tuple[str, Any]]:
     """TransformerLens (hook name, function) pairs that ablate `heads` with `method`."""
     if method not in METHODS:
-        raise ValueError(f"unknown ablation method {method!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown ablation method {method!r}; choose from {', '.join(METHODS)}")
     if method == "mean" and mean_z is None:
-        raise ValueError("mean ablation needs mean_z: compute it with head_means(model, prompts)")
+        raise InputError("mean ablation needs mean_z: compute it with head_means(model, prompts)")
     hooks = []
     for layer, idx in _by_layer(heads).items():
         if method == "uniform":
 
             def uniform(scores: Tensor, hook, idx=idx) -> Tensor:  # [batch, head, query, key]
                 chosen = scores[:, idx]
-                # Masked keys hold -inf (causal mask, padding): keep them, flatten the rest.
-                scores[:, idx] = torch.where(torch.isneginf(chosen), chosen, torch.zeros_like(chosen))
+                # Keep the keys the head may not see (causal mask, window, padding); flatten the rest.
+                scores[:, idx] = torch.where(allowed_keys(chosen), torch.zeros_like(chosen), chosen)
                 return scores
 
             hooks.append((f"blocks.{layer}.attn.hook_attn_scores", uniform))
@@ -104,10 +106,10 @@ def head_means(model: HookedTransformer, prompts: Sequence[Sequence[int]]) -> Fl
 
 def random_heads(n_layers: int, n_heads: int, k: int, exclude: Iterable[Head], seed: int) -> list[Head]:
     """k heads drawn uniformly (seeded) from those not in `exclude`."""
-    excluded = {tuple(h) for h in exclude}
-    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in excluded]
+    excluded = set(heads_of(exclude))
+    pool = [h for h in all_heads(n_layers, n_heads) if h not in excluded]
     if k > len(pool):
-        raise ValueError(f"cannot draw {k} heads from the {len(pool)} outside the excluded set")
+        raise InputError(f"cannot draw {k} heads from the {len(pool)} outside the excluded set")
     return sorted(random.Random(seed).sample(pool, k))
 
 
@@ -120,27 +122,16 @@ def default_ks(n_layers: int, n_heads: int) -> list[int]:
 # --- NIAH under ablation --------------------------------------------------------------
 
 
-@dataclass
-class NiahRecord:
-    """One NIAH trial's answer. `outcome`: retrieved (recall > 0.5), partial, or absent (no
-    answer word in the response: the model hallucinated or paraphrased)."""
+@dataclass(kw_only=True)
+class NiahRecord(Answer):
+    """One NIAH trial's graded answer. `outcome`: retrieved (recall > 0.5), partial, or absent
+    (no answer word in the response: the model hallucinated or paraphrased)."""
 
-    key: str
-    context_length: int
-    depth: int
-    needle_id: str
-    haystack: str
-    answer: str
-    response: str
-    generated_ids: list[int]
-    rouge_recall: float
-    success: bool
     outcome: str
-    seconds: float
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "NiahRecord":
-        return cls(**data)
+
+def outcome(recall: float) -> str:
+    return "retrieved" if recall > SUCCESS_RECALL else "partial" if recall > 0 else "absent"
 
 
 def niah_trial(
@@ -150,15 +141,8 @@ def niah_trial(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> NiahRecord:
     """Greedy answer to one trial under whatever hooks are on the model (plus decode-only ones)."""
-    started = time.perf_counter()
-    tokens = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention=False, decode_hooks=decode_hooks).tokens
-    response = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    recall = rouge1_recall(response, trial.needle.real_needle)
-    outcome = "retrieved" if recall > SUCCESS_RECALL else "partial" if recall > 0 else "absent"
-    return NiahRecord(
-        trial.key, trial.context_length, trial.depth, trial.needle.id, trial.haystack, trial.needle.real_needle,
-        response, tokens, recall, recall > SUCCESS_RECALL, outcome, time.perf_counter() - started,
-    )  # fmt: skip
+    answer, _ = answer_trial(model, trial, max_new_tokens, record_attention=False, decode_hooks=decode_hooks)
+    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
 
 
 def evaluate_niah(
@@ -178,7 +162,8 @@ def evaluate_niah(
     """The NIAH grid answered with `heads` ablated (at every position, or at decode steps
     only), one resumable per-trial file each when `out_dir` is given."""
     hooks = ablation_hooks(heads, method, mean_z)
-    settings = {**(settings or {}), "heads": [list(h) for h in heads], "method": method, "decode_only": decode_only}
+    heads = heads_of(heads)
+    settings = {**(settings or {}), "heads": [str(h) for h in heads], "method": method, "decode_only": decode_only}
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
         return run_trials(
             trials,
@@ -253,12 +238,15 @@ class AblationResult:
         return lengths, depths, grid
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "rh_lens.ablation/1", **asdict(self)}
+        data = {"format": "rh_lens.ablation/1", **asdict(self)}
+        for condition in data["conditions"]:
+            condition["heads"] = [str(h) for h in condition["heads"]]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "AblationResult":
         conditions = [
-            Condition(c["kind"], c["k"], c["seed"], [tuple(h) for h in c["heads"]], [NiahRecord.from_json(r) for r in c["records"]])
+            Condition(c["kind"], c["k"], c["seed"], heads_of(c["heads"]), [NiahRecord.from_json(r) for r in c["records"]])
             for c in data["conditions"]
         ]
         return cls(data["model"], data["method"], data["decode_only"], conditions, data.get("settings", {}))
@@ -269,8 +257,8 @@ def ablation_conditions(
 ) -> list[Condition]:
     """No masking; the top-K heads by retrieval score; K random heads drawn only from outside
     the top list (the largest K's top heads and every head above the threshold)."""
-    ranking = [(layer, head) for layer, head, _ in detection.ranking()]
-    outside = set(ranking[: max(ks)]) | {(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
+    outside = set(ranking[: max(ks)]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
     conditions = [Condition("none", 0, None, [])]
     for k in ks:
         conditions.append(Condition("top", k, None, ranking[:k]))
@@ -296,7 +284,7 @@ def ablation_experiment(
     """The paper's masking experiment; each condition's trials are saved (and resumed)
     under `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`."""
     if (detection.n_layers, detection.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
-        raise ValueError(
+        raise InputError(
             f"scores are for {detection.n_layers} x {detection.n_heads} heads, "
             f"the model has {model.cfg.n_layers} x {model.cfg.n_heads}"
         )

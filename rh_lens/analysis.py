@@ -22,6 +22,8 @@ from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
+from .errors import InputError, ResultsFileError
+from .heads import Head, all_heads
 from .results import DetectionResult, TrialRecord
 from .scoring import DEFAULT_THRESHOLD
 
@@ -29,10 +31,6 @@ ACTIVATION_THRESHOLD = 0.1  # a head "fires" in a trial when its trial score exc
 ALWAYS_ON = 0.9  # heads firing in at least this fraction of trials count as always on
 TOP_K = 20
 GROUPS = ("context_length", "depth", "needle_id", "haystack")  # trial fields activation is grouped by
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"{layer}-{head}"
 
 
 class _JSON:
@@ -107,9 +105,9 @@ def dynamic_activation(
     activation grouped by trial property; Jaccard overlap of the active sets between trials."""
     trials = _trial_order(result.successful)
     if not trials:
-        raise ValueError(f"{result.model}: no successful trial to analyse")
+        raise InputError(f"{result.model}: no successful trial to analyse")
     fired = active_heads(trial_score_tensor(trials), threshold).flatten(1)  # trial x (layer*head)
-    names = [head_name(layer, head) for layer in range(result.n_layers) for head in range(result.n_heads)]
+    names = [str(head) for head in all_heads(result.n_layers, result.n_heads)]
     counts = fired.sum(dim=0).tolist()
     order = sorted((i for i, c in enumerate(counts) if c > 0), key=lambda i: (-counts[i], i))  # ties: (layer, head)
     frequency = {names[i]: counts[i] / len(trials) for i in order}
@@ -158,7 +156,7 @@ def dynamic_activation(
 # --- coverage ---------------------------------------------------------------------
 
 
-class MissingCopiesError(ValueError):
+class MissingCopiesError(ResultsFileError):
     """The results file has no per-trial `copied` offsets (published files, older runs)."""
 
 
@@ -185,7 +183,7 @@ def coverage(result: DetectionResult, max_heads: int | None = None) -> Coverage:
             f"{result.model}: {len(lacking)} trials have no per-head copied offsets ('copied'); "
             "published files and results written before rh_lens recorded them cannot give coverage: rerun detection"
         )
-    ranked = [head_name(layer, head) for layer, head, _ in result.ranking()]
+    ranked = [str(Head(layer, head)) for layer, head, _ in result.ranking()]
     with_copies = [t for t in trials if t.copied]
     curves, needed = [], {}
     for t in with_copies:
@@ -290,20 +288,20 @@ def _correlation(test, a: np.ndarray, b: np.ndarray) -> float | None:
 
 def top_heads(result: DetectionResult, k: int) -> list[str]:
     """The k best heads, leaving out heads that score 0 (their order would be arbitrary)."""
-    return [head_name(layer, head) for layer, head, score in result.ranking(k) if score > 0]
+    return [str(Head(layer, head)) for layer, head, score in result.ranking(k) if score > 0]
 
 
 def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
     """Pearson and Spearman (ties averaged) of the score vectors, top-K overlap |A ∩ B| / K,
     and the heads in both top-K lists with their ranks and scores."""
     if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
-        raise ValueError(
+        raise InputError(
             f"cannot compare {a.model} ({a.n_layers}x{a.n_heads}) with {b.model} ({b.n_layers}x{b.n_heads}): "
             "different architectures"
         )
     scores_a, scores_b = a.scores().numpy().ravel(), b.scores().numpy().ravel()
     top_a, top_b = top_heads(a, top_k), top_heads(b, top_k)
-    index = {head_name(layer, head): layer * a.n_heads + head for layer in range(a.n_layers) for head in range(a.n_heads)}
+    index = {str(head): i for i, head in enumerate(all_heads(a.n_layers, a.n_heads))}
     shared = [
         {"head": h, "rank_a": top_a.index(h) + 1, "rank_b": top_b.index(h) + 1,
          "score_a": float(scores_a[index[h]]), "score_b": float(scores_b[index[h]])}

@@ -15,11 +15,49 @@ from typing import Any, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
-from .generation import MAX_NEW_TOKENS, greedy_decode
+from .generation import MAX_NEW_TOKENS, Generation, greedy_decode
 from .niah import Trial
-from .results import DetectionResult, TrialRecord
+from .results import Answer, DetectionResult, TrialRecord
 from .runs import run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
+
+
+def prompt_sha256(prompt_ids: Sequence[int]) -> str:
+    """The identity of a prompt in results files (sha256 of its token ids as JSON)."""
+    return hashlib.sha256(json.dumps(list(prompt_ids)).encode()).hexdigest()
+
+
+def answer_trial(
+    model: HookedTransformer,
+    trial: Trial,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    record_attention: bool = True,
+    chunk_size: int | None = None,
+    decode_hooks: Sequence[tuple] = (),
+) -> tuple[Answer, Generation]:
+    """The decode-and-grade step shared by detection and ablation: greedy decoding (under
+    whatever hooks are on the model, plus `decode_hooks` at decode steps), the response,
+    its ROUGE-1 recall against the answer and success."""
+    started = time.perf_counter()
+    generation = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention, chunk_size, decode_hooks)
+    response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+    recall = rouge1_recall(response, trial.needle.real_needle)
+    answer = Answer(
+        key=trial.key,
+        context_length=trial.context_length,
+        depth=trial.depth,
+        needle_id=trial.needle.id,
+        haystack=trial.haystack,
+        answer=trial.needle.real_needle,
+        generated_ids=generation.tokens,
+        response=response,
+        rouge_recall=recall,
+        success=recall > SUCCESS_RECALL,
+        prompt_sha256=prompt_sha256(trial.prompt_ids),
+        prompt_length=len(trial.prompt_ids),
+        seconds=time.perf_counter() - started,
+    )
+    return answer, generation
 
 
 def run_trial(
@@ -29,29 +67,14 @@ def run_trial(
     chunk_size: int | None = None,
 ) -> TrialRecord:
     """Decode one trial greedily and score every head on it."""
-    started = time.perf_counter()
-    generation = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention=True, chunk_size=chunk_size)
-    response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
-    recall = rouge1_recall(response, trial.needle.real_needle)
+    answer, generation = answer_trial(model, trial, max_new_tokens, record_attention=True, chunk_size=chunk_size)
     events = copy_events(
         generation.argmax_keys, torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids), trial.answer_span
     )
     return TrialRecord(
-        key=trial.key,
-        context_length=trial.context_length,
-        depth=trial.depth,
-        needle_id=trial.needle.id,
-        haystack=trial.haystack,
-        prompt_sha256=hashlib.sha256(json.dumps(trial.prompt_ids).encode()).hexdigest(),
-        prompt_length=len(trial.prompt_ids),
+        **vars(answer),
         answer_span=trial.answer_span,
-        answer=trial.needle.real_needle,
-        generated_ids=generation.tokens,
-        response=response,
-        rouge_recall=recall,
-        success=recall > SUCCESS_RECALL,
         head_scores=event_scores(events, trial.answer_span).tolist(),
-        seconds=time.perf_counter() - started,
         copied=copied_offsets(events, generation.argmax_keys, trial.answer_span),
     )
 

@@ -10,16 +10,16 @@ patches) stay in force throughout.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from types import MethodType
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+
+from .tl_internals import fused_attention, new_kv_cache
 
 MAX_NEW_TOKENS = 50
 PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context]
@@ -34,74 +34,6 @@ class Generation:
     argmax_keys: Int[Tensor, "step layer head"] | None
 
 
-def _sdpa_supported(attn) -> bool:
-    """Whether the fused-attention forward below computes exactly what TransformerLens would."""
-    cfg = attn.cfg
-    return (
-        cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
-        and not (cfg.attn_scores_soft_cap is not None and cfg.attn_scores_soft_cap > 0)
-        and not cfg.use_attention_sinks
-        and not cfg.use_logn_attn
-        and not cfg.use_attn_result
-        and cfg.clip_qkv is None
-        and not cfg.load_in_4bit
-        and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-        and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
-    )
-
-
-def _sdpa_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
-    """TransformerLens's attention forward with scores, mask, softmax and pattern fused into
-    torch's scaled_dot_product_attention. Same q, k, v, rotary, causal/local/padding mask,
-    cache and output projection; hook_z still fires. Used only when nobody listens to
-    hook_attn_scores or hook_pattern."""
-    if additive_attention_mask is not None or position_bias is not None:
-        return attn._tl_forward(query_input, key_input, value_input, past_kv_cache_entry, additive_attention_mask, attention_mask, position_bias)
-    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
-    offset = 0
-    if past_kv_cache_entry is not None:
-        offset = past_kv_cache_entry.past_keys.size(1)
-        k, v = past_kv_cache_entry.append(k, v)
-    if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if offset == 0 and not padded and attn.attn_type != "local":
-        mask, causal = None, True  # plain causal attention: torch's fastest kernel
-    else:
-        mask, causal = attn._make_causal_mask(q.size(1), k.size(1), offset, q.device), False  # [1, 1, query, key]
-        if padded:  # as TransformerLens's apply_causal_mask combines padding and causality
-            mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=causal, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
-    )  # [batch, head, query, d_head]
-    z = attn.hook_z(z.transpose(1, 2))  # [batch, query, head, d_head]
-    w_o = attn.W_O.permute(2, 0, 1).reshape(attn.cfg.d_model, -1)  # d_model (head d_head)
-    return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w_o.dtype), w_o, attn.b_O)
-
-
-@contextmanager
-def fused_attention(model: HookedTransformer):
-    """Within this context, attention layers whose score and pattern hooks are unused run
-    through fused SDPA: several times faster on long prompts, and no [heads, q, k] matrix
-    is ever materialised. Layers with a hook on hook_attn_scores or hook_pattern (a head
-    ablation, a capture) keep TransformerLens's explicit computation. Yields whether every
-    layer was fused."""
-    swapped = []
-    for block in model.blocks:
-        attn = block.attn
-        if _sdpa_supported(attn) and not (attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()):
-            attn._tl_forward = attn.forward
-            attn.forward = MethodType(_sdpa_forward, attn)
-            swapped.append(attn)
-    try:
-        yield len(swapped) == len(model.blocks)
-    finally:
-        for attn in swapped:
-            del attn.forward, attn._tl_forward
-
-
 def prefill(
     model: HookedTransformer, tokens: Int[Tensor, "pos"], chunk_size: int | None = None, fused: bool = True
 ) -> TransformerLensKeyValueCache:
@@ -109,7 +41,7 @@ def prefill(
     The prefill records nothing, so it runs with fused attention unless `fused=False`.
     chunk_size=None: PREFILL_CHUNK tokens if any layer computes attention explicitly,
     else FUSED_PREFILL_CHUNK."""
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    cache = new_kv_cache(model)
     with fused_attention(model) if fused else nullcontext(False) as all_fused:
         chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else PREFILL_CHUNK)
         for start in range(0, len(tokens), chunk_size):
@@ -143,8 +75,8 @@ def greedy_decode(
     chunk_size: int | None = None,
     decode_hooks: Sequence[tuple] = (),
 ) -> Generation:
-    """Greedy decoding as the reference does it: prefill the prompt minus its last token,
-    then feed one token per step. At step t the model is fed token t-1 and emits w_t; if
+    """Greedy decoding in the reference's order: prefill the prompt minus its last token,
+    then feed one token per step (stopping rule: see the comment below). At step t the model is fed token t-1 and emits w_t; if
     `record_attention`, the argmax over keys of every query head's attention row at that
     step is recorded alongside w_t. `decode_hooks` (TransformerLens (name, hook) pairs) are
     active during the decode steps only, e.g. a decode-time head ablation."""
@@ -170,7 +102,9 @@ def greedy_decode(
             tokens.append(token)
             if record_attention:
                 argmaxes.append(step_argmax.clone())
-            # The reference stops at EOS or at a newline (its answers are one line).
+            # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
+            # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
+            # after which the reference would go on to 50 tokens (see rh_lens.scoring).
             if token in eos_ids or "\n" in model.tokenizer.decode([token]):
                 break
             fed = torch.tensor([token], device=model.cfg.device)

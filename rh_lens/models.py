@@ -26,7 +26,6 @@ folding, no centring), so its logits are the model's raw computation and match
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,14 +33,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer
-from transformer_lens import loading_from_pretrained as tl_loading
+
+from . import tl_internals
+from .errors import ModelLoadError
 
 __all__ = [
     "CATALOGUE",
@@ -51,10 +51,6 @@ __all__ = [
     "hf_directory",
     "load_model",
 ]
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do, in one line."""
 
 
 @dataclass(frozen=True)
@@ -93,38 +89,6 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         "512-token sliding window on 5 of 6 layers), Q4_K_M, 240 MB",
     ),
 }
-
-# Architectures whose TransformerLens config is derived from the HF config.json
-# (the `architecture == "..."` branches of convert_hf_model_config in TL 3.9),
-# restricted to decoder-only language models HookedTransformer can run.
-_CONFIG_DRIVEN_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "PhiForCausalLM",
-    "Phi3ForCausalLM",
-    "GPT2LMHeadModel",
-    "GPTNeoForCausalLM",
-    "GPTNeoXForCausalLM",
-    "GPTJForCausalLM",
-    "OPTForCausalLM",
-    "BloomForCausalLM",
-    "ApertusForCausalLM",
-    "GptOssForCausalLM",
-    "OlmoeForCausalLM",
-    "Olmo3ForCausalLM",
-)
-# TL hard-codes Gemma configs by official model name, so a Gemma directory is
-# matched to the official name whose hard-coded config equals its config.json.
-_GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-SUPPORTED_ARCHITECTURES = _CONFIG_DRIVEN_ARCHITECTURES + _GEMMA_ARCHITECTURES
-
-# convert_hf_model_config picks the architecture from these words in the path
-# string before it reads config.json.
-_PATH_TRAP_WORDS = ("llama", "gemma")
-
 
 def _log(message: str) -> None:
     print(f"rh_lens: {message}", file=sys.stderr, flush=True)
@@ -314,14 +278,6 @@ def _gguf_hf_dir(path: Path) -> Path:
 # Name resolution
 
 
-def _is_tl_official_name(name: str) -> bool:
-    try:
-        tl_loading.get_official_model_name(name)
-        return True
-    except ValueError:
-        return False
-
-
 def _unknown_name_error(name: str) -> ModelLoadError:
     return ModelLoadError(
         f"unknown model {name!r}: not a catalogue name ({', '.join(CATALOGUE)}), an existing "
@@ -355,7 +311,7 @@ def hf_directory(name_or_path: str) -> Path:
                 f"(with config.json and weights) or a .gguf file"
             )
         return path.resolve()
-    if _is_tl_official_name(name_or_path):
+    if tl_internals.is_official_name(name_or_path):
         raise ModelLoadError(
             f"{name_or_path} is a TransformerLens hub model name, not a local model; "
             f"hf_directory needs a catalogue name, a .gguf file or an HF model directory"
@@ -363,230 +319,6 @@ def hf_directory(name_or_path: str) -> Path:
     if _looks_like_path(name_or_path):
         raise ModelLoadError(f"path does not exist: {path}")
     raise _unknown_name_error(name_or_path)
-
-
-# --------------------------------------------------------------------------------------
-# HF directory -> HookedTransformer
-
-
-def _read_config(hf_dir: Path) -> dict:
-    try:
-        return json.loads((hf_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {hf_dir / 'config.json'}: {e}") from e
-
-
-def _hf_value(hf_config, name: str, default=None):
-    try:
-        return getattr(hf_config, name, default)
-    except Exception:  # transformers>=5.15 raises on some per-layer fields
-        return default
-
-
-def _gemma_mismatches(tl_cfg: dict, hf_config) -> list[str]:
-    """Fields where TL's hard-coded config for an official Gemma name disagrees with
-    this directory's config.json (empty: the official name describes this model)."""
-    head_dim = _hf_value(hf_config, "head_dim") or (
-        hf_config.hidden_size // hf_config.num_attention_heads
-    )
-    pairs = [
-        ("d_model", hf_config.hidden_size),
-        ("n_layers", hf_config.num_hidden_layers),
-        ("n_heads", hf_config.num_attention_heads),
-        ("d_mlp", hf_config.intermediate_size),
-        ("d_vocab", hf_config.vocab_size),
-        ("d_head", head_dim),
-        ("n_key_value_heads", _hf_value(hf_config, "num_key_value_heads")),
-    ]
-    if tl_cfg.get("use_local_attn"):
-        pairs.append(("window_size", _hf_value(hf_config, "sliding_window")))
-        layer_types = _hf_value(hf_config, "layer_types")
-        if layer_types:
-            local = {"sliding_attention": "local", "full_attention": "global"}
-            pairs.append(("attn_types", [local.get(t, t) for t in layer_types]))
-    mismatches = [
-        f"{key} differs" if isinstance(value, list) else f"{key}={tl_cfg.get(key)} vs {value}"
-        for key, value in pairs
-        if value is not None and tl_cfg.get(key) != value
-    ]
-    # Numbers TL takes from elsewhere (defaults, or a differently named field).
-    global_rope, local_rope = _rope(hf_config, "full_attention"), _rope(hf_config, "sliding_attention")
-    floats = [
-        ("rotary_base", tl_cfg.get("rotary_base", 10000), global_rope[0]),
-        ("rotary_scaling_factor", tl_cfg.get("rotary_scaling_factor", 1.0), global_rope[1]),
-        ("attn_scale", tl_cfg.get("attn_scale", head_dim**0.5),
-         (_hf_value(hf_config, "query_pre_attn_scalar") or head_dim) ** 0.5),
-        ("attn_scores_soft_cap", tl_cfg.get("attn_scores_soft_cap", -1.0),
-         _hf_value(hf_config, "attn_logit_softcapping")),
-        ("output_logits_soft_cap", tl_cfg.get("output_logits_soft_cap", -1.0),
-         _hf_value(hf_config, "final_logit_softcapping")),
-    ]  # fmt: skip
-    if tl_cfg.get("rotary_base_local") is not None:
-        floats.append(("rotary_base_local", tl_cfg["rotary_base_local"], local_rope[0]))
-    for key, tl_value, hf_value in floats:
-        tl_value = None if tl_value is None or tl_value <= 0 else float(tl_value)  # <= 0: off
-        hf_value = None if hf_value is None or hf_value <= 0 else float(hf_value)
-        if tl_value != hf_value and not (
-            tl_value and hf_value and abs(tl_value - hf_value) <= 1e-6 * abs(hf_value)
-        ):
-            mismatches.append(f"{key}={tl_value} vs {hf_value}")
-    return mismatches
-
-
-def _rope(hf_config, layer_type: str) -> tuple[float | None, float]:
-    """(rope theta, linear scaling factor) for a layer type. transformers 5 nests rope
-    settings per layer type in `rope_parameters`; older configs use flat fields."""
-    params = _hf_value(hf_config, "rope_parameters") or _hf_value(hf_config, "rope_scaling") or {}
-    if isinstance(params.get(layer_type), dict):
-        params = params[layer_type]
-    theta = params.get("rope_theta")
-    if theta is None:
-        flat = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
-        theta = _hf_value(hf_config, flat) or _hf_value(hf_config, "rope_theta")
-    kind = params.get("rope_type") or params.get("type") or "default"
-    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
-    return theta, factor
-
-
-def _gemma_official_name(architecture: str, hf_config) -> str:
-    """TL builds Gemma configs only from official names (by name, never fetching), so
-    find the official name whose hard-coded config matches this directory's."""
-    near_misses = []
-    for name in tl_loading.OFFICIAL_MODEL_NAMES:
-        if "gemma" not in name.lower():
-            continue
-        try:
-            tl_cfg = tl_loading.convert_hf_model_config(name)
-        except Exception:  # a branch that would need the hub; not one we can match offline
-            continue
-        if tl_cfg.get("original_architecture") != architecture:
-            continue
-        mismatches = _gemma_mismatches(tl_cfg, hf_config)
-        if not mismatches:
-            return name
-        near_misses.append((len(mismatches), name, mismatches))
-    hint = ""
-    if near_misses:
-        _, name, mismatches = min(near_misses)
-        hint = f" (closest: {name}, differs in {'; '.join(mismatches)})"
-    raise ModelLoadError(
-        f"TransformerLens hard-codes {architecture} configs by official model name and none "
-        f"matches this model's config.json{hint}; only the official Gemma sizes can be converted"
-    )
-
-
-def _neutral_link(hf_dir: Path, stack) -> Path:
-    """A symlink to `hf_dir` whose path has no 'llama'/'gemma' in it: TL's
-    convert_hf_model_config picks the architecture from those words in the path
-    string before it reads config.json."""
-    for parent in (tempfile.gettempdir(), "/tmp", str(cache_dir())):
-        if any(w in parent.lower() for w in _PATH_TRAP_WORDS) or not os.path.isdir(parent):
-            continue
-        for _ in range(5):
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rh_lens_", dir=parent))
-            link = Path(tmp) / "model"
-            if not any(w in str(link).lower() for w in _PATH_TRAP_WORDS):
-                link.symlink_to(hf_dir.resolve(), target_is_directory=True)
-                return link
-    raise ModelLoadError(
-        "every temporary directory path contains 'llama' or 'gemma', which misleads "
-        "TransformerLens; set TMPDIR to a directory whose path has neither"
-    )
-
-
-def _hooked_from_hf_dir(
-    hf_dir: Path, device: str, dtype: torch.dtype, model_name: str
-) -> HookedTransformer:
-    """Build a HookedTransformer from a local HF directory the way from_pretrained does,
-    minus its by-name lookups (which fail for local paths and unknown names) and minus
-    any weight processing (we want the model's raw computation, comparable to HF)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = _read_config(hf_dir)
-    architecture = (config.get("architectures") or [None])[0]
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise ModelLoadError(
-            f"{hf_dir} holds a {method}-quantized checkpoint, which TransformerLens cannot "
-            f"convert; pass the .gguf file or a dequantized float checkpoint instead"
-        )
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{hf_dir} holds a {architecture or 'model without architectures in config.json'}, "
-            f"which TransformerLens 3.9 cannot convert; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"{hf_dir} has no tokenizer transformers can load ({str(e).strip().splitlines()[0]}); "
-            f"save one there with tokenizer.save_pretrained"
-        ) from e
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    hf_model.eval()
-    for param in hf_model.parameters():
-        param.requires_grad = False
-    hf_cfg = hf_model.config.to_dict()
-
-    with contextlib.ExitStack() as stack:
-        if architecture in _GEMMA_ARCHITECTURES:
-            tl_name = _gemma_official_name(architecture, hf_model.config)
-        else:
-            tl_name = str(_neutral_link(hf_dir, stack))
-        cfg = tl_loading.get_pretrained_model_config(
-            tl_name, hf_cfg=hf_cfg, fold_ln=False, device=device, dtype=dtype
-        )
-        state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=dtype)
-    cfg.model_name = model_name
-    cfg.tokenizer_name = str(hf_dir)
-    del hf_model
-
-    with warnings.catch_warnings():  # "HookedTransformer is deprecated": we chose it on purpose
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    model.move_model_modules_to_device()
-    model.eval()
-    return use_linear_layout(model)
-
-
-def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
-    """Store each weight in the memory layout its matmul reads, so that TransformerLens's
-    per-call `.T.contiguous()` / rearrange copies become no-ops.
-
-    TransformerLens 3.9 copies every MLP, unembedding and attention weight into
-    `F.linear`'s layout on every forward: for one-token decoding that copy costs more
-    than the matmul itself. Parameters keep their TransformerLens shapes and values
-    (`W_Q` is still [head, d_model, d_head]); only their strides change, so every hook,
-    analysis and result is unchanged, bit for bit.
-    """
-
-    def relayout(module, name: str, order: tuple[int, ...]) -> None:
-        weight = getattr(module, name, None)
-        if not isinstance(weight, torch.nn.Parameter):
-            return
-        inverse = tuple(order.index(i) for i in range(weight.dim()))
-        stored = weight.data.permute(order).contiguous().permute(inverse)
-        setattr(module, name, torch.nn.Parameter(stored, requires_grad=weight.requires_grad))
-
-    with torch.no_grad():
-        for block in model.blocks:
-            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # read as (head d_head) d_model
-                relayout(block.attn, name, (0, 2, 1))
-            relayout(block.attn, "W_O", (2, 0, 1))  # read as d_model (head d_head)
-            if not model.cfg.attn_only:
-                for name in ("W_gate", "W_in", "W_out"):  # read as W.T
-                    relayout(block.mlp, name, (1, 0))
-        relayout(model.unembed, "W_U", (1, 0))
-    return model
 
 
 def _default_device() -> str:
@@ -602,13 +334,9 @@ def load_model(
     name_or_path = str(name_or_path)
     device = device or _default_device()
     local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
-    if not local and _is_tl_official_name(name_or_path):
+    if not local and tl_internals.is_official_name(name_or_path):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return use_linear_layout(
-                    HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=dtype)
-                )
+            return tl_internals.from_pretrained_official(name_or_path, device, dtype)
         except Exception as e:  # network, auth, missing files: all surface here
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelLoadError(
@@ -621,4 +349,11 @@ def load_model(
     else:  # the file or directory name the user gave, not the cache's hash
         given = Path(name_or_path).expanduser().resolve()
         model_name = given.stem if given.is_file() else given.name
-    return _hooked_from_hf_dir(hf_dir, device, dtype, model_name)
+    return tl_internals.hooked_from_hf_dir(hf_dir, _read_config(hf_dir), device, dtype, model_name, spare_dir=cache_dir())
+
+
+def _read_config(hf_dir: Path) -> dict:
+    try:
+        return json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {hf_dir / 'config.json'}: {e}") from e

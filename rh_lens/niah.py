@@ -17,15 +17,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import InputError, TrialError
+
 # Room left for the question and answer, as in the reference implementation.
 QUESTION_BUDGET = 200
 SENTENCE_ENDS = (".", "!", "?")
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
 CHAT_TEMPLATE = "<book>{context}</book>" + QUESTION_TEMPLATE
-
-
-class TrialError(ValueError):
-    """A trial that cannot be scored honestly (answer not found, prompt too long, ...)."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,9 @@ def load_needles(path: str | Path) -> list[Needle]:
             row = json.loads(line)
             needles.append(Needle(row["needle"], row["question"], row["real_needle"]))
         except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{path}:{n}: not a needle line ({err!r}); expected keys needle, question, real_needle") from err
+            raise InputError(f"{path}:{n}: not a needle line ({err!r}); expected keys needle, question, real_needle") from err
     if not needles:
-        raise ValueError(f"{path}: no needles found")
+        raise InputError(f"{path}: no needles found")
     return needles
 
 
@@ -110,11 +108,11 @@ def load_haystack(source: str | Path | None = None) -> str:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise ValueError(f"haystack directory {path} has no .txt files")
+            raise InputError(f"haystack directory {path} has no .txt files")
         return "\n\n".join(f.read_text(errors="replace") for f in files)
     if path.is_file():
         return path.read_text(errors="replace")
-    raise ValueError(f"haystack {source!r} is not a directory, a file, 'pydoc' or 'synthetic'")
+    raise InputError(f"haystack {source!r} is not a directory, a file, 'pydoc' or 'synthetic'")
 
 
 def haystack_name(source: str | Path | None) -> str:
@@ -272,7 +270,7 @@ def trial_grid(
     (the reference pairs its three needles with three haystacks)."""
     lengths, depths = list(lengths), list(depths)
     if len(haystacks) not in (1, len(needles)):
-        raise ValueError(f"give one haystack, or one per needle ({len(needles)}); got {len(haystacks)}")
+        raise InputError(f"give one haystack, or one per needle ({len(needles)}); got {len(haystacks)}")
     pairs = zip(needles, haystacks if len(haystacks) > 1 else list(haystacks) * len(needles))
     tokenized: dict[str, list[int]] = {}
     trials = []
@@ -284,3 +282,39 @@ def trial_grid(
             for depth in depths:
                 trials.append(build_trial(tokenizer, tokenized[name], needle, length, depth, chat, max_tokens, name))
     return trials
+
+
+# --- a grid as one value -----------------------------------------------------------------
+
+DEFAULT_LENGTHS = (500, 1000, 2000)
+DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
+PROMPTS = {"auto": None, "chat": True, "plain": False}  # prompt style -> build_trial's `chat`
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A NIAH grid: every (needle, context length, depth), each needle in its haystack (one
+    haystack for all, or one per needle). `prompt`: "auto" (the chat template when the
+    tokenizer has one), "chat" or "plain". The defaults are rh_lens's demo grid."""
+
+    needles: tuple[Needle, ...] = BUILTIN_NEEDLES
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    depths: tuple[int, ...] = DEFAULT_DEPTHS
+    haystacks: tuple[str, ...] = ("pydoc",)
+    prompt: str = "auto"
+
+    def trials(self, tokenizer, max_tokens: int | None = None) -> list[Trial]:
+        """Every trial of the grid; `max_tokens` is the model's context window."""
+        if self.prompt not in PROMPTS:
+            raise InputError(f"prompt must be one of {', '.join(PROMPTS)}, not {self.prompt!r}")
+        return trial_grid(tokenizer, self.needles, self.lengths, self.depths, self.haystacks, PROMPTS[self.prompt], max_tokens)
+
+    def settings(self) -> dict:
+        """What identifies the grid in a run's settings (a resumed run must match them)."""
+        return {
+            "haystack": [str(h) for h in self.haystacks],
+            "needles": [n.id for n in self.needles],
+            "lengths": list(self.lengths),
+            "depths": list(self.depths),
+            "prompt": self.prompt,
+        }

@@ -29,15 +29,15 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, patching
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities import get_act_name
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from .generation import MAX_NEW_TOKENS, fused_attention, greedy_decode
-from .niah import Needle, Trial, TrialError, answer_chars, build_trial
+from .errors import InputError, PairError, TrialError
+from .generation import MAX_NEW_TOKENS, greedy_decode
+from .heads import Head, all_heads, check_heads, heads_of
+from .niah import Needle, Trial, answer_chars, build_trial
 from .results import DetectionResult
+from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, unembed_final
 
-Head = tuple[int, int]  # (layer, head)
 KINDS = ("head_out", "pattern", "resid")  # hook_z per head, hook_pattern per head, hook_resid_pre per position
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("final", "all")
@@ -53,10 +53,6 @@ CORRUPTED_ANSWERS = {
         "in a red tin box under the cellar stairs",
     ],
 }
-
-
-class PairError(ValueError):
-    """A clean/corrupted pair that does not differ only in the answer tokens."""
 
 
 # --- paired prompts ------------------------------------------------------------------
@@ -168,19 +164,46 @@ def patching_pair(
 
 # --- metric --------------------------------------------------------------------------
 
+# A patching metric, as in TransformerLens's patching functions: a function of the logits,
+# here those of the answer position, one value per batch element (one patched run each).
+PatchingMetric = Callable[[Float[Tensor, "batch vocab"]], Float[Tensor, "batch"]]
 
-def logit_diff(logits: Float[Tensor, "batch vocab"], pair: PatchingPair) -> Float[Tensor, "batch"]:
-    """Clean answer token's logit minus the corrupted answer token's, at the answer position."""
-    return logits[:, pair.clean_token] - logits[:, pair.corrupted_token]
+
+def logit_diff_metric(pair: PatchingPair) -> PatchingMetric:
+    """The clean answer token's logit minus the corrupted answer token's (the default)."""
+    clean, corrupted = pair.clean_token, pair.corrupted_token
+
+    def logit_diff(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+        return logits[:, clean] - logits[:, corrupted]
+
+    return logit_diff
 
 
-def final_logits(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
-    """Unembed the final position only, as TransformerLens's forward would: the metric reads
-    nothing else, and unembedding every position would cost more than a layer."""
-    final = residual[:, -1:]
-    if model.cfg.normalization_type is not None:
-        final = model.ln_final(final)
-    return apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)[:, -1]
+def clean_logprob_metric(pair: PatchingPair) -> PatchingMetric:
+    """Log-probability of the clean answer token."""
+    clean = pair.clean_token
+
+    def clean_logprob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+        return logits.float().log_softmax(dim=-1)[:, clean]
+
+    return clean_logprob
+
+
+def clean_prob_metric(pair: PatchingPair) -> PatchingMetric:
+    """Probability of the clean answer token."""
+    clean = pair.clean_token
+
+    def clean_prob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+        return logits.float().softmax(dim=-1)[:, clean]
+
+    return clean_prob
+
+
+METRICS: dict[str, Callable[[PatchingPair], PatchingMetric]] = {
+    "logit_diff": logit_diff_metric,
+    "clean_logprob": clean_logprob_metric,
+    "clean_prob": clean_prob_metric,
+}
 
 
 # --- cached runs and batched patching ----------------------------------------------------
@@ -189,15 +212,15 @@ def final_logits(model: HookedTransformer, residual: Float[Tensor, "batch pos d_
 @dataclass
 class CachedRun:
     """One unpatched run: the activations a patch may copy from it or start from (every
-    layer's hook_resid_pre, hook_z, hook_k and hook_v, hook_pattern on request), and its
-    logit difference."""
+    layer's hook_resid_pre, hook_z, hook_k and hook_v, hook_pattern on request), and the
+    logits at its final (answer) position."""
 
     activations: dict[str, Tensor]
-    logit_diff: float
+    final_logits: Float[Tensor, "1 vocab"]
 
 
 @torch.inference_mode()
-def cache_run(model: HookedTransformer, tokens: Int[Tensor, "pos"], pair: PatchingPair, patterns: str | None = None) -> CachedRun:
+def cache_run(model: HookedTransformer, tokens: Int[Tensor, "pos"], patterns: str | None = None) -> CachedRun:
     """Run once, caching what patching needs. `patterns`: None, "final" (each pattern's final
     query row only: all a final-position patch reads) or "all"."""
     store: dict[str, Tensor] = {}
@@ -210,7 +233,7 @@ def cache_run(model: HookedTransformer, tokens: Int[Tensor, "pos"], pair: Patchi
     names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ())
     with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model):
         residual = model(tokens[None].to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-    return CachedRun(store, float(logit_diff(final_logits(model, residual), pair)[0]))
+    return CachedRun(store, unembed_final(model, residual))
 
 
 @dataclass(frozen=True)
@@ -247,18 +270,15 @@ def _shifted(patch: Patch, start: int) -> list:
     return list(patch.index)  # head patches use position -1 or all positions
 
 
-def _prefix_cache(model: HookedTransformer, base: CachedRun, start: int, batch: int) -> TransformerLensKeyValueCache | None:
+def _prefix_cache(model: HookedTransformer, base: CachedRun, start: int, batch: int):
     """The base run's keys and values before `start`, frozen: a patched run from `start` on
     attends to them exactly as the full run would."""
     if start == 0:
         return None
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
-    for layer, entry in enumerate(cache.entries):
-        entry.past_keys = base.activations[get_act_name("k", layer)][:, :start].expand(batch, -1, -1, -1)
-        entry.past_values = base.activations[get_act_name("v", layer)][:, :start].expand(batch, -1, -1, -1)
-    cache.previous_attention_mask = torch.ones(batch, start, dtype=torch.int, device=model.cfg.device)
-    cache.freeze()
-    return cache
+    layers = range(model.cfg.n_layers)
+    keys = [base.activations[get_act_name("k", layer)][:, :start] for layer in layers]
+    values = [base.activations[get_act_name("v", layer)][:, :start] for layer in layers]
+    return frozen_prefix_cache(model, keys, values, batch)
 
 
 @torch.inference_mode()
@@ -271,15 +291,19 @@ def run_patches(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "patching",
+    metric: PatchingMetric | None = None,
 ) -> Float[Tensor, "group"]:
-    """Logit difference of the base run with each group of patches applied together.
+    """The metric (default: the pair's logit difference) of the base run with each group of
+    patches applied together.
 
     Nothing before a patch's layer, nor before its first position, differs from the base
     run. So each patched run starts at that layer and position, from the base run's cached
-    residual stream and keys/values: a patch at the answer position recomputes one token.
-    Groups starting at the same layer are batched, one group per batch element."""
+    residual stream and keys/values: a patch at the answer position recomputes one token
+    (with fast paths off, runs start at position 0 instead). Groups starting at the same
+    layer are batched, one group per batch element."""
+    metric = metric or logit_diff_metric(pair)
     if model.cfg.positional_embedding_type == "shortformer":
-        raise NotImplementedError("shortformer models add positions at every layer; patching them is not supported")
+        raise InputError("shortformer models add positions at every layer; patching them is not supported")
     n = len(pair.clean_ids)
     layers = [min((p.layer for p in group), default=model.cfg.n_layers - 1) for group in groups]
     positions = [min((p.position % n for p in group), default=n - 1) for group in groups]
@@ -294,7 +318,8 @@ def run_patches(
     out = torch.empty(len(groups))
     with tqdm(total=len(groups), desc=desc, unit="run", disable=not progress) as bar:
         for batch in batches:
-            layer, start = layers[batch[0]], min(positions[g] for g in batch)
+            layer = layers[batch[0]]
+            start = min(positions[g] for g in batch) if fast_paths_enabled() else 0
             by_hook: dict[str, list[tuple[int, Callable, list]]] = defaultdict(list)
             for b, g in enumerate(batch):
                 for patch in groups[g]:
@@ -305,7 +330,7 @@ def run_patches(
             cache = _prefix_cache(model, base, start, len(batch))
             with model.hooks(fwd_hooks=hooks), fused_attention(model):  # hooks first: patched patterns stay explicit
                 residual = model(residual, start_at_layer=layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache)
-            out[batch] = logit_diff(final_logits(model, residual), pair).float().cpu()
+            out[batch] = metric(unembed_final(model, residual)).float().cpu()
             bar.update(len(batch))
     return out
 
@@ -335,12 +360,12 @@ def head_patches(heads: Sequence[Head], kind: str, positions: str = "final") -> 
     """One single-patch group per head: its output (hook_z) or its attention pattern, at the
     final position (the answer position) or at every position."""
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
+        raise InputError(f"positions must be one of {POSITIONS}, not {positions!r}")
     if (kind, positions) not in HEAD_PATCHES:
-        raise ValueError(f"unknown head patch kind {kind!r}")
+        raise InputError(f"unknown head patch kind {kind!r}")
     name, setter, index = HEAD_PATCHES[kind, positions]
     first = -1 if positions == "final" else 0
-    return [[Patch(name, index(layer, head), setter, first)] for layer, head in heads]
+    return [[Patch(name, index(layer, head), setter, first)] for layer, head in heads_of(heads)]
 
 
 def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[str, Any]]:
@@ -377,15 +402,19 @@ class PatchingResult:
     """Patching effects, 1 = the component alone carries the clean answer, 0 = none of it.
 
     `effects[kind][direction]` is a layer x head grid (None where a head was not patched)
-    for "head_out" and "pattern", a layer x column grid for "resid"."""
+    for "head_out" and "pattern", a layer x column grid for "resid". Effects are the
+    metric normalised between the corrupted run (0) and the clean run (1): the fraction of
+    the difference a patch restores (denoising) or destroys (noising). `metric` names the
+    metric; `clean_metric` and `corrupted_metric` are its unpatched values."""
 
     model: str
     n_layers: int
     n_heads: int
     clean_token: str
     corrupted_token: str
-    clean_logit_diff: float
-    corrupted_logit_diff: float
+    metric: str
+    clean_metric: float
+    corrupted_metric: float
     heads: list[Head]
     effects: dict[str, dict[str, list[list[float | None]]]]
     resid_columns: list[dict[str, Any]] = field(default_factory=list)
@@ -393,7 +422,7 @@ class PatchingResult:
 
     def effect(self, kind: str = "head_out", direction: str = "denoise") -> Float[Tensor, "layer column"]:
         if direction not in self.effects.get(kind, {}):
-            raise KeyError(f"no {kind} patching in the {direction} direction in this result")
+            raise InputError(f"no {kind} patching in the {direction} direction in this result")
         grid = self.effects[kind][direction]
         return torch.tensor([[np.nan if v is None else v for v in row] for row in grid], dtype=torch.float64)
 
@@ -404,12 +433,15 @@ class PatchingResult:
         return sorted(heads, key=lambda h: (-h[2], h[0], h[1]))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "rh_lens.patching/1", **asdict(self)}
+        return {"format": "rh_lens.patching/2", **asdict(self), "heads": [str(h) for h in self.heads]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PatchingResult":
         data = {k: v for k, v in data.items() if k != "format"}
-        return cls(**{**data, "heads": [tuple(h) for h in data["heads"]]})
+        if "clean_logit_diff" in data:  # rh_lens.patching/1: the logit difference was the only metric
+            data["metric"] = "logit_diff"
+            data["clean_metric"], data["corrupted_metric"] = data.pop("clean_logit_diff"), data.pop("corrupted_logit_diff")
+        return cls(**{**data, "heads": heads_of(data["heads"])})
 
 
 def activation_patching(
@@ -421,32 +453,37 @@ def activation_patching(
     positions: str = "final",
     tail: int = 24,
     batch_size: int = 8,
-    min_logit_diff: float = 0.5,
+    metric: PatchingMetric | None = None,
+    min_gap: float | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
 ) -> PatchingResult:
     """Patch every head in `heads` (all heads if None) and, for "resid", every (layer,
     column) of the residual stream, in each direction. The clean and corrupted runs are
-    cached once; every patched run is measured against them."""
+    cached once; every patched run is measured against them.
+
+    `metric`: a function of the answer position's logits, one value per batch element (see
+    `METRICS`); default the pair's logit difference, which makes the effects the normalised
+    logit difference. The clean run must beat the corrupted one by more than `min_gap`
+    (default 0.5 for the logit difference, 0 for any other metric)."""
     for name, values, allowed in (("kind", kinds, KINDS), ("direction", directions, DIRECTIONS)):
         unknown = set(values) - set(allowed)
         if unknown:
-            raise ValueError(f"unknown {name} {sorted(unknown)}; choose from {', '.join(allowed)}")
+            raise InputError(f"unknown {name} {sorted(unknown)}; choose from {', '.join(allowed)}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    heads = [(int(l), int(h)) for l, h in (heads if heads is not None else [(l, h) for l in range(n_layers) for h in range(n_heads)])]
-    bad = [h for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
-    if bad:
-        raise ValueError(f"heads {bad} do not exist in a model of {n_layers} layers x {n_heads} heads")
+    heads = heads_of(heads) if heads is not None else all_heads(n_layers, n_heads)
+    check_heads(heads, n_layers, n_heads)
+    if min_gap is None:
+        min_gap = 0.5 if metric is None else 0.0
+    metric = metric or logit_diff_metric(pair)
+    metric_name = getattr(metric, "__name__", type(metric).__name__)
     patterns = positions if "pattern" in kinds else None
-    runs = {
-        "clean": cache_run(model, pair.clean_ids, pair, patterns),
-        "corrupted": cache_run(model, pair.corrupted_ids, pair, patterns),
-    }
-    clean_ld, corrupted_ld = runs["clean"].logit_diff, runs["corrupted"].logit_diff
-    if clean_ld - corrupted_ld < min_logit_diff:
+    runs = {"clean": cache_run(model, pair.clean_ids, patterns), "corrupted": cache_run(model, pair.corrupted_ids, patterns)}
+    clean_value, corrupted_value = (float(metric(runs[name].final_logits)[0]) for name in ("clean", "corrupted"))
+    if not clean_value - corrupted_value > min_gap:
         raise PairError(
-            f"the model barely tells the answers apart (logit difference {clean_ld:.2f} clean vs "
-            f"{corrupted_ld:.2f} corrupted): nothing to patch; try another context length, depth or needle"
+            f"the model barely tells the answers apart ({metric_name} {clean_value:.2f} clean vs "
+            f"{corrupted_value:.2f} corrupted): nothing to patch; try another context length, depth or needle"
         )
     columns = resid_columns(pair, model.tokenizer, tail) if "resid" in kinds else []
     effects: dict[str, dict[str, list]] = {}
@@ -454,8 +491,8 @@ def activation_patching(
         groups = resid_patches(n_layers, columns) if kind == "resid" else head_patches(heads, kind, positions)
         for direction in directions:
             base, source = (runs["corrupted"], runs["clean"]) if direction == "denoise" else (runs["clean"], runs["corrupted"])
-            measured = run_patches(model, pair, base, source, groups, batch_size, progress, desc=f"{kind} {direction}")
-            recovered = (measured - corrupted_ld) / (clean_ld - corrupted_ld)  # 1 = clean, 0 = corrupted
+            measured = run_patches(model, pair, base, source, groups, batch_size, progress, f"{kind} {direction}", metric)
+            recovered = (measured - corrupted_value) / (clean_value - corrupted_value)  # 1 = clean, 0 = corrupted
             effect = recovered if direction == "denoise" else 1 - recovered
             if kind == "resid":
                 grid = effect.view(n_layers, len(columns)).tolist()
@@ -478,7 +515,7 @@ def activation_patching(
     }
     return PatchingResult(
         model.cfg.model_name, n_layers, n_heads, tokenizer.decode([pair.clean_token]), tokenizer.decode([pair.corrupted_token]),
-        clean_ld, corrupted_ld, heads, effects, columns, settings,
+        metric_name, clean_value, corrupted_value, heads, effects, columns, settings,
     )  # fmt: skip
 
 
@@ -487,7 +524,7 @@ def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: st
     all patched heads and over those that scored at all (most heads score 0 and sit at the
     noise floor of the effect, which can drown the rest)."""
     if (detection.n_layers, detection.n_heads) != (result.n_layers, result.n_heads):
-        raise ValueError(f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}")
+        raise InputError(f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}")
     scores, grid = detection.scores(), result.effect(kind, direction)
     effect = [float(grid[l, h]) for l, h in result.heads]
     score = [float(scores[l, h]) for l, h in result.heads]
@@ -504,5 +541,5 @@ def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: st
     return {
         "kind": kind, "direction": direction, "spearman": rho, "p_value": p, "n_heads": len(effect),
         "spearman_scored": rho_scored, "p_value_scored": p_scored, "n_scored": len(scored),
-        "heads": [list(h) for h in result.heads], "effect": effect, "score": score,
+        "heads": [str(h) for h in result.heads], "effect": effect, "score": score,
     }  # fmt: skip

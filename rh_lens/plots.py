@@ -1,17 +1,20 @@
-"""Figures from results (plain data in, matplotlib figure out; nothing is computed here)."""
+"""Figures from results (plain data in, matplotlib figure out; nothing is computed here).
+
+No backend is chosen here: figures go to whatever backend the caller has (inline in a
+notebook, a window, or files from the command line, which picks Agg)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch, Rectangle
 
 from .ablation import AblationResult
+from .heads import Head
 from .results import DetectionResult
 
 
@@ -131,17 +134,22 @@ CONTEXT_COLOUR = "#2e86c1"
 NEUTRAL_COLOUR = "#7f8c8d"
 
 
+@contextmanager
 def _paper_figure(width: float, height: float, ncols: int = 1):
-    """A row of axes; call inside `plt.rc_context(PAPER_STYLE)` so the style applies."""
-    figure, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False, constrained_layout=True)
-    return figure, axes[0]
+    """`with _paper_figure(w, h) as (figure, axes):` a row of axes drawn in PAPER_STYLE.
+
+    The figure itself is created outside the style context: when a session's first
+    figure is created inside `rc_context`, Jupyter's inline backend stops showing the
+    figures of later cells."""
+    figure = plt.figure(figsize=(width, height), layout="constrained")
+    with plt.rc_context(PAPER_STYLE):
+        yield figure, figure.subplots(1, ncols, squeeze=False)[0]
 
 
 def activation_frequency_chart(activation, top: int | None = 60):
     """Each head's activation frequency, sorted; always-on heads in red, the rest in blue."""
     heads = activation.heads[:top]
-    with plt.rc_context(PAPER_STYLE):
-        figure, (ax,) = _paper_figure(max(3.5, 0.14 * len(heads) + 1), 2.6)
+    with _paper_figure(max(3.5, 0.14 * len(heads) + 1), 2.6) as (figure, (ax,)):
         colours = [ALWAYS_ON_COLOUR if h in activation.always_on else CONTEXT_COLOUR for h in heads]
         ax.bar(range(len(heads)), [activation.frequency[h] for h in heads], color=colours)
         ax.axhline(activation.always_on_fraction, color="black", linewidth=0.7, linestyle=":")
@@ -168,8 +176,7 @@ def activation_matrix_heatmap(activation, top: int | None = 60):
     heads = activation.heads[:top]
     matrix = np.array(activation.active[: len(heads)])
     lengths = [t["context_length"] for t in activation.trials]
-    with plt.rc_context(PAPER_STYLE):
-        figure, (ax,) = _paper_figure(min(12, max(4, 0.09 * len(lengths) + 1.5)), max(2.5, 0.12 * len(heads) + 1))
+    with _paper_figure(min(12, max(4, 0.09 * len(lengths) + 1.5)), max(2.5, 0.12 * len(heads) + 1)) as (figure, (ax,)):
         ax.imshow(matrix, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         blocks = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
         for boundary in blocks:
@@ -186,8 +193,7 @@ def activation_matrix_heatmap(activation, top: int | None = 60):
 
 def score_histograms(universalities):
     """Distribution of retrieval scores per model (log count), threshold marked."""
-    with plt.rc_context(PAPER_STYLE):
-        figure, axes = _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities))
+    with _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities)) as (figure, axes):
         for ax, u in zip(axes, universalities):
             edges = np.array(u.histogram_edges)
             ax.bar(edges[:-1], u.histogram_counts, width=np.diff(edges), align="edge", color=NEUTRAL_COLOUR, edgecolor="white", linewidth=0.4)
@@ -202,8 +208,7 @@ def score_histograms(universalities):
 
 def layer_profiles(universalities):
     """Retrieval heads per layer, one panel per model."""
-    with plt.rc_context(PAPER_STYLE):
-        figure, axes = _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities))
+    with _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities)) as (figure, axes):
         for ax, u in zip(axes, universalities):
             ax.bar(range(u.n_layers), u.layer_count_above, color=CONTEXT_COLOUR)
             ax.set_xlabel(f"layer (of {u.n_layers})")
@@ -217,8 +222,7 @@ def layer_profiles(universalities):
 def score_scatter(comparison, labels: int = 10):
     """Model A's score against model B's, head by head; shared top-K heads in red, the best
     `labels` of them named (more would overlap)."""
-    with plt.rc_context(PAPER_STYLE):
-        figure, (ax,) = _paper_figure(3.4, 3.2)
+    with _paper_figure(3.4, 3.2) as (figure, (ax,)):
         ax.scatter(comparison.scores_a, comparison.scores_b, s=6, color=NEUTRAL_COLOUR, alpha=0.6, linewidths=0)
         for rank, shared in enumerate(comparison.shared_top):
             ax.scatter(shared["score_a"], shared["score_b"], s=12, color=ALWAYS_ON_COLOUR)
@@ -239,8 +243,7 @@ def score_scatter(comparison, labels: int = 10):
 
 def coverage_curves(coverages):
     """Mean fraction of copied answer tokens explained by the top-n heads, per model."""
-    with plt.rc_context(PAPER_STYLE):
-        figure, (ax,) = _paper_figure(3.4, 2.6)
+    with _paper_figure(3.4, 2.6) as (figure, (ax,)):
         for c in coverages:
             n = range(1, len(c.mean_coverage) + 1)
             ax.plot(n, c.mean_coverage, marker="o", markersize=2.5, linewidth=1, label=f"{c.model} ({len(c.trials)} trials)")
@@ -339,7 +342,7 @@ def effect_vs_score_scatter(correlation: dict, model: str = "", labels: int = 8)
     ax.scatter(score, effect, s=14, alpha=0.7, color="#2e86c1", edgecolor="none")
     picked = set(np.argsort(-effect)[:labels]) | set(np.argsort(-score)[:labels])
     for i in sorted(picked):
-        ax.annotate(f"{heads[i][0]}.{heads[i][1]}", (score[i], effect[i]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.annotate(str(Head.coerce(heads[i])), (score[i], effect[i]), fontsize=7, xytext=(3, 2), textcoords="offset points")
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.set_xlabel("retrieval score")
     ax.set_ylabel(f"patching effect ({correlation['kind']}, {correlation['direction']})")

@@ -19,32 +19,46 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import ResultsFileError
+from .heads import Head, all_heads
 from .scoring import DEFAULT_THRESHOLD, retrieval_scores
 
 FORMAT = "rh_lens.detection/1"
 
 
-@dataclass
-class TrialRecord:
-    """What one NIAH trial produced. `head_scores[layer][head]` is the head's trial score;
-    `copied["layer-head"]` the answer-span offsets (key - span start) the head copied, one
-    per copy event, for heads with any (None in files written before it was recorded)."""
+@dataclass(kw_only=True)
+class Answer:
+    """What a model answered to one NIAH trial, graded: the fields every per-trial record
+    shares (detection, ablation). `success`: ROUGE-1 recall of the response > 0.5."""
 
     key: str
     context_length: int | None
     depth: int | None
     needle_id: str | None
     haystack: str | None
-    prompt_sha256: str | None
-    prompt_length: int | None
-    answer_span: tuple[int, int] | None
     answer: str | None
     generated_ids: list[int]
     response: str | None
     rouge_recall: float | None
     success: bool
-    head_scores: list[list[float]]
+    prompt_sha256: str | None = None
+    prompt_length: int | None = None
     seconds: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        return cls(**data)
+
+
+@dataclass(kw_only=True)
+class TrialRecord(Answer):
+    """A detection trial: the graded answer and every head's score. `head_scores[layer][head]`
+    is the head's trial score; `copied["layer-head"]` the answer-span offsets (key - span
+    start) the head copied, one per copy event, for heads with any (None in files written
+    before it was recorded)."""
+
+    answer_span: tuple[int, int] | None
+    head_scores: list[list[float]]
     copied: dict[str, list[int]] | None = None
 
     @classmethod
@@ -105,25 +119,24 @@ class DetectionResult:
     def to_published(self) -> dict[str, list[float]]:
         """The reference's format: per head, its trial scores over the successful trials."""
         good = self.successful
-        return {
-            f"{layer}-{head}": [t.head_scores[layer][head] for t in good]
-            for layer in range(self.n_layers)
-            for head in range(self.n_heads)
-        }
+        return {str(head): [t.head_scores[head.layer][head.head] for t in good] for head in all_heads(self.n_layers, self.n_heads)}
 
     @classmethod
     def from_published(cls, data: dict[str, list[float]], model: str = "published") -> "DetectionResult":
         """Read `{"layer-head": [scores]}`; list index i becomes successful trial i."""
-        heads = {tuple(int(x) for x in key.split("-")): values for key, values in data.items()}
+        heads = {Head.parse(key): values for key, values in data.items()}
         n_layers = max(layer for layer, _ in heads) + 1
         n_heads = max(head for _, head in heads) + 1
         n_trials = {len(v) for v in heads.values()}
         if len(n_trials) != 1:
-            raise ValueError(f"published scores have lists of different lengths {sorted(n_trials)}")
+            raise ResultsFileError(f"published scores have lists of different lengths {sorted(n_trials)}")
         trials = []
         for i in range(n_trials.pop()):
             matrix = [[heads.get((layer, head), [0.0] * (i + 1))[i] for head in range(n_heads)] for layer in range(n_layers)]
-            trials.append(TrialRecord(f"published-{i}", None, None, None, None, None, None, None, None, [], None, None, True, matrix))
+            trials.append(TrialRecord(
+                key=f"published-{i}", context_length=None, depth=None, needle_id=None, haystack=None, answer=None,
+                generated_ids=[], response=None, rouge_recall=None, success=True, answer_span=None, head_scores=matrix,
+            ))  # fmt: skip
         return cls(model, n_layers, n_heads, trials)
 
 
@@ -140,11 +153,32 @@ def save_results(result: DetectionResult, path: str | Path) -> None:
     write_json(path, result.to_json())
 
 
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is a `ResultsFileError`
+    that names it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ResultsFileError(f"{path} is a directory, not a {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsFileError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResultsFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)") from None
+
+
 def load_results(path: str | Path) -> DetectionResult:
     """Load our results file or a published `{"layer-head": [...]}` file."""
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and data.get("format") == FORMAT:
-        return DetectionResult.from_json(data)
-    if isinstance(data, dict) and data and all("-" in k and isinstance(v, list) for k, v in data.items()):
-        return DetectionResult.from_published(data, model=Path(path).stem)
-    raise ValueError(f"{path}: neither an rh_lens results file nor a published {{'layer-head': [scores]}} file")
+    data = read_json(path, "results file")
+    try:
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return DetectionResult.from_json(data)
+        if isinstance(data, dict) and data and all("-" in k and isinstance(v, list) for k, v in data.items()):
+            return DetectionResult.from_published(data, model=Path(path).stem)
+    except (KeyError, TypeError, ValueError) as e:  # missing or unexpected fields, wrong types
+        raise ResultsFileError(f"{path}: a damaged results file ({type(e).__name__}: {e})") from None
+    raise ResultsFileError(f"{path}: neither an rh_lens results file nor a published {{'layer-head': [scores]}} file")

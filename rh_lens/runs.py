@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from .errors import RunDirectoryError
 from .niah import Trial
 from .results import write_json
 
@@ -55,10 +56,10 @@ def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type)
     if manifest.exists() and resume:
         previous = json.loads(manifest.read_text())
         if previous != json.loads(json.dumps(settings)):
-            raise ValueError(f"cannot resume {out_dir}: its settings differ ({previous} vs {settings})")
+            raise RunDirectoryError(f"cannot resume {out_dir}: its settings differ ({previous} vs {settings})")
         records = (record_type.from_json(json.loads(p.read_text())) for p in sorted(trial_dir.glob("*.json")))
         return {r.key: r for r in records}
     if trial_dir.exists() and any(trial_dir.glob("*.json")):
-        raise FileExistsError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
+        raise RunDirectoryError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
     write_json(manifest, settings)
     return {}

@@ -1,10 +1,31 @@
-"""The retrieval score of Wu et al. (2024), exactly as their reference implementation computes it.
+"""The retrieval score of Wu et al. (2024): the rule of their reference implementation.
 
 Per trial: at every decode step t the model emits w_t; a head "copies" at step t when
 the key it attends to most (top-1 of its newest attention row) lies inside the answer
 span [s, e) and holds the very token w_t. Each copy event is worth 1 / (e - s).
-A trial counts only if the model retrieved the answer (ROUGE-1 recall > 0.5), and a
-head's retrieval score is the mean of its trial scores over those trials.
+A trial counts only if the model retrieved the answer (stemmed ROUGE-1 recall of the
+response, decoded without special tokens and stripped, against the answer > 0.5), and a
+head's retrieval score is the mean of its trial scores over those trials. This rule,
+the success test and the aggregation are the reference's (`retrieval_head_detection.py`).
+
+Where rh_lens differs from the reference code, on purpose:
+- Answer span: located from the tokenizer's character offsets of the answer inside the
+  inserted needle (exact; case-insensitive), not as the first window whose token *set*
+  covers > 90% of the answer's tokens (which can start a few tokens early, and returns
+  no span when nothing matches, scoring every head 0 on a trial that still counts).
+  That search is the fallback for tokenizers without offsets; a trial whose answer
+  cannot be located is an error here (`TrialError`), never a silent 0.
+- Stopping: the reference stops decoding only at Llama's newline token '<0x0A>' or at
+  token id 144, and otherwise runs to 50 tokens (it never checks EOS; Qwen's newline,
+  id 198, does not stop it). rh_lens stops at any token whose text holds a newline and
+  at EOS or a chat model's end-of-turn token. In both, the stopping token is scored.
+- Precision: the reference decodes in bf16 (argmax ties are possible there); rh_lens
+  defaults to float32.
+- Trials: needles go back to a sentence end found by decoding tokens (".", "!", "?"),
+  not by the reference's Llama period token ids (used for every model by default); the
+  haystack is repeated in tokens rather than appended while its word count is short; a
+  prompt longer than the model's context is an error. Results files are written afresh,
+  never merged into an existing file's lists.
 """
 
 from __future__ import annotations
@@ -14,6 +35,8 @@ from functools import lru_cache
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from .heads import Head
 
 DEFAULT_THRESHOLD = 0.1  # heads scoring at least this are retrieval heads
 SUCCESS_RECALL = 0.5  # a trial counts when ROUGE-1 recall exceeds this
@@ -63,7 +86,7 @@ def copied_offsets(
     copied: dict[str, list[int]] = {}
     for step, layer, head in events.nonzero().tolist():  # row-major: steps in order
         offset = int(argmax_keys[step, layer, head]) - answer_span[0]
-        copied.setdefault(f"{layer}-{head}", []).append(offset)
+        copied.setdefault(str(Head(layer, head)), []).append(offset)
     return copied
 
 

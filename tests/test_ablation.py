@@ -102,7 +102,10 @@ def test_random_heads_are_seeded_and_avoid_the_excluded():
 
 def fake_detection():
     scores = [[0.0, 0.0, 0.0, 0.0], [0.0, 0.05, 0.9, 0.0]]
-    record = TrialRecord("t", 300, 50, "n", "h", None, None, None, None, [], None, 1.0, True, scores)
+    record = TrialRecord(
+        key="t", context_length=300, depth=50, needle_id="n", haystack="h", answer=None, generated_ids=[], response=None,
+        rouge_recall=1.0, success=True, answer_span=None, head_scores=scores,
+    )  # fmt: skip
     return DetectionResult("planted", 2, 4, [record])
 
 

@@ -13,7 +13,10 @@ OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "niah" / "official_h
 
 
 def record(key, scores, length=500, depth=0, success=True, copied=None):
-    return TrialRecord(key, length, depth, "n1", "pydoc", None, None, (10, 13), "a b c", [], "a b c", 1.0, success, scores, copied=copied)
+    return TrialRecord(
+        key=key, context_length=length, depth=depth, needle_id="n1", haystack="pydoc", answer_span=(10, 13), answer="a b c",
+        generated_ids=[], response="a b c", rouge_recall=1.0, success=success, head_scores=scores, copied=copied,
+    )  # fmt: skip
 
 
 def four_trials() -> DetectionResult:

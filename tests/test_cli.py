@@ -5,12 +5,13 @@ import json
 import pytest
 
 import rh_lens.cli as cli
+import rh_lens.workflows as workflows
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda name, device=None: build_planted_model())
+    monkeypatch.setattr(workflows, "load_model", lambda name, device=None: build_planted_model())
     (tmp_path / "hay").mkdir()
     (tmp_path / "hay" / "text.txt").write_text(haystack_text())
     needles = tmp_path / "needles.jsonl"
@@ -29,7 +30,7 @@ def test_detect_writes_results_heads_and_heatmap(inputs, capsys):
     assert "4/4 trials retrieved" in printed
     assert "retrieval heads (score >= 0.1): 1/8 = 12.5%" in printed
     first_row = printed.splitlines()[3].split()
-    assert first_row == ["1", str(PLANTED[0]), str(PLANTED[1]), "1.000"]
+    assert first_row == ["1", f"{PLANTED[0]}-{PLANTED[1]}", "1.000"]
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "trials").glob("*.json"))) == 4
     assert json.loads((out / "head_scores.json").read_text())["1-2"] == [1.0] * 4
@@ -40,7 +41,7 @@ def test_detect_writes_results_heads_and_heatmap(inputs, capsys):
     assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
 
     assert cli.main(["show", str(out / "results.json"), "--top", "2"]) == 0
-    assert "1      1     2  1.000" in capsys.readouterr().out
+    assert "   1     1-2  1.000" in capsys.readouterr().out
     assert cli.main(["show", str(out / "head_scores.json"), "--top", "1"]) == 0
 
 
@@ -75,17 +76,17 @@ def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
     capsys.readouterr()
     assert cli.main(common + ["--all-heads", "--scores", str(tmp_path / "det" / "results.json"), "--tail", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "head_out denoise (final position), top 8: 1.2 1.000" in printed
-    assert "head_out noise (final position), top 8: 1.2 1.000" in printed
+    assert "head_out denoise (final position), top 8: 1-2 1.000" in printed
+    assert "head_out noise (final position), top 8: 1-2 1.000" in printed
     assert "Spearman rho" in printed
     for name in ("head_out_heatmap.png", "pattern_heatmap.png", "resid_heatmap_denoise.png", "effect_vs_score.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "patching.json").read_text())
     assert saved["effects"]["head_out"]["denoise"][1][2] == pytest.approx(1.0, abs=1e-3)
 
-    assert cli.main(common + ["--heads", "0.0", "1.1", "--kinds", "head_out", "--out", str(tmp_path / "two")]) == 0
-    assert "top 2: 0.0 " in capsys.readouterr().out
-    assert cli.main(common + ["--heads", "1.9", "--out", str(tmp_path / "bad")]) == 1
+    assert cli.main(common + ["--heads", "0-0", "1.1", "--kinds", "head_out", "--out", str(tmp_path / "two")]) == 0
+    assert "top 2: 0-0 " in capsys.readouterr().out  # "1.1" is the older form, still read
+    assert cli.main(common + ["--heads", "1-9", "--out", str(tmp_path / "bad")]) == 1
     assert "do not exist" in capsys.readouterr().err
     assert cli.main(common[:-6] + ["--corrupted-answer", "echo", "--all-heads", "--out", str(tmp_path / "bad")]) == 1
     assert "differ in token length" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import pytest
 
 import rh_lens.detection as detection
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+from rh_lens.errors import RunDirectoryError
 from rh_lens.niah import build_trial, tokenize_haystack
 from rh_lens.analysis import coverage
 from rh_lens.results import load_results
@@ -34,9 +35,9 @@ def test_interrupted_run_resumes_without_redoing_trials(planted, tmp_path, monke
         detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
     assert len(list((tmp_path / "trials").glob("*.json"))) == 2
 
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(RunDirectoryError, match="resume"):
         detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
-    with pytest.raises(ValueError, match="settings differ"):
+    with pytest.raises(RunDirectoryError, match="settings differ"):
         detection.detect(model, trials, tmp_path, resume=True, settings={"grid": "other"}, max_new_tokens=8, progress=False)
 
     calls.clear()

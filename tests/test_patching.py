@@ -15,6 +15,7 @@ from rh_lens.patching import (
     cache_run,
     corrupt_needle,
     head_patches,
+    logit_diff_metric,
     patching_pair,
     resid_columns,
     resid_patches,
@@ -79,10 +80,12 @@ def test_pair_builder_needs_a_corrupted_answer_for_unknown_needles():
 
 
 def normalised(model, pair, groups, direction="denoise"):
-    clean, corrupted = cache_run(model, pair.clean_ids, pair, "all"), cache_run(model, pair.corrupted_ids, pair, "all")
+    clean, corrupted = cache_run(model, pair.clean_ids, "all"), cache_run(model, pair.corrupted_ids, "all")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     measured = run_patches(model, pair, base, source, groups, progress=False)
-    return (measured - corrupted.logit_diff) / (clean.logit_diff - corrupted.logit_diff)
+    metric = logit_diff_metric(pair)
+    clean_value, corrupted_value = float(metric(clean.final_logits)), float(metric(corrupted.final_logits))
+    return (measured - corrupted_value) / (clean_value - corrupted_value)
 
 
 @pytest.mark.parametrize("positions", ["final", "all"])
@@ -113,7 +116,7 @@ def tl_reference(model, pair, tl_function, **kwargs):
 def test_batched_engine_matches_transformer_lens_patching(n_key_value_heads):
     model = random_model(n_key_value_heads)
     pair = planted_pair(model)
-    clean, corrupted = cache_run(model, pair.clean_ids, pair, "all"), cache_run(model, pair.corrupted_ids, pair, "all")
+    clean, corrupted = cache_run(model, pair.clean_ids, "all"), cache_run(model, pair.corrupted_ids, "all")
     heads = [(l, h) for l in range(3) for h in range(4)]
 
     def ours(groups):
@@ -138,8 +141,8 @@ def test_final_pattern_cache_matches_full_pattern_patching():
     pair = planted_pair(model)
     heads = [(l, h) for l in range(3) for h in range(4)]
     groups = head_patches(heads, "pattern", "final")
-    full = [cache_run(model, ids, pair, "all") for ids in (pair.clean_ids, pair.corrupted_ids)]
-    rows = [cache_run(model, ids, pair, "final") for ids in (pair.clean_ids, pair.corrupted_ids)]
+    full = [cache_run(model, ids, "all") for ids in (pair.clean_ids, pair.corrupted_ids)]
+    rows = [cache_run(model, ids, "final") for ids in (pair.clean_ids, pair.corrupted_ids)]
     a = run_patches(model, pair, full[1], full[0], groups, progress=False)
     b = run_patches(model, pair, rows[1], rows[0], groups, progress=False)
     torch.testing.assert_close(a, b)
@@ -194,7 +197,10 @@ def test_effect_vs_score_is_the_spearman_correlation():
     result = activation_patching(planted, pair, kinds=("head_out",), directions=("denoise",), progress=False)
     scores = [[0.0] * 4 for _ in range(2)]
     scores[1][2], scores[1][1] = 0.9, 0.5  # planted head first, a decoy second
-    trial = TrialRecord("t", None, None, None, None, None, None, None, None, [], None, 1.0, True, scores)
+    trial = TrialRecord(
+        key="t", context_length=None, depth=None, needle_id=None, haystack=None, answer=None, generated_ids=[],
+        response=None, rouge_recall=1.0, success=True, answer_span=None, head_scores=scores,
+    )  # fmt: skip
     detection = DetectionResult("planted", 2, 4, [trial])
     found = effect_vs_score(result, detection)
     assert found["n_heads"] == 8

@@ -11,7 +11,11 @@ OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "niah" / "official_h
 
 
 def record(key, scores, success=True):
-    return TrialRecord(key, 1000, 50, "n", "h", "sha", 990, (10, 14), "a b c d", [1, 2], "a b", 0.5, success, scores)
+    return TrialRecord(
+        key=key, context_length=1000, depth=50, needle_id="n", haystack="h", prompt_sha256="sha", prompt_length=990,
+        answer_span=(10, 14), answer="a b c d", generated_ids=[1, 2], response="a b", rouge_recall=0.5, success=success,
+        head_scores=scores,
+    )  # fmt: skip
 
 
 def small_result():

@@ -1,0 +1,105 @@
+"""Command-line options shared by `rh-lens` and the scripts in experiments/, declared once.
+
+The model, device and NIAH grid options (haystack, needles, lengths, depths, prompt) read
+the same everywhere, and numbers are checked as they are parsed, so a bad value is one
+line from argparse before anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .errors import InputError
+from .models import CATALOGUE
+from .niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, PROMPTS, Grid, Needle, load_needles
+
+MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
+
+# --- checked numbers -------------------------------------------------------------------
+
+
+def _number(kind, text: str, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "expected a whole number >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text, "expected a whole number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def percent(text: str) -> int:
+    """A needle depth: a whole percentage of the haystack, 0 to 100."""
+    value = _number(int, text, "expected a depth in percent, a whole number from 0 to 100")
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"depths are percentages from 0 to 100, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A threshold: a finite number from 0 to 1."""
+    value = _number(float, text, "expected a number from 0 to 1")
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+# --- declarations ------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False, default_models=None) -> None:
+    """--model M (or --models M [M ...] with `multiple`) and --device."""
+    if multiple:
+        parser.add_argument("--models", nargs="+", default=default_models, required=default_models is None, help=MODEL_HELP)
+    else:
+        parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = False) -> None:
+    """--haystack, --needles and --prompt: what the prompts are made of."""
+    if one_haystack:
+        parser.add_argument("--haystack", default="pydoc", help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'")
+    else:
+        parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'; one, or one per needle")
+    parser.add_argument("--needles", help="JSONL file of {needle, question, real_needle} (default: built-in needles)")
+    parser.add_argument("--prompt", choices=list(PROMPTS), default="auto", help="chat template if the tokenizer has one (auto), always (chat) or never (plain)")
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The NIAH grid: text options plus --lengths and --depths."""
+    add_text_arguments(parser)
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=list(DEFAULT_LENGTHS), help="context lengths in tokens")
+    parser.add_argument("--depths", nargs="+", type=percent, default=list(DEFAULT_DEPTHS), help="needle depths in percent (0-100)")
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+def needles_from_args(args: argparse.Namespace) -> list[Needle]:
+    return load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
+
+
+def grid_from_args(args: argparse.Namespace) -> Grid:
+    return Grid(tuple(needles_from_args(args)), tuple(args.lengths), tuple(args.depths), tuple(args.haystack), args.prompt)
+
+
+def needle_from_args(args: argparse.Namespace) -> Needle:
+    """The needle `--needle N` picks out of `--needles` (or the built-in ones)."""
+    needles = needles_from_args(args)
+    if not 0 <= args.needle < len(needles):
+        raise InputError(f"--needle {args.needle}: there are {len(needles)} needles (0 to {len(needles) - 1})")
+    return needles[args.needle]

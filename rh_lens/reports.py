@@ -1,0 +1,194 @@
+"""What a run leaves behind: files (JSON and figures) and text tables.
+
+`save_*` write a result's JSON and figures into a directory and return the paths written;
+`format_*` turn a result into the table `rh-lens` prints. The command line, experiments/ and
+notebooks all use these, so every front end writes and prints the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .ablation import AblationResult
+from .analysis import Analysis, Comparison
+from .heads import Head
+from .patching import PatchingResult
+from .plots import (
+    analysis_figures,
+    effect_vs_score_scatter,
+    niah_heatmaps,
+    patching_heatmaps,
+    recall_vs_k,
+    resid_heatmap,
+    save_figure,
+    save_figures,
+    score_heatmap,
+    score_scatter,
+)
+from .results import DetectionResult, save_results, write_json
+
+# --- files -----------------------------------------------------------------------------
+
+
+def save_detection(result: DetectionResult, out: str | Path) -> list[Path]:
+    """results.json, head_scores.json (the reference's published format) and heatmap.png."""
+    out = Path(out)
+    paths = [out / "results.json", out / "head_scores.json", out / "heatmap.png"]
+    save_results(result, paths[0])
+    write_json(paths[1], result.to_published())
+    save_figure(score_heatmap(result), paths[2])
+    return paths
+
+
+def save_ablation(result: AblationResult, out: str | Path) -> list[Path]:
+    """ablation.json, niah_heatmaps.png (one panel per condition) and recall_vs_k.png."""
+    out = Path(out)
+    paths = [out / "ablation.json", out / "niah_heatmaps.png", out / "recall_vs_k.png"]
+    write_json(paths[0], result.to_json())
+    save_figure(niah_heatmaps(result), paths[1])
+    save_figure(recall_vs_k(result), paths[2])
+    return paths
+
+
+def save_patching(result: PatchingResult, out: str | Path, correlation: dict[str, Any] | None = None) -> list[Path]:
+    """patching.json, a heatmap per head kind and per residual direction, and with a
+    `correlation` (see `effect_vs_score`) effect_vs_score.json and its scatter."""
+    out = Path(out)
+    paths = [out / "patching.json"]
+    write_json(paths[0], result.to_json())
+    for kind in ("head_out", "pattern"):
+        if kind in result.effects:
+            paths.append(out / f"{kind}_heatmap.png")
+            save_figure(patching_heatmaps(result, kind), paths[-1])
+    for direction in result.effects.get("resid", {}):
+        paths.append(out / f"resid_heatmap_{direction}.png")
+        save_figure(resid_heatmap(result, direction), paths[-1])
+    if correlation is not None:
+        paths += [out / "effect_vs_score.json", out / "effect_vs_score.png"]
+        write_json(paths[-2], correlation)
+        save_figure(effect_vs_score_scatter(correlation, result.model), paths[-1])
+    return paths
+
+
+def save_analysis(analysis: Analysis, out: str | Path) -> list[Path]:
+    """analysis.json and the analysis figures (PNG, with a PDF beside each)."""
+    out = Path(out)
+    write_json(out / "analysis.json", analysis.to_json())
+    return [out / "analysis.json"] + save_figures(analysis_figures(analysis), out)
+
+
+def save_comparison(comparison: Comparison, out: str | Path) -> list[Path]:
+    """comparison.json and the score-vs-score scatter (PNG and PDF)."""
+    out = Path(out)
+    write_json(out / "comparison.json", comparison.to_json())
+    return [out / "comparison.json"] + save_figures({"score_scatter": score_scatter(comparison)}, out)
+
+
+def format_written(paths: list[Path]) -> str:
+    return "wrote " + ", ".join(str(p) for p in paths)
+
+
+# --- tables ----------------------------------------------------------------------------
+
+
+def format_ranking(result: DetectionResult, top: int = 20, threshold: float | None = None) -> str:
+    """The summary and the top heads of a detection result."""
+    threshold = result.threshold if threshold is None else threshold
+    n_heads = result.n_layers * result.n_heads
+    lines = [
+        f"{result.model}: {result.n_layers} layers x {result.n_heads} heads; "
+        f"{len(result.successful)}/{len(result.trials)} trials retrieved the answer",
+        f"retrieval heads (score >= {threshold:g}): {len(result.retrieval_heads(threshold))}/{n_heads} "
+        f"= {100 * result.fraction_above(threshold):.1f}%",
+        f"{'rank':>4}  {'head':>6}  score",
+    ]
+    for rank, (layer, head, score) in enumerate(result.ranking(top), start=1):
+        lines.append(f"{rank:>4}  {str(Head(layer, head)):>6}  {score:.3f}")
+    return "\n".join(lines)
+
+
+def format_ablation(result: AblationResult) -> str:
+    """Mean recall per masking condition, with the spread over random seeds."""
+    lines = [
+        f"{result.model}: NIAH recall under {result.method} masking "
+        f"({'decode steps only' if result.decode_only else 'all positions'})",
+        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'no answer word':>14}",
+    ]
+    for row in result.summary():
+        spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] else ""
+        lines.append(
+            f"{row['condition']:<14} {row['k']:>4}  {row['mean_recall']:>11.3f}  {spread:>11}  "
+            f"{100 * row['success_rate']:>8.0f}%  {100 * row['absent_rate']:>13.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def format_patching(result: PatchingResult, top: int = 10, correlation: dict[str, Any] | None = None) -> str:
+    """The pair, the metric, the top heads per kind and direction, and the correlation."""
+    clean, corrupted = result.clean_token.strip(), result.corrupted_token.strip()
+    metric = f"logit difference '{clean}' - '{corrupted}'" if result.metric == "logit_diff" else f"{result.metric} ('{clean}' vs '{corrupted}')"
+    lines = [
+        f"{result.model}: {result.settings['prompt_tokens']} tokens, answer {result.settings['answer']!r} vs "
+        f"{result.settings['corrupted_answer']!r}; {metric}: clean {result.clean_metric:.2f}, corrupted {result.corrupted_metric:.2f}",
+    ]
+    for kind in ("head_out", "pattern"):
+        for direction in result.effects.get(kind, {}):
+            ranking = result.ranking(kind, direction)[:top]
+            lines.append(f"{kind} {direction} ({result.settings['positions']} position), top {len(ranking)}: "
+                         + ", ".join(f"{Head(l, h)} {e:.3f}" for l, h, e in ranking))  # fmt: skip
+    if correlation is not None:
+        lines.append(
+            f"Spearman rho between {correlation['kind']} {correlation['direction']} effect and retrieval score: "
+            f"{correlation['spearman']:.3f} (p = {correlation['p_value']:.2g}, {correlation['n_heads']} heads); over the "
+            f"{correlation['n_scored']} heads scoring > 0: {correlation['spearman_scored']:.3f} (p = {correlation['p_value_scored']:.2g})"
+        )
+    return "\n".join(lines)
+
+
+def format_analysis(analysis: Analysis) -> str:
+    """Dynamic activation, grouped summaries and coverage of one results file."""
+    activation, heads_needed = analysis.dynamic_activation, analysis.coverage
+    jaccard = activation.mean_pairwise_jaccard
+    lines = [
+        f"dynamic activation (trial score > {activation.threshold:g}, {len(activation.trials)} successful trials): "
+        f"{len(activation.heads)}/{activation.n_heads_total} heads ever active, "
+        f"{len(activation.always_on)} always on (>= {activation.always_on_fraction:g} of trials), "
+        f"{len(activation.context_dependent)} context-dependent",
+        f"always on: {', '.join(activation.always_on) or '-'}",
+        f"active heads per trial: mean {sum(activation.active_per_trial) / len(activation.active_per_trial):.1f}; "
+        f"mean pairwise Jaccard of active sets: {jaccard if jaccard is not None else float('nan'):.2f}",
+    ]
+    if activation.groups:
+        lines.append(f"{'group':<15} {'value':<12} {'trials':>6}  {'mean active':>11}  {'in any':>6}  {'in all':>6}")
+    for group, rows in activation.groups.items():
+        for row in rows:
+            lines.append(
+                f"{group:<15} {str(row['value']):<12} {row['n_trials']:>6}  {row['mean_active_heads']:>11.1f}  "
+                f"{row['heads_active_in_any']:>6}  {row['heads_active_in_all']:>6}"
+            )
+    if heads_needed is not None and heads_needed.heads_needed:
+        needed = sorted(heads_needed.heads_needed.values())
+        curve = ", ".join(f"top-{n}: {c:.2f}" for n, c in enumerate(heads_needed.mean_coverage, start=1) if n in (1, 2, 3, 5, 10, 20))
+        lines.append(f"coverage of copied answer tokens (mean over {len(needed)} trials): {curve}")
+        lines.append(f"heads needed for full coverage: median {needed[len(needed) // 2]}, max {needed[-1]}")
+    lines += analysis.notes
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """Correlations, top-K overlap and the shared top heads of two results."""
+
+    def number(x):
+        return "n/a (constant scores)" if x is None else f"{x:.3f}"
+
+    lines = [
+        f"{comparison.model_a} vs {comparison.model_b} ({comparison.n_layers} layers x {comparison.n_heads} heads)",
+        f"Pearson {number(comparison.pearson)}   Spearman {number(comparison.spearman)}",
+        f"top-{comparison.top_k} overlap: {len(comparison.shared_top)}/{comparison.top_k} = {comparison.top_k_overlap:.2f}",
+        f"heads >= {comparison.threshold:g}: {comparison.n_above_a} in A, {comparison.n_above_b} in B, {comparison.n_above_both} in both",
+        f"{'shared head':<12} {'rank A':>6} {'rank B':>6} {'score A':>8} {'score B':>8}",
+    ]
+    for row in comparison.shared_top:
+        lines.append(f"{row['head']:<12} {row['rank_a']:>6} {row['rank_b']:>6} {row['score_a']:>8.3f} {row['score_b']:>8.3f}")
+    return "\n".join(lines)

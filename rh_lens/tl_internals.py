@@ -1,0 +1,484 @@
+"""Everything rh_lens relies on inside TransformerLens, in one file.
+
+The rest of rh_lens uses TransformerLens's public surface only: `HookedTransformer`, its
+forward arguments (`past_kv_cache`, `start_at_layer`, `stop_at_layer`), hook points and
+`model.hooks`, and the `patching` setters. What goes past that lives here:
+
+1. Building a `HookedTransformer` from a local Hugging Face directory (`hooked_from_hf_dir`):
+   TransformerLens's by-name config lookups, its path-string architecture detection and its
+   hard-coded Gemma configs are worked around.
+2. Weights re-strided into the layout `F.linear` reads (`use_linear_layout`).
+3. Fused attention (`fused_attention`): `attn.forward` swapped for the same computation
+   through torch's `scaled_dot_product_attention` in layers no hook reads the pattern of.
+4. Key-value caches: a fresh one (`new_kv_cache`) and a frozen prefix cache filled from
+   cached keys and values (`frozen_prefix_cache`), for patched runs that start mid-prompt.
+5. What TransformerLens computes around the last layer (`unembed_final`) and how it marks
+   keys a query may not see in `hook_attn_scores` (`allowed_keys`).
+
+Version guard: all of it was verified against the TransformerLens versions in
+`VERIFIED_RANGE`; `tests/test_tl_internals.py` checks each fast path against
+TransformerLens's own computation. With any other version, the fast paths (2-4) switch
+off with one warning and rh_lens runs TransformerLens's own computation: slower, same
+results. `RH_LENS_FAST_PATHS=0` switches them off anywhere, `=1` forces them on. Loading
+(1) has no plain-TransformerLens equivalent for local directories; on an unverified
+version it is attempted, and a failure says which versions are known to work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from packaging.specifiers import SpecifierSet
+from torch import Tensor
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from .errors import ModelLoadError
+
+VERIFIED_RANGE = ">=3.9,<3.10"  # TransformerLens versions the fast paths and loading were verified with
+VERIFIED_VERSIONS = SpecifierSet(VERIFIED_RANGE)
+
+# --------------------------------------------------------------------------------------
+# Version guard
+
+
+@lru_cache(maxsize=1)
+def transformer_lens_version() -> str:
+    return importlib.metadata.version("transformer-lens")
+
+
+def version_verified() -> bool:
+    return VERIFIED_VERSIONS.contains(transformer_lens_version(), prereleases=True)
+
+
+_warned = False
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the fast paths run: on for verified TransformerLens versions, off (with one
+    warning) for others; RH_LENS_FAST_PATHS=0/1 overrides."""
+    global _warned
+    setting = os.environ.get("RH_LENS_FAST_PATHS", "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    if version_verified():
+        return True
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"rh_lens's fast paths were verified with transformer-lens {VERIFIED_RANGE}, not "
+            f"{transformer_lens_version()}: using TransformerLens's own computation (slower, same "
+            f"results); RH_LENS_FAST_PATHS=1 forces them on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# 1. HookedTransformer from a local Hugging Face directory
+
+# Architectures whose TransformerLens config is derived from the HF config.json
+# (the `architecture == "..."` branches of convert_hf_model_config in TL 3.9),
+# restricted to decoder-only language models HookedTransformer can run.
+CONFIG_DRIVEN_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+    "GPT2LMHeadModel",
+    "GPTNeoForCausalLM",
+    "GPTNeoXForCausalLM",
+    "GPTJForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+    "ApertusForCausalLM",
+    "GptOssForCausalLM",
+    "OlmoeForCausalLM",
+    "Olmo3ForCausalLM",
+)
+# TL hard-codes Gemma configs by official model name, so a Gemma directory is
+# matched to the official name whose hard-coded config equals its config.json.
+GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+SUPPORTED_ARCHITECTURES = CONFIG_DRIVEN_ARCHITECTURES + GEMMA_ARCHITECTURES
+
+# convert_hf_model_config picks the architecture from these words in the path
+# string before it reads config.json.
+_PATH_TRAP_WORDS = ("llama", "gemma")
+
+
+def is_official_name(name: str) -> bool:
+    """Whether TransformerLens knows `name` as one of its official (hub) model names."""
+    try:
+        tl_loading.get_official_model_name(name)
+        return True
+    except ValueError:
+        return False
+
+
+def from_pretrained_official(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+    """An official TransformerLens model from the hub, without weight processing."""
+    with warnings.catch_warnings():  # "HookedTransformer is deprecated": we chose it on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return use_linear_layout(HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype))
+
+
+def _hf_value(hf_config, name: str, default=None):
+    try:
+        return getattr(hf_config, name, default)
+    except Exception:  # transformers>=5.15 raises on some per-layer fields
+        return default
+
+
+def _rope(hf_config, layer_type: str) -> tuple[float | None, float]:
+    """(rope theta, linear scaling factor) for a layer type. transformers 5 nests rope
+    settings per layer type in `rope_parameters`; older configs use flat fields."""
+    params = _hf_value(hf_config, "rope_parameters") or _hf_value(hf_config, "rope_scaling") or {}
+    if isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
+    theta = params.get("rope_theta")
+    if theta is None:
+        flat = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+        theta = _hf_value(hf_config, flat) or _hf_value(hf_config, "rope_theta")
+    kind = params.get("rope_type") or params.get("type") or "default"
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return theta, factor
+
+
+def _gemma_mismatches(tl_cfg: dict, hf_config) -> list[str]:
+    """Fields where TL's hard-coded config for an official Gemma name disagrees with
+    this directory's config.json (empty: the official name describes this model)."""
+    head_dim = _hf_value(hf_config, "head_dim") or (hf_config.hidden_size // hf_config.num_attention_heads)
+    pairs = [
+        ("d_model", hf_config.hidden_size),
+        ("n_layers", hf_config.num_hidden_layers),
+        ("n_heads", hf_config.num_attention_heads),
+        ("d_mlp", hf_config.intermediate_size),
+        ("d_vocab", hf_config.vocab_size),
+        ("d_head", head_dim),
+        ("n_key_value_heads", _hf_value(hf_config, "num_key_value_heads")),
+    ]
+    if tl_cfg.get("use_local_attn"):
+        pairs.append(("window_size", _hf_value(hf_config, "sliding_window")))
+        layer_types = _hf_value(hf_config, "layer_types")
+        if layer_types:
+            local = {"sliding_attention": "local", "full_attention": "global"}
+            pairs.append(("attn_types", [local.get(t, t) for t in layer_types]))
+    mismatches = [
+        f"{key} differs" if isinstance(value, list) else f"{key}={tl_cfg.get(key)} vs {value}"
+        for key, value in pairs
+        if value is not None and tl_cfg.get(key) != value
+    ]
+    # Numbers TL takes from elsewhere (defaults, or a differently named field).
+    global_rope, local_rope = _rope(hf_config, "full_attention"), _rope(hf_config, "sliding_attention")
+    floats = [
+        ("rotary_base", tl_cfg.get("rotary_base", 10000), global_rope[0]),
+        ("rotary_scaling_factor", tl_cfg.get("rotary_scaling_factor", 1.0), global_rope[1]),
+        ("attn_scale", tl_cfg.get("attn_scale", head_dim**0.5),
+         (_hf_value(hf_config, "query_pre_attn_scalar") or head_dim) ** 0.5),
+        ("attn_scores_soft_cap", tl_cfg.get("attn_scores_soft_cap", -1.0),
+         _hf_value(hf_config, "attn_logit_softcapping")),
+        ("output_logits_soft_cap", tl_cfg.get("output_logits_soft_cap", -1.0),
+         _hf_value(hf_config, "final_logit_softcapping")),
+    ]  # fmt: skip
+    if tl_cfg.get("rotary_base_local") is not None:
+        floats.append(("rotary_base_local", tl_cfg["rotary_base_local"], local_rope[0]))
+    for key, tl_value, hf_value in floats:
+        tl_value = None if tl_value is None or tl_value <= 0 else float(tl_value)  # <= 0: off
+        hf_value = None if hf_value is None or hf_value <= 0 else float(hf_value)
+        if tl_value != hf_value and not (tl_value and hf_value and abs(tl_value - hf_value) <= 1e-6 * abs(hf_value)):
+            mismatches.append(f"{key}={tl_value} vs {hf_value}")
+    return mismatches
+
+
+def _gemma_official_name(architecture: str, hf_config) -> str:
+    """TL builds Gemma configs only from official names (by name, never fetching), so
+    find the official name whose hard-coded config matches this directory's."""
+    near_misses = []
+    for name in tl_loading.OFFICIAL_MODEL_NAMES:
+        if "gemma" not in name.lower():
+            continue
+        try:
+            tl_cfg = tl_loading.convert_hf_model_config(name)
+        except Exception:  # a branch that would need the hub; not one we can match offline
+            continue
+        if tl_cfg.get("original_architecture") != architecture:
+            continue
+        mismatches = _gemma_mismatches(tl_cfg, hf_config)
+        if not mismatches:
+            return name
+        near_misses.append((len(mismatches), name, mismatches))
+    hint = ""
+    if near_misses:
+        _, name, mismatches = min(near_misses)
+        hint = f" (closest: {name}, differs in {'; '.join(mismatches)})"
+    raise ModelLoadError(
+        f"TransformerLens hard-codes {architecture} configs by official model name and none "
+        f"matches this model's config.json{hint}; only the official Gemma sizes can be converted"
+    )
+
+
+def _neutral_link(hf_dir: Path, stack: contextlib.ExitStack, spare_dir: Path | None = None) -> Path:
+    """A symlink to `hf_dir` whose path has no 'llama'/'gemma' in it: TL's
+    convert_hf_model_config picks the architecture from those words in the path
+    string before it reads config.json."""
+    for parent in (tempfile.gettempdir(), "/tmp", str(spare_dir or "")):
+        if not parent or any(w in parent.lower() for w in _PATH_TRAP_WORDS) or not os.path.isdir(parent):
+            continue
+        for _ in range(5):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rh_lens_", dir=parent))
+            link = Path(tmp) / "model"
+            if not any(w in str(link).lower() for w in _PATH_TRAP_WORDS):
+                link.symlink_to(hf_dir.resolve(), target_is_directory=True)
+                return link
+    raise ModelLoadError(
+        "every temporary directory path contains 'llama' or 'gemma', which misleads "
+        "TransformerLens; set TMPDIR to a directory whose path has neither"
+    )
+
+
+def hooked_from_hf_dir(
+    hf_dir: Path, config: dict, device: str, dtype: torch.dtype, model_name: str, spare_dir: Path | None = None
+) -> HookedTransformer:
+    """Build a HookedTransformer from a local HF directory (its parsed `config.json` given)
+    the way from_pretrained does, minus its by-name lookups (which fail for local paths and
+    unknown names) and minus any weight processing (the model's raw computation,
+    comparable to HF). `spare_dir`: a directory for a symlink if every temp dir's path
+    holds a trap word."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    architecture = (config.get("architectures") or [None])[0]
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ModelLoadError(
+            f"{hf_dir} holds a {method}-quantized checkpoint, which TransformerLens cannot "
+            f"convert; pass the .gguf file or a dequantized float checkpoint instead"
+        )
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{hf_dir} holds a {architecture or 'model without architectures in config.json'}, "
+            f"which TransformerLens {transformer_lens_version()} cannot convert; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"{hf_dir} has no tokenizer transformers can load ({str(e).strip().splitlines()[0]}); "
+            f"save one there with tokenizer.save_pretrained"
+        ) from e
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    hf_model.eval()
+    for param in hf_model.parameters():
+        param.requires_grad = False
+
+    try:
+        with contextlib.ExitStack() as stack:
+            if architecture in GEMMA_ARCHITECTURES:
+                tl_name = _gemma_official_name(architecture, hf_model.config)
+            else:
+                tl_name = str(_neutral_link(hf_dir, stack, spare_dir))
+            cfg = tl_loading.get_pretrained_model_config(
+                tl_name, hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=device, dtype=dtype
+            )
+            state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        if version_verified():
+            raise  # a bug, or a model this version cannot convert: keep the traceback
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(
+            f"TransformerLens {transformer_lens_version()} could not convert {hf_dir} ({first_line}); "
+            f"rh_lens loads local models with transformer-lens {VERIFIED_RANGE}"
+        ) from e
+    cfg.model_name = model_name
+    cfg.tokenizer_name = str(hf_dir)
+    del hf_model
+
+    with warnings.catch_warnings():  # "HookedTransformer is deprecated": we chose it on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.move_model_modules_to_device()
+    model.eval()
+    return use_linear_layout(model)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Weights in the layout F.linear reads
+
+
+def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store each weight in the memory layout its matmul reads, so that TransformerLens's
+    per-call `.T.contiguous()` / rearrange copies become no-ops.
+
+    TransformerLens 3.9 copies every MLP, unembedding and attention weight into
+    `F.linear`'s layout on every forward: for one-token decoding that copy costs more
+    than the matmul itself. Parameters keep their TransformerLens shapes and values
+    (`W_Q` is still [head, d_model, d_head]); only their strides change, so every hook,
+    analysis and result is unchanged, bit for bit. A no-op when fast paths are off.
+    """
+    if not fast_paths_enabled():
+        return model
+
+    def relayout(module, name: str, order: tuple[int, ...]) -> None:
+        weight = getattr(module, name, None)
+        if not isinstance(weight, torch.nn.Parameter):
+            return
+        inverse = tuple(order.index(i) for i in range(weight.dim()))
+        stored = weight.data.permute(order).contiguous().permute(inverse)
+        setattr(module, name, torch.nn.Parameter(stored, requires_grad=weight.requires_grad))
+
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # read as (head d_head) d_model
+                relayout(block.attn, name, (0, 2, 1))
+            relayout(block.attn, "W_O", (2, 0, 1))  # read as d_model (head d_head)
+            if not model.cfg.attn_only:
+                for name in ("W_gate", "W_in", "W_out"):  # read as W.T
+                    relayout(block.mlp, name, (1, 0))
+        relayout(model.unembed, "W_U", (1, 0))
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# 3. Fused attention
+
+
+def _sdpa_supported(attn) -> bool:
+    """Whether the fused-attention forward below computes exactly what TransformerLens would."""
+    cfg = attn.cfg
+    return (
+        cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
+        and not (cfg.attn_scores_soft_cap is not None and cfg.attn_scores_soft_cap > 0)
+        and not cfg.use_attention_sinks
+        and not cfg.use_logn_attn
+        and not cfg.use_attn_result
+        and cfg.clip_qkv is None
+        and not cfg.load_in_4bit
+        and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
+    )
+
+
+def _sdpa_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
+    """TransformerLens's attention forward with scores, mask, softmax and pattern fused into
+    torch's scaled_dot_product_attention. Same q, k, v, rotary, causal/local/padding mask,
+    cache and output projection; hook_z still fires. Used only when nobody listens to
+    hook_attn_scores or hook_pattern."""
+    if additive_attention_mask is not None or position_bias is not None:
+        return attn._tl_forward(query_input, key_input, value_input, past_kv_cache_entry, additive_attention_mask, attention_mask, position_bias)
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    offset = 0
+    if past_kv_cache_entry is not None:
+        offset = past_kv_cache_entry.past_keys.size(1)
+        k, v = past_kv_cache_entry.append(k, v)
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if offset == 0 and not padded and attn.attn_type != "local":
+        mask, causal = None, True  # plain causal attention: torch's fastest kernel
+    else:
+        mask, causal = attn._make_causal_mask(q.size(1), k.size(1), offset, q.device), False  # [1, 1, query, key]
+        if padded:  # as TransformerLens's apply_causal_mask combines padding and causality
+            mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=causal, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
+    )  # [batch, head, query, d_head]
+    z = attn.hook_z(z.transpose(1, 2))  # [batch, query, head, d_head]
+    w_o = attn.W_O.permute(2, 0, 1).reshape(attn.cfg.d_model, -1)  # d_model (head d_head)
+    return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w_o.dtype), w_o, attn.b_O)
+
+
+@contextmanager
+def fused_attention(model: HookedTransformer):
+    """Within this context, attention layers whose score and pattern hooks are unused run
+    through fused SDPA: several times faster on long prompts, and no [heads, q, k] matrix
+    is ever materialised. Layers with a hook on hook_attn_scores or hook_pattern (a head
+    ablation, a capture) keep TransformerLens's explicit computation. Yields whether every
+    layer was fused (never, when fast paths are off)."""
+    swapped = []
+    if fast_paths_enabled():
+        for block in model.blocks:
+            attn = block.attn
+            if _sdpa_supported(attn) and not (attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()):
+                attn._tl_forward = attn.forward
+                attn.forward = MethodType(_sdpa_forward, attn)
+                swapped.append(attn)
+    try:
+        yield len(swapped) == len(model.blocks)
+    finally:
+        for attn in swapped:
+            del attn.forward, attn._tl_forward
+
+
+# --------------------------------------------------------------------------------------
+# 4. Key-value caches
+
+
+def new_kv_cache(model: HookedTransformer, batch_size: int = 1) -> TransformerLensKeyValueCache:
+    """An empty TransformerLens key-value cache for `model`."""
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=batch_size)
+
+
+def frozen_prefix_cache(
+    model: HookedTransformer,
+    keys: list[Float[Tensor, "1 prefix kv_head d_head"]],
+    values: list[Float[Tensor, "1 prefix kv_head d_head"]],
+    batch_size: int,
+) -> TransformerLensKeyValueCache:
+    """A frozen cache holding each layer's keys and values of a prefix (from a cached run's
+    hook_k / hook_v), shared by `batch_size` runs: a run fed the positions after the prefix
+    attends to them exactly as the full run would, and leaves the cache unchanged."""
+    cache = new_kv_cache(model, batch_size)
+    for entry, k, v in zip(cache.entries, keys, values):
+        entry.past_keys = k.expand(batch_size, -1, -1, -1)
+        entry.past_values = v.expand(batch_size, -1, -1, -1)
+    cache.previous_attention_mask = torch.ones(batch_size, keys[0].size(1), dtype=torch.int, device=model.cfg.device)
+    cache.freeze()
+    return cache
+
+
+# --------------------------------------------------------------------------------------
+# 5. Around the last layer; masked keys
+
+
+def unembed_final(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    """Logits of the final position from the residual stream after the last layer, as
+    TransformerLens's forward computes them (final norm, unembedding, logit soft cap)."""
+    final = residual[:, -1:]
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final)
+    return apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)[:, -1]
+
+
+def allowed_keys(attn_scores: Float[Tensor, "... query key"]) -> Bool[Tensor, "... query key"]:
+    """Keys a query may attend to, read off `hook_attn_scores`: TransformerLens writes -inf
+    (its IGNORE value) where the causal mask, a sliding window or padding forbid it."""
+    return ~torch.isneginf(attn_scores)

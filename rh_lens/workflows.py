@@ -1,0 +1,142 @@
+"""One function per `rh-lens` command: load what it needs, compute, save, return.
+
+Each takes plain values (a model name or a loaded model, a `Grid`, paths) and returns the
+result with the paths it wrote, so the command line, experiments/ and notebooks run the
+very same steps; printing is left to the caller (`rh_lens.reports` formats the tables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformer_lens import HookedTransformer
+
+from .ablation import AblationResult, ablation_experiment
+from .analysis import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
+from .detection import detect
+from .errors import InputError
+from .generation import MAX_NEW_TOKENS
+from .heads import Head
+from .models import load_model
+from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
+from .patching import DIRECTIONS, KINDS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
+from .reports import save_ablation, save_analysis, save_comparison, save_detection, save_patching
+from .results import DetectionResult, load_results
+from .scoring import DEFAULT_THRESHOLD
+
+
+def _model(model: str | HookedTransformer, device: str | None) -> HookedTransformer:
+    return load_model(model, device=device) if isinstance(model, (str, Path)) else model
+
+
+def detect_grid(
+    model: str | HookedTransformer,
+    grid: Grid,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> tuple[DetectionResult, list[Path]]:
+    """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`."""
+    model = _model(model, device)
+    trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+    result = detect(model, trials, out, resume, threshold, grid.settings(), max_new_tokens, chunk_size, progress)
+    return result, save_detection(result, out)
+
+
+def ablate_grid(
+    model: str | HookedTransformer,
+    scores: str | Path | DetectionResult,
+    grid: Grid,
+    out: str | Path,
+    *,
+    ks: Sequence[int] | None = None,
+    random_seeds: int = 3,
+    method: str = "uniform",
+    decode_only: bool = False,
+    device: str | None = None,
+    resume: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+) -> tuple[AblationResult, list[Path]]:
+    """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
+    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`."""
+    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # a bad file fails before loading
+    model = _model(model, device)
+    trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+    settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    result = ablation_experiment(
+        model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings, max_new_tokens, progress
+    )
+    return result, save_ablation(result, out)
+
+
+def patch_needle(
+    model: str | HookedTransformer,
+    out: str | Path,
+    *,
+    needle: Needle,
+    haystack: str = "pydoc",
+    context_length: int = 1000,
+    depth: int = 50,
+    corrupted_answer: str | None = None,
+    prompt: str = "auto",
+    heads: Sequence[Head] | None = None,
+    kinds: Sequence[str] = KINDS,
+    directions: Sequence[str] = DIRECTIONS,
+    positions: str = "final",
+    metric: str = "logit_diff",
+    tail: int = 24,
+    batch_size: int = 8,
+    scores: str | Path | None = None,
+    device: str | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+) -> tuple[PatchingResult, dict[str, Any] | None, list[Path]]:
+    """`rh-lens patch`: a clean/corrupted pair for `needle`, every requested patch, and
+    with `scores` the correlation of head-output effect with retrieval score; saved with
+    `save_patching`. Returns (result, correlation or None, paths)."""
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    detection = load_results(scores) if scores else None  # a bad file fails before loading
+    model = _model(model, device)
+    haystack_ids = tokenize_haystack(model.tokenizer, load_haystack(haystack), context_length)
+    pair = patching_pair(
+        model, needle, haystack_ids, context_length, depth, corrupted_answer, PROMPTS[prompt], haystack_name(haystack),
+        max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    result = activation_patching(
+        model, pair, heads, kinds, directions, positions, tail, batch_size, METRICS[metric](pair),
+        progress=progress, settings={"haystack": str(haystack)},
+    )  # fmt: skip
+    correlation = None
+    if detection is not None and "head_out" in result.effects:
+        correlation = effect_vs_score(result, detection, "head_out", next(iter(result.effects["head_out"])))
+    return result, correlation, save_patching(result, out, correlation)
+
+
+def analyze_file(
+    results: str | Path,
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    activation_threshold: float = ACTIVATION_THRESHOLD,
+) -> tuple[DetectionResult, Analysis, list[Path]]:
+    """`rh-lens analyze`: sparsity, dynamic activation and coverage of a results file
+    (threshold None: the file's), saved with `save_analysis`."""
+    result = load_results(results)
+    analysis = analyze(result, result.threshold if threshold is None else threshold, activation_threshold)
+    return result, analysis, save_analysis(analysis, out)
+
+
+def compare_files(
+    a: str | Path, b: str | Path, out: str | Path, *, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[Comparison, list[Path]]:
+    """`rh-lens compare`: two results files of one architecture, saved with `save_comparison`."""
+    comparison = compare(load_results(a), load_results(b), top_k, threshold)
+    return comparison, save_comparison(comparison, out)
