@@ -15,7 +15,7 @@ both hook points are per query head.
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,7 +32,7 @@ from .generation import MAX_NEW_TOKENS, prefill
 from .heads import Head, all_heads, heads_of
 from .niah import Trial
 from .results import Answer, DetectionResult, write_json
-from .runs import run_trials
+from .runs import run_directory, run_trials
 from .scoring import SUCCESS_RECALL
 from .tl_internals import allowed_keys
 
@@ -289,26 +289,27 @@ def ablation_experiment(
             f"the model has {model.cfg.n_layers} x {model.cfg.n_heads}"
         )
     ks = list(ks or default_ks(model.cfg.n_layers, model.cfg.n_heads))
-    # Mean ablation: each head's mean output over a few of the grid's own prompts.
-    mean_z = head_means(model, [t.prompt_ids for t in trials[:4]]) if method == "mean" else None
     settings = {**(settings or {}), "ks": ks, "seeds": list(seeds), "max_new_tokens": max_new_tokens}
     conditions = ablation_conditions(detection, ks, seeds)
-    for condition in conditions:
-        condition.records = evaluate_niah(
-            model,
-            trials,
-            condition.heads,
-            method,
-            decode_only,
-            mean_z,
-            Path(out_dir) / "conditions" / condition.name if out_dir is not None else None,
-            resume,
-            settings,
-            max_new_tokens,
-            progress,
-            desc=condition.name,
-        )
-    result = AblationResult(model.cfg.model_name, method, decode_only, conditions, settings)
-    if out_dir is not None:
-        write_json(Path(out_dir) / "ablation.json", result.to_json())
+    with run_directory(out_dir, resume) if out_dir is not None else nullcontext():
+        # Mean ablation: each head's mean output over a few of the grid's own prompts.
+        mean_z = head_means(model, [t.prompt_ids for t in trials[:4]]) if method == "mean" else None
+        for condition in conditions:
+            condition.records = evaluate_niah(
+                model,
+                trials,
+                condition.heads,
+                method,
+                decode_only,
+                mean_z,
+                Path(out_dir) / "conditions" / condition.name if out_dir is not None else None,
+                resume,
+                settings,
+                max_new_tokens,
+                progress,
+                desc=condition.name,
+            )
+        result = AblationResult(model.cfg.model_name, method, decode_only, conditions, settings)
+        if out_dir is not None:
+            write_json(Path(out_dir) / "ablation.json", result.to_json())
     return result

@@ -277,6 +277,7 @@ class Comparison(_JSON):
     n_above_both: int
     scores_a: list[float]
     scores_b: list[float]
+    warnings: list[str] = field(default_factory=list)
 
 
 def _correlation(test, a: np.ndarray, b: np.ndarray) -> float | None:
@@ -307,6 +308,12 @@ def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshol
          "score_a": float(scores_a[index[h]]), "score_b": float(scores_b[index[h]])}
         for h in top_a if h in top_b
     ]  # fmt: skip
+    warnings = []
+    if a.model != b.model:
+        warnings.append(
+            f"{a.model} and {b.model} are results of different models: comparing them head by head "
+            f"assumes they share an architecture (the same layer-head ids)"
+        )
     return Comparison(
         model_a=a.model,
         model_b=b.model,
@@ -325,6 +332,7 @@ def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshol
         n_above_both=int(((scores_a >= threshold) & (scores_b >= threshold)).sum()),
         scores_a=scores_a.tolist(),
         scores_b=scores_b.tolist(),
+        warnings=warnings,
     )
 
 

@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from . import __version__, workflows
@@ -31,13 +32,14 @@ from .options import (
 from .patching import DIRECTIONS, KINDS, METRICS, POSITIONS
 from .reports import format_ablation, format_analysis, format_comparison, format_patching, format_ranking, format_written
 from .results import load_results
+from .runs import saved_trials
 from .scoring import DEFAULT_THRESHOLD
 
 
 def run_detect(args: argparse.Namespace) -> None:
     result, written = workflows.detect_grid(
-        args.model, grid_from_args(args), args.out, device=args.device, resume=args.resume, threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+        args.model, grid_from_args(args), args.out, device=args.device, verify_cache=args.verify_cache, resume=args.resume,
+        overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
     )  # fmt: skip
     print(format_ranking(result, args.top, args.threshold))
     print(format_written(written))
@@ -50,8 +52,8 @@ def run_show(args: argparse.Namespace) -> None:
 def run_ablate(args: argparse.Namespace) -> None:
     result, written = workflows.ablate_grid(
         args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, random_seeds=args.random_seeds,
-        method=args.method, decode_only=args.decode_only, device=args.device, resume=args.resume,
-        max_new_tokens=args.max_new_tokens,
+        method=args.method, decode_only=args.decode_only, device=args.device, verify_cache=args.verify_cache,
+        resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     print(format_ablation(result))
     print(format_written(written))
@@ -62,7 +64,8 @@ def run_patch(args: argparse.Namespace) -> None:
         args.model, args.out, needle=needle_from_args(args), haystack=args.haystack, context_length=args.context_length,
         depth=args.depth, corrupted_answer=args.corrupted_answer, prompt=args.prompt, heads=args.heads, kinds=args.kinds,
         directions=args.directions, positions=args.positions, metric=args.metric, tail=args.tail,
-        batch_size=args.batch_size, scores=args.scores, device=args.device, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, scores=args.scores, device=args.device, verify_cache=args.verify_cache,
+        overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     print(format_patching(result, args.top, correlation))
     print(format_written(written))
@@ -70,7 +73,7 @@ def run_patch(args: argparse.Namespace) -> None:
 
 def run_analyze(args: argparse.Namespace) -> None:
     result, analysis, written = workflows.analyze_file(
-        args.results, args.out, threshold=args.threshold, activation_threshold=args.activation_threshold
+        args.results, args.out, threshold=args.threshold, activation_threshold=args.activation_threshold, overwrite=args.overwrite
     )
     print(format_ranking(result, args.top, analysis.universality.threshold))
     print(format_analysis(analysis))
@@ -78,7 +81,11 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    comparison, written = workflows.compare_files(args.a, args.b, args.out, top_k=args.top_k, threshold=args.threshold)
+    comparison, written = workflows.compare_files(
+        args.a, args.b, args.out, top_k=args.top_k, threshold=args.threshold, overwrite=args.overwrite
+    )
+    for warning in comparison.warnings:
+        print(f"rh-lens: warning: {warning}", file=sys.stderr)
     print(format_comparison(comparison))
     print(format_written(written))
 
@@ -90,15 +97,30 @@ def head_argument(text: str) -> Head:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def out_arguments(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    """--out, --overwrite, and --resume for commands that run trials."""
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite or --resume)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing an earlier run there")
+    if resume:
+        choice.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rh-lens", description="Find and test retrieval heads.")
+    parser = Parser(prog="rh-lens", description="Find and test retrieval heads.")
     parser.add_argument("--version", action="version", version=f"rh-lens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="greedy decoding budget (default 50)")
-        p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-        p.add_argument("--out", required=True, help="output directory")
+        out_arguments(p, resume=True)
 
     d = commands.add_parser("detect", help="detect retrieval heads with needle-in-a-haystack trials")
     add_model_arguments(d)
@@ -139,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="detection results: adds effect vs retrieval score (Spearman, scatter)")
     p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="decoding budget for the lead-in")
     p.add_argument("--top", type=positive_int, default=10, help="heads to print")
-    p.add_argument("--out", required=True, help="output directory")
+    out_arguments(p)
     p.set_defaults(run=run_patch)
 
     s = commands.add_parser("show", help="print the ranking of a results file (ours or the reference's format)")
@@ -153,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--threshold", type=unit_interval, default=None, help="retrieval-head threshold (default: the file's)")
     n.add_argument("--activation-threshold", type=unit_interval, default=ACTIVATION_THRESHOLD, help="a head is active in a trial above this trial score (default 0.1)")
     n.add_argument("--top", type=positive_int, default=10, help="heads to print")
-    n.add_argument("--out", required=True, help="output directory")
+    out_arguments(n)
     n.set_defaults(run=run_analyze)
 
     c = commands.add_parser("compare", help="compare two results files of one architecture (ours or published)")
@@ -161,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("b")
     c.add_argument("--top-k", type=positive_int, default=TOP_K, help="size of the top lists compared (default 20)")
     c.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD)
-    c.add_argument("--out", required=True, help="output directory")
+    out_arguments(c)
     c.set_defaults(run=run_compare)
     return parser
 
@@ -170,13 +192,29 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command line only writes figures to files
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a bad option (one line already printed)
+        return exit.code or 0
     try:
         args.run(args)
     except RhLensError as err:
         print(f"rh-lens: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"rh-lens: interrupted; {interrupted_note(args, argv)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command saved, and how to go on."""
+    if not hasattr(args, "resume"):
+        return "nothing was saved"
+    n = saved_trials(args.out)
+    again = argv if args.resume else [a for a in argv if a != "--overwrite"] + ["--resume"]
+    return f"{n} finished trial{'s' if n != 1 else ''} saved in {args.out}; continue with: {shlex.join(['rh-lens', *again])}"
 
 
 if __name__ == "__main__":

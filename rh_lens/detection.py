@@ -6,8 +6,6 @@ interrupted run resumes where it stopped (`resume=True`) without redoing finishe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,16 +13,12 @@ from typing import Any, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
+from .errors import InputError
 from .generation import MAX_NEW_TOKENS, Generation, greedy_decode
 from .niah import Trial
 from .results import Answer, DetectionResult, TrialRecord
 from .runs import run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
-
-
-def prompt_sha256(prompt_ids: Sequence[int]) -> str:
-    """The identity of a prompt in results files (sha256 of its token ids as JSON)."""
-    return hashlib.sha256(json.dumps(list(prompt_ids)).encode()).hexdigest()
 
 
 def answer_trial(
@@ -53,7 +47,7 @@ def answer_trial(
         response=response,
         rouge_recall=recall,
         success=recall > SUCCESS_RECALL,
-        prompt_sha256=prompt_sha256(trial.prompt_ids),
+        prompt_sha256=trial.prompt_sha256,
         prompt_length=len(trial.prompt_ids),
         seconds=time.perf_counter() - started,
     )
@@ -92,8 +86,10 @@ def detect(
 ) -> DetectionResult:
     """Run every trial and aggregate. With `out_dir`, each finished trial is saved as it
     completes; `resume=True` reuses the saved trials of an earlier run of the same settings."""
+    if not 0 <= threshold <= 1:  # also refuses NaN
+        raise InputError(f"threshold {threshold}: must be a number from 0 to 1")
     name = model.cfg.model_name
-    settings = {**(settings or {}), "max_new_tokens": max_new_tokens, "model": name}
+    settings = {**(settings or {}), "max_new_tokens": max_new_tokens, "chunk_size": chunk_size, "model": name}
     records = run_trials(
         trials,
         lambda trial: run_trial(model, trial, max_new_tokens, chunk_size),

@@ -33,5 +33,10 @@ class ResultsFileError(InputError):
     """A results file that cannot be read: missing, not JSON, or not a format rh_lens knows."""
 
 
-class RunDirectoryError(RhLensError):
-    """An output directory that cannot be used for this run (holds another run, settings differ)."""
+class OutputError(RhLensError):
+    """An output that cannot be written (read-only file system, disk full, no permission)."""
+
+
+class RunDirectoryError(OutputError):
+    """An output directory this run may not use: in use by another run, not empty, or
+    holding a run of other settings."""

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
+from .errors import InputError
 from .tl_internals import fused_attention, new_kv_cache
 
 MAX_NEW_TOKENS = 50
@@ -41,6 +42,8 @@ def prefill(
     The prefill records nothing, so it runs with fused attention unless `fused=False`.
     chunk_size=None: PREFILL_CHUNK tokens if any layer computes attention explicitly,
     else FUSED_PREFILL_CHUNK."""
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk size {chunk_size}: must be at least 1 token")
     cache = new_kv_cache(model)
     with fused_attention(model) if fused else nullcontext(False) as all_fused:
         chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else PREFILL_CHUNK)
@@ -80,6 +83,8 @@ def greedy_decode(
     `record_attention`, the argmax over keys of every query head's attention row at that
     step is recorded alongside w_t. `decode_hooks` (TransformerLens (name, hook) pairs) are
     active during the decode steps only, e.g. a decode-time head ablation."""
+    if max_new_tokens < 1:
+        raise InputError(f"max new tokens {max_new_tokens}: must be at least 1")
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.cfg.device)
     cache = prefill(model, prompt[:-1], chunk_size)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads

@@ -236,7 +236,12 @@ def _build_cached(target: Path, label: str, make_gguf) -> Path:
         gguf = make_gguf(work)
         _log(f"dequantizing {label} (once) into {target}")
         hf_out = work / "hf"
-        _dequantize(gguf, hf_out)
+        try:
+            _dequantize(gguf, hf_out)
+        except Exception as e:  # a damaged or foreign file surfaces as anything from the GGUF reader
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"cannot read {label} as a GGUF model ({type(e).__name__}: {first_line})") from e
+        _write_manifest(hf_out)
         try:
             os.rename(hf_out, target)
         except OSError:
@@ -245,6 +250,54 @@ def _build_cached(target: Path, label: str, make_gguf) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+# --------------------------------------------------------------------------------------
+# Cache integrity: a manifest of every cached file's size and sha256
+
+MANIFEST = "rh_lens_manifest.json"
+
+
+def _write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def is_cached(hf_dir: Path) -> bool:
+    """Whether `hf_dir` is one of rh_lens's own cached model directories."""
+    return Path(hf_dir).resolve().is_relative_to(cache_dir().resolve())
+
+
+def check_cache(hf_dir: Path, full: bool = False) -> None:
+    """Check a cached model directory against its manifest: every file present with its
+    recorded size, and with `full` its sha256 too (seconds per GB). A cache built before
+    manifests existed gets one now. Damage is a `ModelLoadError` that says how to rebuild."""
+    manifest = hf_dir / MANIFEST
+    if not manifest.is_file():
+        _log(f"recording the checksums of the cached model in {hf_dir} (once)")
+        _write_manifest(hf_dir)
+        return
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _damaged(hf_dir, f"its {MANIFEST} is unreadable") from None
+    for name, entry in entries.items():
+        path = hf_dir / name
+        if not path.is_file():
+            raise _damaged(hf_dir, f"{name} is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise _damaged(hf_dir, f"{name} has {size} bytes, {entry['size']} expected")
+        if full and _sha256(path) != entry["sha256"]:
+            raise _damaged(hf_dir, f"{name} does not match its recorded sha256")
+
+
+def _damaged(hf_dir: Path, detail: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"the cached model in {hf_dir} is damaged ({detail}); delete that directory (rm -r '{hf_dir}') "
+        f"and load the model again to rebuild it"
+    )
 
 
 def _catalogue_hf_dir(name: str) -> Path:
@@ -326,11 +379,14 @@ def _default_device() -> str:
 
 
 def load_model(
-    name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32, verify_cache: bool = False
 ) -> HookedTransformer:
     """Load a catalogue model, a .gguf file, a local HF directory or a TransformerLens
     official name as a HookedTransformer without weight processing, with
-    `model.tokenizer` set to the model's HF tokenizer (chat template included)."""
+    `model.tokenizer` set to the model's HF tokenizer (chat template included).
+
+    A cached model's files are checked against the cache's manifest at every load (sizes;
+    with `verify_cache`, sha256 too; and in full whenever the load fails)."""
     name_or_path = str(name_or_path)
     device = device or _default_device()
     local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
@@ -349,7 +405,15 @@ def load_model(
     else:  # the file or directory name the user gave, not the cache's hash
         given = Path(name_or_path).expanduser().resolve()
         model_name = given.stem if given.is_file() else given.name
-    return tl_internals.hooked_from_hf_dir(hf_dir, _read_config(hf_dir), device, dtype, model_name, spare_dir=cache_dir())
+    cached = is_cached(hf_dir)
+    if cached:
+        check_cache(hf_dir, full=verify_cache)
+    try:
+        return tl_internals.hooked_from_hf_dir(hf_dir, _read_config(hf_dir), device, dtype, model_name, spare_dir=cache_dir())
+    except ModelLoadError:
+        if cached:
+            check_cache(hf_dir, full=True)  # a damaged file explains the failure better than its symptom
+        raise
 
 
 def _read_config(hf_dir: Path) -> dict:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -60,17 +61,44 @@ BUILTIN_NEEDLES = (
 )
 
 
+NEEDLE_FIELDS = ("needle", "question", "real_needle")
+
+
 def load_needles(path: str | Path) -> list[Needle]:
-    """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`."""
+    """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`
+    (other keys are ignored). Every problem is an `InputError` naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"needles file {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"needles file {path} is a directory, not a JSONL file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"needles file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read needles file {path}: {e.strerror or e}") from None
     needles = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            needles.append(Needle(row["needle"], row["question"], row["real_needle"]))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise InputError(f"{path}:{n}: not a needle line ({err!r}); expected keys needle, question, real_needle") from err
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{n}: not JSON ({err.msg}); expected {{\"needle\", \"question\", \"real_needle\"}}") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: a JSON {type(row).__name__}, expected an object with keys {', '.join(NEEDLE_FIELDS)}")
+        missing = [k for k in NEEDLE_FIELDS if k not in row]
+        if missing:
+            raise InputError(f"{path}:{n}: missing {', '.join(missing)}; expected keys {', '.join(NEEDLE_FIELDS)}")
+        wrong = [k for k in NEEDLE_FIELDS if not isinstance(row[k], str) or not row[k].strip()]
+        if wrong:
+            raise InputError(f"{path}:{n}: {', '.join(wrong)} must be non-empty text")
+        needle = Needle(row["needle"], row["question"], row["real_needle"])
+        try:
+            answer_chars(needle)  # the answer must be part of the needle: say so now, with the line
+        except TrialError as err:
+            raise InputError(f"{path}:{n}: {err}") from None
+        needles.append(needle)
     if not needles:
         raise InputError(f"{path}: no needles found")
     return needles
@@ -79,6 +107,7 @@ def load_needles(path: str | Path) -> list[Needle]:
 # --- haystacks -------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
 def pydoc_haystack() -> str:
     """Python's own reference documentation: shipped with every CPython, no download.
 
@@ -105,13 +134,16 @@ def load_haystack(source: str | Path | None = None) -> str:
     if str(source) == "synthetic":
         return synthetic_haystack()
     path = Path(source)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise InputError(f"haystack directory {path} has no .txt files")
-        return "\n\n".join(f.read_text(errors="replace") for f in files)
-    if path.is_file():
-        return path.read_text(errors="replace")
+    try:
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise InputError(f"haystack directory {path} has no .txt files")
+            return "\n\n".join(f.read_text(errors="replace") for f in files)
+        if path.is_file():
+            return path.read_text(errors="replace")
+    except OSError as e:
+        raise InputError(f"cannot read haystack {e.filename or path}: {e.strerror or e}") from None
     raise InputError(f"haystack {source!r} is not a directory, a file, 'pydoc' or 'synthetic'")
 
 
@@ -144,6 +176,11 @@ class Trial:
     def __post_init__(self) -> None:
         self.key = f"len{self.context_length}-depth{self.depth}-{self.haystack}-{self.needle.id}"
 
+    @property
+    def prompt_sha256(self) -> str:
+        """The prompt's identity in results files: sha256 of its token ids as JSON."""
+        return hashlib.sha256(json.dumps(list(self.prompt_ids)).encode()).hexdigest()
+
 
 def _sentence_end_before(tokenizer, ids: Sequence[int], position: int) -> int:
     """Move an insertion point back until the token before it ends a sentence."""
@@ -175,7 +212,7 @@ def answer_chars(needle: Needle) -> tuple[int, int]:
     e.g. 'Because ...' inside '... because ...')."""
     answer = needle.real_needle.strip()
     for candidate in (answer, answer.rstrip(".!?")):
-        start = needle.needle.lower().find(candidate.lower())
+        start = needle.needle.lower().find(candidate.lower()) if candidate else -1
         if start >= 0:
             return start, start + len(candidate)
     raise TrialError(f"answer {needle.real_needle!r} is not part of needle {needle.needle!r}")
@@ -218,8 +255,14 @@ def build_trial(
     chat=None uses the tokenizer's chat template when it has one. `max_tokens` is the
     model's context window: a longer prompt is an error, never a silent truncation.
     """
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
+    if context_length < 1:
+        raise TrialError(f"context length {context_length}: must be a positive number of tokens")
+    if not 0 <= depth <= 100:
+        raise TrialError(f"depth {depth}: must be a percentage from 0 to 100")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise TrialError("this model's tokenizer has no chat template: use the plain prompt (--prompt plain or auto)")
+    chat = has_template if chat is None else chat
     context = insert_needle(tokenizer, haystack_ids, needle.needle, context_length, depth)
     if chat:
         message = CHAT_TEMPLATE.format(context=context, question=needle.question)
@@ -310,9 +353,11 @@ class Grid:
         return trial_grid(tokenizer, self.needles, self.lengths, self.depths, self.haystacks, PROMPTS[self.prompt], max_tokens)
 
     def settings(self) -> dict:
-        """What identifies the grid in a run's settings (a resumed run must match them)."""
+        """What identifies the grid in a run's settings (a resumed run must match them),
+        the content of each haystack included. Reads the haystacks: a missing one fails here."""
         return {
             "haystack": [str(h) for h in self.haystacks],
+            "haystack_sha256": [hashlib.sha256(load_haystack(h).encode()).hexdigest() for h in self.haystacks],
             "needles": [n.id for n in self.needles],
             "lengths": list(self.lengths),
             "depths": list(self.depths),

@@ -67,6 +67,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     else:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--verify-cache", action="store_true", help="check every cached model file against its recorded sha256 before loading")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = False) -> None:

@@ -15,7 +15,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from .ablation import AblationResult
 from .heads import Head
-from .results import DetectionResult
+from .results import DetectionResult, write_atomic
 
 
 def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=None):
@@ -106,12 +106,12 @@ def recall_vs_k(result: AblationResult):
 
 
 def save_figure(figure, path: str | Path, also: tuple[str, ...] = ()) -> None:
-    """Write the figure to `path`, and beside it in each format of `also` (e.g. ("pdf",))."""
+    """Write the figure to `path`, and beside it in each format of `also` (e.g. ("pdf",)),
+    atomically and never through a symlink (see `write_atomic`); then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    for suffix in also:
-        figure.savefig(path.with_suffix(f".{suffix}"))
+    for target in [path] + [path.with_suffix(f".{suffix}") for suffix in also]:
+        fmt = target.suffix.lstrip(".") or "png"
+        write_atomic(target, lambda f: figure.savefig(f, format=fmt, dpi=150), mode="wb")
     plt.close(figure)
 
 

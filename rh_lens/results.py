@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import ResultsFileError
+from .errors import OutputError, ResultsFileError
 from .heads import Head, all_heads
 from .scoring import DEFAULT_THRESHOLD, retrieval_scores
 
@@ -114,7 +114,11 @@ class DetectionResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DetectionResult":
         trials = [TrialRecord.from_json(t) for t in data["trials"]]
-        return cls(data["model"], data["n_layers"], data["n_heads"], trials, data["threshold"], data.get("settings", {}))
+        n_layers, n_heads = int(data["n_layers"]), int(data["n_heads"])
+        for t in trials:
+            if len(t.head_scores) != n_layers or any(len(row) != n_heads for row in t.head_scores):
+                raise ValueError(f"trial {t.key} has head scores of another shape than {n_layers} x {n_heads}")
+        return cls(str(data["model"]), n_layers, n_heads, trials, float(data["threshold"]), data.get("settings", {}))
 
     def to_published(self) -> dict[str, list[float]]:
         """The reference's format: per head, its trial scores over the successful trials."""
@@ -140,13 +144,30 @@ class DetectionResult:
         return cls(model, n_layers, n_heads, trials)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write atomically: a run killed mid-write never leaves a truncated file behind."""
+def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write a file through `write(file object)` atomically: into a temporary file beside it,
+    then renamed over `path`. A run killed mid-write never leaves a truncated file, and a
+    symlink at `path` is replaced, never followed (nothing outside the output directory is
+    written). The file gets the usual mode (0666 less the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f)
-    os.replace(f.name, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(data, f))
 
 
 def save_results(result: DetectionResult, path: str | Path) -> None:

@@ -1,24 +1,108 @@
-"""Resumable runs over NIAH trials: every finished trial is on disk at once.
+"""Run directories and resumable runs over NIAH trials: every finished trial is on disk at once.
 
 A run directory holds `run.json` (its settings) and `trials/<key>.json` (one record per
-finished trial). An interrupted run resumes where it stopped without redoing finished
-trials; resuming with other settings is refused, so results never mix two setups.
+finished trial); an ablation holds one such run per condition under `conditions/`. The
+rules, enforced by `run_directory`:
+
+- one run at a time: a run holds a lock on its directory (`.rh_lens.lock`, taken with
+  `filelock`, so it works across processes); a second run into it is refused at once;
+- a fresh run needs an empty (or new) directory, so no file of yours is ever replaced;
+  `overwrite=True` (`--overwrite`) allows a non-empty one and first removes the run state
+  an earlier run left there (`run.json`, `trials/`, `conditions/`);
+- `resume=True` (`--resume`) continues the run in the directory without redoing finished
+  trials, and refuses when its settings differ or when a saved trial was run on another
+  prompt (the haystack, needles or tokenizer changed).
+Outputs are written atomically and never through symlinks (`results.write_atomic`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from .errors import RunDirectoryError
+from .errors import OutputError, ResultsFileError, RunDirectoryError
 from .niah import Trial
-from .results import write_json
+from .results import read_json, write_json
 
-R = TypeVar("R")  # a dataclass record with `key`, `success`, `rouge_recall` and `from_json`
+R = TypeVar("R")  # a dataclass record (an `Answer`) with `key`, `success`, `rouge_recall`, `prompt_sha256`, `from_json`
+
+LOCK_NAME = ".rh_lens.lock"
+RUN_STATE = ("run.json", "trials", "conditions")  # what a run leaves to resume from
+
+_held: dict[Path, int] = {}  # run directories this process holds, with their nesting depth
+
+
+def _contents(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) if path.is_dir() else []
+
+
+@contextmanager
+def run_directory(out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Hold `out_dir` for one run: create it, lock it against every other run, and check
+    this run may write there (see the module docstring). Re-entrant within a process: an
+    inner entry for a directory already held only nests, without checking again."""
+    path = Path(out_dir)
+    key = path.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield path
+        finally:
+            _held[key] -= 1
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path / LOCK_NAME, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise RunDirectoryError(f"{path} is in use by another rh-lens run; wait for it to finish or choose another --out") from None
+    except OSError as e:
+        raise OutputError(f"cannot write to {path}: {e.strerror or e}") from None
+    try:
+        _check_directory(path, resume, overwrite)
+        _held[key] = 1
+        try:
+            yield path
+        finally:
+            del _held[key]
+    finally:
+        lock.release()
+
+
+def _check_directory(path: Path, resume: bool, overwrite: bool) -> None:
+    for name in ("trials", "conditions"):
+        if (path / name).is_symlink():
+            raise RunDirectoryError(f"{path / name} is a symlink; rh-lens never writes through symlinks")
+    contents = _contents(path)
+    if not contents:
+        return
+    if overwrite:
+        for name in RUN_STATE:
+            target = path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        return
+    is_run = any((path / name).exists() for name in RUN_STATE)
+    if resume and is_run:
+        return
+    if resume:
+        raise RunDirectoryError(f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/ or conditions/)")
+    what = "an earlier rh-lens run: --resume continues it" if is_run else f"files ({', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''})"
+    raise RunDirectoryError(f"{path} is not empty, it holds {what}; --overwrite writes there anyway, or choose a new --out")
+
+
+def saved_trials(out_dir: str | Path) -> int:
+    """How many finished trials a run directory holds (all conditions of an ablation)."""
+    return sum(1 for _ in Path(out_dir).glob("**/trials/*.json"))
 
 
 def run_trials(
@@ -32,11 +116,14 @@ def run_trials(
     progress: bool = True,
 ) -> list[R]:
     """`run_one` on every trial, in order, saving each record as it is produced."""
-    done: dict[str, R] = {}
-    trial_dir = None
-    if out_dir is not None:
-        trial_dir = Path(out_dir) / "trials"
-        done = _prepare(Path(out_dir), settings or {}, resume, record_type)
+    if out_dir is None:
+        return _run(trials, run_one, {}, None, desc, progress)
+    with run_directory(out_dir, resume):
+        done = _prepare(Path(out_dir), settings or {}, resume, record_type, trials)
+        return _run(trials, run_one, done, Path(out_dir) / "trials", desc, progress)
+
+
+def _run(trials, run_one, done: dict, trial_dir: Path | None, desc: str, progress: bool) -> list:
     records = []
     bar = tqdm(trials, desc=desc, unit="trial", disable=not progress)
     for trial in bar:
@@ -50,16 +137,48 @@ def run_trials(
     return records
 
 
-def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type) -> dict:
-    """Record the run's settings; on resume, check they match and load the finished trials."""
+def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type, trials: Sequence[Trial]) -> dict:
+    """Record the run's settings; on resume, check they match and load the finished trials,
+    each checked against the prompt it would be run on now."""
     manifest, trial_dir = out_dir / "run.json", out_dir / "trials"
-    if manifest.exists() and resume:
-        previous = json.loads(manifest.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            raise RunDirectoryError(f"cannot resume {out_dir}: its settings differ ({previous} vs {settings})")
-        records = (record_type.from_json(json.loads(p.read_text())) for p in sorted(trial_dir.glob("*.json")))
-        return {r.key: r for r in records}
-    if trial_dir.exists() and any(trial_dir.glob("*.json")):
-        raise RunDirectoryError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
-    write_json(manifest, settings)
-    return {}
+    saved = sorted(trial_dir.glob("*.json")) if trial_dir.is_dir() else []
+    if not resume:
+        if saved:
+            raise RunDirectoryError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
+        write_json(manifest, settings)
+        return {}
+    if not manifest.exists():
+        if saved:
+            raise RunDirectoryError(
+                f"cannot resume {out_dir}: its run.json is gone, so the settings of its {len(saved)} saved trials are "
+                f"unknown; start again with --overwrite, or use a new directory"
+            )
+        write_json(manifest, settings)
+        return {}
+    previous = read_json(manifest, "run.json")
+    if previous != json.loads(json.dumps(settings)):
+        raise RunDirectoryError(f"cannot resume {out_dir}: its settings differ ({_difference(previous, settings)})")
+    done = {}
+    for file in saved:
+        try:
+            record = record_type.from_json(read_json(file, "trial record"))
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ResultsFileError(f"{file}: a damaged trial record ({e}); delete it to run that trial again") from None
+        done[record.key] = record
+    for trial in trials:
+        record = done.get(trial.key)
+        if record is not None and record.prompt_sha256 is not None and record.prompt_sha256 != trial.prompt_sha256:
+            raise RunDirectoryError(
+                f"cannot resume {out_dir}: trial {trial.key} was run on another prompt than it would be now "
+                f"(the haystack, needles or tokenizer changed); start again with --overwrite, or use a new directory"
+            )
+    return done
+
+
+def _difference(previous: Any, settings: dict[str, Any]) -> str:
+    """The settings that differ, as `name: saved -> now`."""
+    now = json.loads(json.dumps(settings))
+    if not isinstance(previous, dict):
+        return f"run.json holds {type(previous).__name__}"
+    keys = [k for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in keys)

@@ -283,7 +283,11 @@ def hooked_from_hf_dir(
             f"{hf_dir} has no tokenizer transformers can load ({str(e).strip().splitlines()[0]}); "
             f"save one there with tokenizer.save_pretrained"
         ) from e
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    except Exception as e:  # truncated or missing weights surface as anything from transformers/safetensors
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"cannot load the weights in {hf_dir} ({type(e).__name__}: {first_line})") from e
     hf_model.eval()
     for param in hf_model.parameters():
         param.requires_grad = False

@@ -23,11 +23,12 @@ from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_
 from .patching import DIRECTIONS, KINDS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
 from .reports import save_ablation, save_analysis, save_comparison, save_detection, save_patching
 from .results import DetectionResult, load_results
+from .runs import run_directory
 from .scoring import DEFAULT_THRESHOLD
 
 
-def _model(model: str | HookedTransformer, device: str | None) -> HookedTransformer:
-    return load_model(model, device=device) if isinstance(model, (str, Path)) else model
+def _model(model: str | HookedTransformer, device: str | None, verify_cache: bool = False) -> HookedTransformer:
+    return load_model(model, device=device, verify_cache=verify_cache) if isinstance(model, (str, Path)) else model
 
 
 def detect_grid(
@@ -36,17 +37,22 @@ def detect_grid(
     out: str | Path,
     *,
     device: str | None = None,
+    verify_cache: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     max_new_tokens: int = MAX_NEW_TOKENS,
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> tuple[DetectionResult, list[Path]]:
-    """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`."""
-    model = _model(model, device)
-    trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-    result = detect(model, trials, out, resume, threshold, grid.settings(), max_new_tokens, chunk_size, progress)
-    return result, save_detection(result, out)
+    """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`.
+    The output directory is checked and locked, and the haystacks read, before the model loads."""
+    settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
+    with run_directory(out, resume, overwrite):
+        model = _model(model, device, verify_cache)
+        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+        result = detect(model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress)
+        return result, save_detection(result, out)
 
 
 def ablate_grid(
@@ -60,20 +66,23 @@ def ablate_grid(
     method: str = "uniform",
     decode_only: bool = False,
     device: str | None = None,
+    verify_cache: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
     random others masked (seeds 0..random_seeds-1), saved with `save_ablation`."""
-    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # a bad file fails before loading
-    model = _model(model, device)
-    trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
     settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
-    result = ablation_experiment(
-        model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings, max_new_tokens, progress
-    )
-    return result, save_ablation(result, out)
+    with run_directory(out, resume, overwrite):
+        model = _model(model, device, verify_cache)
+        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+        result = ablation_experiment(
+            model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings, max_new_tokens, progress
+        )
+        return result, save_ablation(result, out)
 
 
 def patch_needle(
@@ -95,6 +104,8 @@ def patch_needle(
     batch_size: int = 8,
     scores: str | Path | None = None,
     device: str | None = None,
+    verify_cache: bool = False,
+    overwrite: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
 ) -> tuple[PatchingResult, dict[str, Any] | None, list[Path]]:
@@ -103,21 +114,23 @@ def patch_needle(
     `save_patching`. Returns (result, correlation or None, paths)."""
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    detection = load_results(scores) if scores else None  # a bad file fails before loading
-    model = _model(model, device)
-    haystack_ids = tokenize_haystack(model.tokenizer, load_haystack(haystack), context_length)
-    pair = patching_pair(
-        model, needle, haystack_ids, context_length, depth, corrupted_answer, PROMPTS[prompt], haystack_name(haystack),
-        max_new_tokens=max_new_tokens,
-    )  # fmt: skip
-    result = activation_patching(
-        model, pair, heads, kinds, directions, positions, tail, batch_size, METRICS[metric](pair),
-        progress=progress, settings={"haystack": str(haystack)},
-    )  # fmt: skip
-    correlation = None
-    if detection is not None and "head_out" in result.effects:
-        correlation = effect_vs_score(result, detection, "head_out", next(iter(result.effects["head_out"])))
-    return result, correlation, save_patching(result, out, correlation)
+    detection = load_results(scores) if scores else None  # bad input fails first
+    text = load_haystack(haystack)
+    with run_directory(out, overwrite=overwrite):
+        model = _model(model, device, verify_cache)
+        haystack_ids = tokenize_haystack(model.tokenizer, text, context_length)
+        pair = patching_pair(
+            model, needle, haystack_ids, context_length, depth, corrupted_answer, PROMPTS[prompt], haystack_name(haystack),
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        result = activation_patching(
+            model, pair, heads, kinds, directions, positions, tail, batch_size, METRICS[metric](pair),
+            progress=progress, settings={"haystack": str(haystack)},
+        )  # fmt: skip
+        correlation = None
+        if detection is not None and "head_out" in result.effects:
+            correlation = effect_vs_score(result, detection, "head_out", next(iter(result.effects["head_out"])))
+        return result, correlation, save_patching(result, out, correlation)
 
 
 def analyze_file(
@@ -126,17 +139,20 @@ def analyze_file(
     *,
     threshold: float | None = None,
     activation_threshold: float = ACTIVATION_THRESHOLD,
+    overwrite: bool = False,
 ) -> tuple[DetectionResult, Analysis, list[Path]]:
     """`rh-lens analyze`: sparsity, dynamic activation and coverage of a results file
     (threshold None: the file's), saved with `save_analysis`."""
     result = load_results(results)
     analysis = analyze(result, result.threshold if threshold is None else threshold, activation_threshold)
-    return result, analysis, save_analysis(analysis, out)
+    with run_directory(out, overwrite=overwrite):
+        return result, analysis, save_analysis(analysis, out)
 
 
 def compare_files(
-    a: str | Path, b: str | Path, out: str | Path, *, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD
+    a: str | Path, b: str | Path, out: str | Path, *, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD, overwrite: bool = False
 ) -> tuple[Comparison, list[Path]]:
     """`rh-lens compare`: two results files of one architecture, saved with `save_comparison`."""
     comparison = compare(load_results(a), load_results(b), top_k, threshold)
-    return comparison, save_comparison(comparison, out)
+    with run_directory(out, overwrite=overwrite):
+        return comparison, save_comparison(comparison, out)

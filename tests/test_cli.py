@@ -11,7 +11,7 @@ from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(workflows, "load_model", lambda name, device=None: build_planted_model())
+    monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: build_planted_model())
     (tmp_path / "hay").mkdir()
     (tmp_path / "hay" / "text.txt").write_text(haystack_text())
     needles = tmp_path / "needles.jsonl"

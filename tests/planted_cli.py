@@ -1,0 +1,32 @@
+"""`rh-lens` on the planted-head model, in a process of its own: `python tests/planted_cli.py ARGS`.
+
+Any --model loads the planted model. PLANTED_TRIAL_DELAY=S makes every detection trial take S
+seconds longer (to hold a run open while another process tries the same directory).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rh_lens.cli as cli  # noqa: E402
+import rh_lens.detection as detection  # noqa: E402
+from planted import build_planted_model  # noqa: E402
+
+# The module that loads models for the command line (rh_lens.workflows; rh_lens.cli before it).
+loader = sys.modules.get("rh_lens.workflows", cli)
+loader.load_model = lambda name, **kwargs: build_planted_model()
+
+delay = float(os.environ.get("PLANTED_TRIAL_DELAY", "0"))
+if delay:
+    run_trial = detection.run_trial
+
+    def slow_trial(*args, **kwargs):
+        time.sleep(delay)
+        return run_trial(*args, **kwargs)
+
+    detection.run_trial = slow_trial
+
+if __name__ == "__main__":
+    sys.exit(cli.main(sys.argv[1:]))
