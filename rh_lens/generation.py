@@ -2,10 +2,12 @@
 
 Memory stays linear in the context. The prompt is prefilled in chunks; layers that no
 hook reads run through fused SDPA attention (no score matrix at all), the others through
-TransformerLens's explicit attention, whose scores are [heads, chunk, context]. During
-decoding every layer is explicit, and only the newest query's attention row is read,
-reduced to its argmax on the spot. Any hooks a caller has put on the model (ablations,
-patches) stay in force throughout.
+explicit attention, whose scores are [heads, chunk, context]. The cache keeps keys
+already rotated (see `rh_lens.tl_internals`), so a decode step does not rotate every cached
+key again. While decoding, the layers whose pattern is recorded are explicit, and only the
+newest query's attention row is read, reduced to its argmax on the spot, on the model's
+device. Any hooks a caller has put on the model (ablations, patches) stay in force
+throughout.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def prefill(
     else FUSED_PREFILL_CHUNK."""
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk size {chunk_size}: must be at least 1 token")
-    cache = new_kv_cache(model)
+    cache = new_kv_cache(model, rotated=fused)  # continue it inside fused_attention (greedy_decode does)
     with fused_attention(model) if fused else nullcontext(False) as all_fused:
         chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else PREFILL_CHUNK)
         for start in range(0, len(tokens), chunk_size):
@@ -87,11 +89,11 @@ def greedy_decode(
         raise InputError(f"max new tokens {max_new_tokens}: must be at least 1")
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.cfg.device)
     cache = prefill(model, prompt[:-1], chunk_size)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    step_argmax = torch.empty(n_layers, n_heads, dtype=torch.long)
+    # Where each head looks stays on the model's device: one transfer per trial, not per layer.
+    step_argmax = torch.empty(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.long, device=model.cfg.device)
 
     def record(pattern: Tensor, hook) -> None:  # pattern: [batch, head, query, key]
-        step_argmax[hook.layer()] = newest_row_argmax(pattern).cpu()
+        step_argmax[hook.layer()] = newest_row_argmax(pattern)
 
     hooks = list(decode_hooks)
     if record_attention:  # after the caller's hooks, so it sees the pattern they leave
@@ -100,10 +102,10 @@ def greedy_decode(
     tokens: list[int] = []
     argmaxes: list[Tensor] = []
     fed = prompt[-1:]
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks), fused_attention(model):
         for _ in range(max_new_tokens):
             logits = model(fed[None], past_kv_cache=cache)
-            token = int(logits[0, -1].argmax())
+            token = int(logits[0, -1].argmax())  # the one host synchronisation of a step
             tokens.append(token)
             if record_attention:
                 argmaxes.append(step_argmax.clone())
@@ -113,4 +115,4 @@ def greedy_decode(
             if token in eos_ids or "\n" in model.tokenizer.decode([token]):
                 break
             fed = torch.tensor([token], device=model.cfg.device)
-    return Generation(tokens, torch.stack(argmaxes) if record_attention else None)
+    return Generation(tokens, torch.stack(argmaxes).cpu() if record_attention else None)

@@ -8,10 +8,12 @@ forward arguments (`past_kv_cache`, `start_at_layer`, `stop_at_layer`), hook poi
    TransformerLens's by-name config lookups, its path-string architecture detection and its
    hard-coded Gemma configs are worked around.
 2. Weights re-strided into the layout `F.linear` reads (`use_linear_layout`).
-3. Fused attention (`fused_attention`): `attn.forward` swapped for the same computation
-   through torch's `scaled_dot_product_attention` in layers no hook reads the pattern of.
-4. Key-value caches: a fresh one (`new_kv_cache`) and a frozen prefix cache filled from
-   cached keys and values (`frozen_prefix_cache`), for patched runs that start mid-prompt.
+3. Fast attention (`fused_attention`): `attn.forward` swapped for the same computation,
+   through torch's `scaled_dot_product_attention` where no hook reads the scores or
+   pattern, and through a cache of already-rotated keys when decoding.
+4. Key-value caches: a fresh one (`new_kv_cache`, optionally with rotated keys) and a
+   frozen prefix cache filled from cached keys and values (`frozen_prefix_cache`), for
+   patched runs that start mid-prompt.
 5. What TransformerLens computes around the last layer (`unembed_final`) and how it marks
    keys a query may not see in `hook_attn_scores` (`allowed_keys`).
 
@@ -370,17 +372,18 @@ def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
 
 
 # --------------------------------------------------------------------------------------
-# 3. Fused attention
+# 3. Fast attention: fused where nobody listens, a rotated-key cache for decoding
 
 
-def _sdpa_supported(attn) -> bool:
-    """Whether the fused-attention forward below computes exactly what TransformerLens would."""
+def _fast_supported(attn) -> bool:
+    """Whether the attention forwards below compute exactly what TransformerLens would."""
     cfg = attn.cfg
     return (
         cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
         and not (cfg.attn_scores_soft_cap is not None and cfg.attn_scores_soft_cap > 0)
         and not cfg.use_attention_sinks
         and not cfg.use_logn_attn
+        and not cfg.use_dynamic_ntk_rope  # rescales every cached key's rotation as the context grows
         and not cfg.use_attn_result
         and cfg.clip_qkv is None
         and not cfg.load_in_4bit
@@ -389,54 +392,120 @@ def _sdpa_supported(attn) -> bool:
     )
 
 
-def _sdpa_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
-    """TransformerLens's attention forward with scores, mask, softmax and pattern fused into
-    torch's scaled_dot_product_attention. Same q, k, v, rotary, causal/local/padding mask,
-    cache and output projection; hook_z still fires. Used only when nobody listens to
-    hook_attn_scores or hook_pattern."""
+def _listened(attn) -> bool:
+    """Whether a hook reads (or edits) this layer's scores or pattern: then they must exist."""
+    return attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()
+
+
+def _attention_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
+    """TransformerLens's attention forward, computed faster where that changes nothing:
+    - with a rotated-key cache (see `new_kv_cache`): keys are rotated once, when cached,
+      instead of all of them at every call; grouped-query heads read their key-value head
+      without copies; fused SDPA unless a hook listens to the scores or pattern;
+    - otherwise, fused SDPA when nobody listens, else TransformerLens's own forward."""
+    entry = past_kv_cache_entry
     if additive_attention_mask is not None or position_bias is not None:
-        return attn._tl_forward(query_input, key_input, value_input, past_kv_cache_entry, additive_attention_mask, attention_mask, position_bias)
-    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
-    offset = 0
-    if past_kv_cache_entry is not None:
-        offset = past_kv_cache_entry.past_keys.size(1)
-        k, v = past_kv_cache_entry.append(k, v)
-    if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+        return attn._tl_forward(query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias)
+    if entry is not None and getattr(entry, "rh_rotated", False):
+        return _rotated_cache_forward(attn, query_input, key_input, value_input, entry, attention_mask)
+    if _listened(attn):
+        return attn._tl_forward(query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias)
+    return _sdpa_forward(attn, query_input, key_input, value_input, entry, attention_mask)
+
+
+def _causal_mask(attn, q: Tensor, n_keys: int, offset: int, attention_mask) -> tuple[Tensor | None, bool]:
+    """(mask, is_causal) for SDPA, as TransformerLens's apply_causal_mask combines causality,
+    a sliding window and padding."""
     padded = attention_mask is not None and not bool(attention_mask.all())
     if offset == 0 and not padded and attn.attn_type != "local":
-        mask, causal = None, True  # plain causal attention: torch's fastest kernel
-    else:
-        mask, causal = attn._make_causal_mask(q.size(1), k.size(1), offset, q.device), False  # [1, 1, query, key]
-        if padded:  # as TransformerLens's apply_causal_mask combines padding and causality
-            mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
+        return None, True  # plain causal attention: torch's fastest kernel
+    mask = attn._make_causal_mask(q.size(1), n_keys, offset, q.device)  # [1, 1, query, key]
+    if padded:
+        mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
+    return mask, False
+
+
+def _sdpa(attn, q, k, v, offset: int, attention_mask) -> Tensor:
+    """softmax(q k^T / scale + mask) v through torch's fused kernel: [batch, query, head, d_head]."""
+    mask, causal = _causal_mask(attn, q, k.size(1), offset, attention_mask)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=mask, is_causal=causal, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
     )  # [batch, head, query, d_head]
-    z = attn.hook_z(z.transpose(1, 2))  # [batch, query, head, d_head]
+    return z.transpose(1, 2)
+
+
+def _explicit(attn, q, k, v, offset: int, attention_mask) -> Tensor:
+    """TransformerLens's explicit attention (scores, causal mask, hook_attn_scores, softmax,
+    hook_pattern, z), with each grouped-query head reading its key-value head in place of
+    TransformerLens's repeat_interleave copies. Query head i reads key-value head
+    i // (n_heads / n_kv_heads), as there."""
+    b, n_q, h, d = q.shape
+    g, n_k = k.size(2), k.size(1)
+    r = h // g
+    scores = torch.einsum("bqgrd,bkgd->bgrqk", q.reshape(b, n_q, g, r, d), k).reshape(b, h, n_q, n_k) / attn.attn_scale
+    scores = attn.hook_attn_scores(attn.apply_causal_mask(scores, offset, attention_mask))
+    pattern = F.softmax(scores, dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    pattern = attn.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)  # [batch, head, query, key]
+    return torch.einsum("bgrqk,bkgd->bqgrd", pattern.reshape(b, g, r, n_q, n_k), v).reshape(b, n_q, h, d)
+
+
+def _project(attn, z: Tensor) -> Tensor:
+    """hook_z, then the output projection as TransformerLens computes it."""
+    z = attn.hook_z(z)  # [batch, query, head, d_head]
     w_o = attn.W_O.permute(2, 0, 1).reshape(attn.cfg.d_model, -1)  # d_model (head d_head)
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w_o.dtype), w_o, attn.b_O)
 
 
+def _sdpa_forward(attn, query_input, key_input, value_input, entry, attention_mask):
+    """TransformerLens's forward (TransformerLens's own cache layout: unrotated keys) with
+    scores, mask, softmax and pattern fused into SDPA. Only when nobody listens to them."""
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    offset = 0
+    if entry is not None:
+        offset = entry.past_keys.size(1)
+        k, v = entry.append(k, v)
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+    return _project(attn, _sdpa(attn, q, k, v, offset, attention_mask))
+
+
+def _rotated_cache_forward(attn, query_input, key_input, value_input, entry, attention_mask):
+    """Attention through a cache that holds keys already rotated. Rotating a key depends
+    only on its position, so rotating each new key once gives the very keys that
+    TransformerLens re-rotates at every call; hook_rot_k still sees all of them."""
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    offset = entry.past_keys.size(1)
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.apply_rotary(k, offset, attention_mask)
+    keys, values = _store(entry, k, v)
+    if attn.cfg.positional_embedding_type == "rotary":
+        keys = attn.hook_rot_k(keys)
+    attend = _explicit if _listened(attn) else _sdpa
+    return _project(attn, attend(attn, q, keys, values, offset, attention_mask))
+
+
 @contextmanager
 def fused_attention(model: HookedTransformer):
-    """Within this context, attention layers whose score and pattern hooks are unused run
-    through fused SDPA: several times faster on long prompts, and no [heads, q, k] matrix
-    is ever materialised. Layers with a hook on hook_attn_scores or hook_pattern (a head
-    ablation, a capture) keep TransformerLens's explicit computation. Yields whether every
-    layer was fused (never, when fast paths are off)."""
+    """Within this context every supported attention layer runs `_attention_forward`:
+    fused SDPA while no hook reads its scores or pattern (several times faster on long
+    prompts, and no [heads, query, key] matrix at all), TransformerLens's explicit attention
+    when one does (decided at each call), and the rotated-key cache fast path for caches
+    made by `new_kv_cache(..., rotated=True)`. Yields whether every layer is fused now
+    (never, when fast paths are off: then nothing is swapped)."""
     swapped = []
     if fast_paths_enabled():
         for block in model.blocks:
             attn = block.attn
-            if _sdpa_supported(attn) and not (attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()):
+            if _fast_supported(attn) and "forward" not in vars(attn):
                 attn._tl_forward = attn.forward
-                attn.forward = MethodType(_sdpa_forward, attn)
+                attn.forward = MethodType(_attention_forward, attn)
                 swapped.append(attn)
     try:
-        yield len(swapped) == len(model.blocks)
+        yield len(swapped) == len(model.blocks) and not any(_listened(a) for a in swapped)
     finally:
         for attn in swapped:
             del attn.forward, attn._tl_forward
@@ -445,10 +514,45 @@ def fused_attention(model: HookedTransformer):
 # --------------------------------------------------------------------------------------
 # 4. Key-value caches
 
+CACHE_GROWTH = 256  # tokens a rotated-key cache grows by beyond what it needs (one copy per 256 decode steps)
 
-def new_kv_cache(model: HookedTransformer, batch_size: int = 1) -> TransformerLensKeyValueCache:
-    """An empty TransformerLens key-value cache for `model`."""
-    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=batch_size)
+
+def new_kv_cache(model: HookedTransformer, batch_size: int = 1, rotated: bool = False) -> TransformerLensKeyValueCache:
+    """An empty TransformerLens key-value cache for `model`.
+
+    `rotated=True` (only with fast paths on): layers `fused_attention` supports store their
+    keys already rotated, in buffers grown in steps of CACHE_GROWTH tokens rather than one
+    concatenation per call. Such a cache must be continued inside `fused_attention` (as
+    rh_lens's prefill and decoding do); TransformerLens's own forward refuses it, rather
+    than rotate its keys twice."""
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=batch_size)
+    if rotated and fast_paths_enabled():
+        for block, entry in zip(model.blocks, cache.entries):
+            if _fast_supported(block.attn):
+                entry.rh_rotated = True
+                entry.append = _refuse_rotated
+    return cache
+
+
+def _refuse_rotated(*args, **kwargs):
+    raise RuntimeError(
+        "this key-value cache holds rotated keys (rh_lens's fast decoding): continue it inside "
+        "rh_lens.tl_internals.fused_attention(model), or make it with new_kv_cache(model)"
+    )
+
+
+def _store(entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Append new keys and values to a rotated-key cache entry; return all of them (views)."""
+    n_old, n_new = entry.past_keys.size(1), entry.past_keys.size(1) + k.size(1)
+    buffer_k, buffer_v = getattr(entry, "rh_buffers", (None, None))
+    if buffer_k is None or buffer_k.size(1) < n_new:
+        shape = (k.size(0), n_new + CACHE_GROWTH, *k.shape[2:])
+        grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
+        grown_k[:, :n_old], grown_v[:, :n_old] = entry.past_keys, entry.past_values
+        buffer_k, buffer_v = entry.rh_buffers = grown_k, grown_v
+    buffer_k[:, n_old:n_new], buffer_v[:, n_old:n_new] = k, v
+    entry.past_keys, entry.past_values = buffer_k[:, :n_new], buffer_v[:, :n_new]
+    return entry.past_keys, entry.past_values
 
 
 def frozen_prefix_cache(
@@ -458,8 +562,9 @@ def frozen_prefix_cache(
     batch_size: int,
 ) -> TransformerLensKeyValueCache:
     """A frozen cache holding each layer's keys and values of a prefix (from a cached run's
-    hook_k / hook_v), shared by `batch_size` runs: a run fed the positions after the prefix
-    attends to them exactly as the full run would, and leaves the cache unchanged."""
+    hook_k / hook_v: TransformerLens's layout, unrotated), shared by `batch_size` runs: a run
+    fed the positions after the prefix attends to them exactly as the full run would, and
+    leaves the cache unchanged."""
     cache = new_kv_cache(model, batch_size)
     for entry, k, v in zip(cache.entries, keys, values):
         entry.past_keys = k.expand(batch_size, -1, -1, -1)

@@ -67,13 +67,51 @@ def unverified_version(monkeypatch):
 
 @pytest.mark.parametrize("build", [lambda: planted, random_model], ids=["planted", "rotary-gqa-window"])
 def test_fused_prefill_fills_the_same_cache_as_explicit_attention(build):
+    """The fast prefill's cache holds the keys TransformerLens would attend with: its own
+    cached keys, rotated (a rotated-key cache), and the same values."""
     model = build()
     ids = tokens[:60] % model.cfg.d_vocab
     for chunk in (None, 16):  # one chunk (torch's causal kernel), and chunks past the 8-token window
         fused, explicit = prefill(model, ids, chunk, fused=True), prefill(model, ids, chunk, fused=False)
-        for a, b in zip(fused.entries, explicit.entries):
-            torch.testing.assert_close(a.past_keys, b.past_keys)
+        for block, a, b in zip(model.blocks, fused.entries, explicit.entries):
+            expected = block.attn.apply_rotary(b.past_keys, 0) if model.cfg.positional_embedding_type == "rotary" else b.past_keys
+            torch.testing.assert_close(a.past_keys, expected)
             torch.testing.assert_close(a.past_values, b.past_values)
+
+
+@torch.inference_mode()
+def test_decoding_through_the_rotated_cache_matches_transformer_lens():
+    """Prefill and ten decode steps, one layer explicit (a hook reads its pattern) and one
+    fused: logits and recorded patterns as with TransformerLens's own forward and cache."""
+    model = random_model()
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for fast in (True, False):
+        patterns = []
+        hooks = [("blocks.0.attn.hook_pattern", lambda p, hook: patterns.append(p.clone()))]
+        cache = prefill(model, ids[0, :60], chunk_size=16, fused=fast)
+        with model.hooks(fwd_hooks=hooks), (fused_attention(model) if fast else contextlib.nullcontext()):
+            logits = [model(ids[:, t : t + 1], past_kv_cache=cache)[0, -1] for t in range(60, 70)]
+        runs[fast] = torch.stack(logits), patterns
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(runs[True][1], runs[False][1]):
+        assert ours.shape == theirs.shape  # [1, head, 1, keys so far]
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_rotated_cache_grows_in_steps_and_refuses_transformer_lens_forward():
+    model = random_model()
+    cache = prefill(model, torch.arange(40) % VOCAB)
+    entry = cache.entries[0]
+    assert entry.rh_rotated and entry.rh_buffers[0].size(1) == 40 + tl_internals.CACHE_GROWTH
+    with fused_attention(model):
+        for t in range(tl_internals.CACHE_GROWTH + 5):
+            model(torch.tensor([[t % VOCAB]]), past_kv_cache=cache)
+    assert entry.past_keys.size(1) == 40 + tl_internals.CACHE_GROWTH + 5
+    assert entry.past_keys.data_ptr() == entry.rh_buffers[0].data_ptr()  # a view of the buffer, grown once
+    with pytest.raises(RuntimeError, match="holds rotated keys"):
+        model(torch.tensor([[1]]), past_kv_cache=cache)  # outside fused_attention: TransformerLens's forward
 
 
 @torch.inference_mode()
@@ -87,15 +125,18 @@ def test_fused_forward_matches_explicit_forward():
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_layers_with_pattern_hooks_are_not_fused():
+def test_only_layers_with_pattern_hooks_compute_attention_explicitly(monkeypatch):
+    calls = []
+    for name in ("_sdpa", "_explicit"):
+        real = getattr(tl_internals, name)
+        monkeypatch.setattr(tl_internals, name, lambda attn, *a, real=real, name=name: calls.append((attn.layer_id, name)) or real(attn, *a))
     seen = []
     with planted.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: seen.append(p.shape))]):
         with fused_attention(planted) as all_fused:
             assert not all_fused
-            assert planted.blocks[0].attn.forward.__name__ == "_sdpa_forward"
-            assert planted.blocks[1].attn.forward.__name__ != "_sdpa_forward"
         prefill(planted, tokens[:40], chunk_size=20)
-    assert seen == [torch.Size([1, 4, 20, 20]), torch.Size([1, 4, 20, 40])]
+    assert seen == [torch.Size([1, 4, 20, 20]), torch.Size([1, 4, 20, 40])]  # chunk by chunk, never [40, 40]
+    assert calls == [(0, "_sdpa"), (1, "_explicit")] * 2
     assert "forward" not in vars(planted.blocks[0].attn)  # restored on exit
 
 
@@ -247,14 +288,15 @@ def test_neutral_link_avoids_trap_words_in_tmpdir(monkeypatch, tmp_path):
 @torch.inference_mode()
 def test_real_fused_prefill_matches_explicit_forward(name, real_model, pydoc_words):
     """rh_lens prefills through fused SDPA attention (causal kernel for the first chunk,
-    an explicit causal/sliding-window mask for later ones); decoding after it must agree
-    with TransformerLens's explicit full forward."""
+    an explicit causal/sliding-window mask for later ones) into a rotated-key cache;
+    decoding after it must agree with TransformerLens's explicit full forward."""
     model = real_model(name)
     ids = model.to_tokens(pydoc_words(600))[0, :700]
     full = model(ids[None])[0, -1]
     for chunk in (None, 256):  # one chunk; three chunks (gemma-3: past its 512-token window)
         cache = prefill(model, ids[:-1], chunk_size=chunk)
-        decoded = model(ids[None, -1:], past_kv_cache=cache)[0, -1]
+        with fused_attention(model):  # the rotated-key cache is continued by the fast path
+            decoded = model(ids[None, -1:], past_kv_cache=cache)[0, -1]
         diff = (decoded - full).abs().max().item()
         print(f"\n[{name}] fused prefill (chunk {chunk}) + decode vs full forward: {diff:.2e}")
         assert diff < 1e-3
