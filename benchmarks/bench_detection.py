@@ -8,7 +8,10 @@ Each worker warms up on a short prompt first, then resets the kernel's peak-RSS 
 "peak RSS MB" is the process's peak resident memory during the trial (model included),
 "added MB" what the trial added over the loaded, warmed-up model.
 
-    python benchmarks/bench_detection.py --model smollm2-135m --lengths 1000 2000 4000
+    python benchmarks/bench_detection.py --model smollm2-135m --lengths 4000 8000
+    python benchmarks/bench_detection.py --model gemma-3-270m --lengths 8000 16000 32000
+
+Peak RSS growth per 1K tokens is the least-squares slope of peak RSS over prompt length.
 """
 
 from __future__ import annotations
@@ -116,12 +119,13 @@ def main() -> None:
             f"| {base['peak_mb']:.0f} ({base['added_mb']:.0f}) |"
         )
     if len(rows) > 1:
-        (l1, a, b), (l2, c, d) = rows[-2], rows[-1]
-        print(
-            f"peak RSS growth {l1} -> {l2}: rh_lens {c['peak_mb'] / a['peak_mb']:.2f}x, "
-            f"transformers {d['peak_mb'] / b['peak_mb']:.2f}x; added memory growth: rh_lens "
-            f"{c['added_mb'] / max(a['added_mb'], 1):.2f}x, transformers {d['added_mb'] / max(b['added_mb'], 1):.2f}x"
-        )
+        tokens = [ours["prompt_tokens"] / 1000 for _, ours, _ in rows]
+        for name, column in (("rh_lens", 1), ("transformers", 2)):
+            peaks = [row[column]["peak_mb"] for row in rows]
+            slope = sum((t - sum(tokens) / len(tokens)) * (p - sum(peaks) / len(peaks)) for t, p in zip(tokens, peaks)) / sum(
+                (t - sum(tokens) / len(tokens)) ** 2 for t in tokens
+            )  # least squares over the rows
+            print(f"peak RSS growth per 1K prompt tokens, {name}: {slope:.1f} MB")
 
 
 if __name__ == "__main__":

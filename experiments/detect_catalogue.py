@@ -18,7 +18,8 @@ from rh_lens.workflows import detect_grid
 def detect_model(args: argparse.Namespace, model_name: str) -> float:
     """Run (or resume) one model's detection; returns the seconds it took."""
     started = time.perf_counter()
-    result, _ = detect_grid(model_name, grid_from_args(args), model_dir(args.results_dir, model_name), device=args.device, resume=True)
+    out = model_dir(args.results_dir, model_name)
+    result, _ = detect_grid(model_name, grid_from_args(args), out, device=args.device, dtype=args.dtype, resume=True)
     print(format_ranking(result, 10), flush=True)
     seconds = time.perf_counter() - started
     print(f"{model_name}: {len(result.trials)} trials, {seconds:.0f} s (model loading included)", flush=True)

@@ -289,7 +289,10 @@ def ablation_experiment(
             f"the model has {model.cfg.n_layers} x {model.cfg.n_heads}"
         )
     ks = list(ks or default_ks(model.cfg.n_layers, model.cfg.n_heads))
-    settings = {**(settings or {}), "ks": ks, "seeds": list(seeds), "max_new_tokens": max_new_tokens}
+    settings = {
+        **(settings or {}), "ks": ks, "seeds": list(seeds), "max_new_tokens": max_new_tokens,
+        "dtype": str(model.cfg.dtype).removeprefix("torch."),
+    }  # fmt: skip
     conditions = ablation_conditions(detection, ks, seeds)
     with run_directory(out_dir, resume) if out_dir is not None else nullcontext():
         # Mean ablation: each head's mean output over a few of the grid's own prompts.

@@ -38,8 +38,9 @@ from .scoring import DEFAULT_THRESHOLD
 
 def run_detect(args: argparse.Namespace) -> None:
     result, written = workflows.detect_grid(
-        args.model, grid_from_args(args), args.out, device=args.device, verify_cache=args.verify_cache, resume=args.resume,
-        overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+        args.model, grid_from_args(args), args.out, device=args.device, dtype=args.dtype, verify_cache=args.verify_cache,
+        resume=args.resume, overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+        chunk_size=args.chunk_size,
     )  # fmt: skip
     print(format_ranking(result, args.top, args.threshold))
     print(format_written(written))
@@ -52,8 +53,8 @@ def run_show(args: argparse.Namespace) -> None:
 def run_ablate(args: argparse.Namespace) -> None:
     result, written = workflows.ablate_grid(
         args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, random_seeds=args.random_seeds,
-        method=args.method, decode_only=args.decode_only, device=args.device, verify_cache=args.verify_cache,
-        resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
+        method=args.method, decode_only=args.decode_only, device=args.device, dtype=args.dtype,
+        verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     print(format_ablation(result))
     print(format_written(written))
@@ -64,8 +65,8 @@ def run_patch(args: argparse.Namespace) -> None:
         args.model, args.out, needle=needle_from_args(args), haystack=args.haystack, context_length=args.context_length,
         depth=args.depth, corrupted_answer=args.corrupted_answer, prompt=args.prompt, heads=args.heads, kinds=args.kinds,
         directions=args.directions, positions=args.positions, metric=args.metric, tail=args.tail,
-        batch_size=args.batch_size, scores=args.scores, device=args.device, verify_cache=args.verify_cache,
-        overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, scores=args.scores, device=args.device, dtype=args.dtype,
+        verify_cache=args.verify_cache, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     print(format_patching(result, args.top, correlation))
     print(format_written(written))

@@ -89,7 +89,10 @@ def detect(
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise InputError(f"threshold {threshold}: must be a number from 0 to 1")
     name = model.cfg.model_name
-    settings = {**(settings or {}), "max_new_tokens": max_new_tokens, "chunk_size": chunk_size, "model": name}
+    settings = {
+        **(settings or {}), "max_new_tokens": max_new_tokens, "chunk_size": chunk_size, "model": name,
+        "dtype": str(model.cfg.dtype).removeprefix("torch."),
+    }  # fmt: skip
     records = run_trials(
         trials,
         lambda trial: run_trial(model, trial, max_new_tokens, chunk_size),

@@ -25,8 +25,16 @@ from .errors import InputError
 from .tl_internals import fused_attention, new_kv_cache
 
 MAX_NEW_TOKENS = 50
-PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context]
+PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context] ...
+SCORES_BUDGET = 256 << 20  # ... and at long contexts fewer rows, so one layer's scores stay under 256 MiB
 FUSED_PREFILL_CHUNK = 4096  # fused attention keeps no scores; this bounds the MLP activations
+
+
+def explicit_chunk(model: HookedTransformer, context: int) -> int:
+    """Prefill chunk for layers with explicit attention: PREFILL_CHUNK query rows, fewer
+    when [heads, chunk, context] scores would pass SCORES_BUDGET."""
+    row_bytes = model.cfg.n_heads * max(context, 1) * torch.finfo(model.cfg.dtype).bits // 8
+    return max(16, min(PREFILL_CHUNK, SCORES_BUDGET // row_bytes))
 
 
 @dataclass
@@ -42,13 +50,13 @@ def prefill(
 ) -> TransformerLensKeyValueCache:
     """Run `tokens` through the model in chunks, filling and returning a key-value cache.
     The prefill records nothing, so it runs with fused attention unless `fused=False`.
-    chunk_size=None: PREFILL_CHUNK tokens if any layer computes attention explicitly,
+    chunk_size=None: `explicit_chunk` tokens if any layer computes attention explicitly,
     else FUSED_PREFILL_CHUNK."""
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk size {chunk_size}: must be at least 1 token")
     cache = new_kv_cache(model, rotated=fused)  # continue it inside fused_attention (greedy_decode does)
     with fused_attention(model) if fused else nullcontext(False) as all_fused:
-        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else PREFILL_CHUNK)
+        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else explicit_chunk(model, len(tokens)))
         for start in range(0, len(tokens), chunk_size):
             # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
             model(tokens[None, start : start + chunk_size], past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)

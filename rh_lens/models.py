@@ -41,7 +41,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from . import tl_internals
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 
 __all__ = [
     "CATALOGUE",
@@ -374,21 +374,39 @@ def hf_directory(name_or_path: str) -> Path:
     raise _unknown_name_error(name_or_path)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """A dtype from its name; None: float32 on the CPU, bfloat16 on a GPU."""
+    if dtype is None:
+        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_model(
-    name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32, verify_cache: bool = False
+    name_or_path: str, device: str | None = None, dtype: str | torch.dtype | None = None, verify_cache: bool = False
 ) -> HookedTransformer:
     """Load a catalogue model, a .gguf file, a local HF directory or a TransformerLens
     official name as a HookedTransformer without weight processing, with
     `model.tokenizer` set to the model's HF tokenizer (chat template included).
 
+    `dtype` (a torch dtype or "float32", "bfloat16", "float16"; None: float32 on the CPU,
+    bfloat16 on a GPU) is the precision of the weights and of the whole computation.
+
     A cached model's files are checked against the cache's manifest at every load (sizes;
     with `verify_cache`, sha256 too; and in full whenever the load fails)."""
     name_or_path = str(name_or_path)
     device = device or _default_device()
+    dtype = resolve_dtype(dtype, device)
     local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
     if not local and tl_internals.is_official_name(name_or_path):
         try:

@@ -11,7 +11,7 @@ import argparse
 import math
 
 from .errors import InputError
-from .models import CATALOGUE
+from .models import CATALOGUE, DTYPES
 from .niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, PROMPTS, Grid, Needle, load_needles
 
 MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
@@ -67,6 +67,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     else:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="precision of weights and computation (default: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--verify-cache", action="store_true", help="check every cached model file against its recorded sha256 before loading")
 
 

@@ -32,12 +32,13 @@ from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name
 
 from .errors import InputError, PairError, TrialError
-from .generation import MAX_NEW_TOKENS, greedy_decode
+from .generation import FUSED_PREFILL_CHUNK, MAX_NEW_TOKENS, explicit_chunk, greedy_decode
 from .heads import Head, all_heads, check_heads, heads_of
 from .niah import Needle, Trial, answer_chars, build_trial
 from .results import DetectionResult
-from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, unembed_final
+from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
 
+MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
 KINDS = ("head_out", "pattern", "resid")  # hook_z per head, hook_pattern per head, hook_resid_pre per position
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("final", "all")
@@ -211,29 +212,64 @@ METRICS: dict[str, Callable[[PatchingPair], PatchingMetric]] = {
 
 @dataclass
 class CachedRun:
-    """One unpatched run: the activations a patch may copy from it or start from (every
-    layer's hook_resid_pre, hook_z, hook_k and hook_v, hook_pattern on request), and the
-    logits at its final (answer) position."""
+    """One unpatched run: the activations a patch may copy from it or start from, and the
+    logits at its final (answer) position. Every layer's hook_k and hook_v (all positions:
+    a patched run attends to them), hook_resid_pre and hook_z from position `first` on (no
+    patch starts earlier), hook_pattern on request."""
 
     activations: dict[str, Tensor]
     final_logits: Float[Tensor, "1 vocab"]
+    first: int = 0
+
+
+PATTERN_BUDGET = 2 << 30  # bytes of full [head, query, key] patterns that "all"-position pattern patching may cache
 
 
 @torch.inference_mode()
-def cache_run(model: HookedTransformer, tokens: Int[Tensor, "pos"], patterns: str | None = None) -> CachedRun:
-    """Run once, caching what patching needs. `patterns`: None, "final" (each pattern's final
-    query row only: all a final-position patch reads) or "all"."""
-    store: dict[str, Tensor] = {}
+def cache_run(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "pos"],
+    patterns: str | None = None,
+    first: int = 0,
+    chunk_size: int | None = None,
+) -> CachedRun:
+    """Run once, in chunks through a key-value cache as a long prompt must be, caching what
+    patching needs. `patterns`: None, "final" (each pattern's final query row only: all a
+    final-position patch reads) or "all" (whole patterns: short prompts only). `first`: the
+    first position any patch touches; earlier residuals and head outputs are not kept."""
+    n, n_heads = len(tokens), model.cfg.n_heads
+    if patterns == "all" and model.cfg.n_layers * n_heads * n * n * 4 > PATTERN_BUDGET:
+        raise InputError(
+            f"patching patterns at all positions keeps every layer's [{n_heads} x {n} x {n}] pattern, more than "
+            f"{PATTERN_BUDGET >> 30} GiB at {n} tokens; patch the final position (--positions final)"
+        )
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    span = {"start": 0}  # the chunk being run
 
     def keep(act: Tensor, hook) -> None:
-        if hook.name.endswith("hook_pattern") and patterns == "final":
-            act = act[:, :, -1:]  # [batch, head, 1, key]
-        store[hook.name] = act.clone()
+        start = span["start"]
+        if hook.name.endswith("hook_pattern"):  # [batch, head, query, key]
+            if patterns == "final" and start + act.size(2) == n:
+                parts[hook.name] = [act[:, :, -1:].clone()]
+            elif patterns == "all":
+                if not parts[hook.name]:
+                    parts[hook.name] = [act.new_zeros(act.size(0), n_heads, n, n)]
+                parts[hook.name][0][:, :, start : start + act.size(2), : act.size(3)] = act
+        elif hook.name.endswith(("hook_k", "hook_v")):
+            parts[hook.name].append(act.clone())
+        elif start + act.size(1) > first:  # hook_resid_pre, hook_z: [batch, pos, ...]
+            parts[hook.name].append(act[:, max(0, first - start) :].clone())
 
     names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ())
-    with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model):
-        residual = model(tokens[None].to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-    return CachedRun(store, unembed_final(model, residual))
+    cache = new_kv_cache(model)  # TransformerLens's layout: the keys a frozen prefix cache is built from
+    with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model) as all_fused:
+        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else explicit_chunk(model, n))
+        for start in range(0, n, chunk_size):
+            span["start"] = start
+            chunk = tokens[None, start : start + chunk_size].to(model.cfg.device)
+            residual = model(chunk, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    activations = {name: torch.cat(values, dim=1) if len(values) > 1 else values[0] for name, values in parts.items()}
+    return CachedRun(activations, unembed_final(model, residual), first)
 
 
 @dataclass(frozen=True)
@@ -256,11 +292,20 @@ class Patch:
         return get_act_name(self.name, self.layer)
 
 
-def _window(name: str, act: Tensor, start: int) -> Tensor:
+def _window(name: str, run: CachedRun, start: int) -> Tensor:
     """A cached activation from position `start` on, matching a run that starts there."""
+    act = run.activations[name]
     if name.endswith("hook_pattern"):  # [batch, head, query, key]; a final-row cache is one query already
         return act if act.size(2) == 1 else act[:, :, start:]
-    return act[:, start:]
+    return act[:, start - run.first :]
+
+
+def first_position(groups: Sequence[Sequence[Patch]], n: int) -> int:
+    """The first position any of the groups' patches touches (0 when fast paths are off:
+    patched runs then start at the beginning)."""
+    if not fast_paths_enabled():
+        return 0
+    return min((p.position % n for group in groups for p in group), default=n - 1)
 
 
 def _shifted(patch: Patch, start: int) -> list:
@@ -306,11 +351,15 @@ def run_patches(
         raise InputError("shortformer models add positions at every layer; patching them is not supported")
     n = len(pair.clean_ids)
     layers = [min((p.layer for p in group), default=model.cfg.n_layers - 1) for group in groups]
-    positions = [min((p.position % n for p in group), default=n - 1) for group in groups]
-    order = sorted(range(len(groups)), key=lambda g: (layers[g], positions[g]))
+    starts = [first_position([group], n) for group in groups]
+    if min(starts, default=n) < max(base.first, source.first):
+        raise InputError(f"patches start at position {min(starts)}, but the cached runs keep positions from {base.first} on")
+    order = sorted(range(len(groups)), key=lambda g: (layers[g], starts[g]))
     batches, current = [], []
     for g in order:
-        if current and (len(current) == batch_size or layers[current[0]] != layers[g]):
+        # One layer per batch; at most batch_size runs and MAX_BATCH_TOKENS recomputed positions.
+        tokens = (len(current) + 1) * (n - min([starts[g]] + [starts[c] for c in current]))
+        if current and (len(current) == batch_size or layers[current[0]] != layers[g] or tokens > MAX_BATCH_TOKENS):
             batches.append(current)
             current = []
         current.append(g)
@@ -319,14 +368,14 @@ def run_patches(
     with tqdm(total=len(groups), desc=desc, unit="run", disable=not progress) as bar:
         for batch in batches:
             layer = layers[batch[0]]
-            start = min(positions[g] for g in batch) if fast_paths_enabled() else 0
+            start = min(starts[g] for g in batch)
             by_hook: dict[str, list[tuple[int, Callable, list]]] = defaultdict(list)
             for b, g in enumerate(batch):
                 for patch in groups[g]:
                     by_hook[patch.hook_name].append((b, patch.setter, _shifted(patch, start)))
-            hooks = [(name, _patch_hook(items, _window(name, source.activations[name], start))) for name, items in by_hook.items()]
+            hooks = [(name, _patch_hook(items, _window(name, source, start))) for name, items in by_hook.items()]
             # A copy per batch element: resid_pre patches write into it, never into the cache.
-            residual = base.activations[get_act_name("resid_pre", layer)][:, start:].repeat(len(batch), 1, 1)
+            residual = _window(get_act_name("resid_pre", layer), base, start).repeat(len(batch), 1, 1)
             cache = _prefix_cache(model, base, start, len(batch))
             with model.hooks(fwd_hooks=hooks), fused_attention(model):  # hooks first: patched patterns stay explicit
                 residual = model(residual, start_at_layer=layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache)
@@ -477,18 +526,19 @@ def activation_patching(
         min_gap = 0.5 if metric is None else 0.0
     metric = metric or logit_diff_metric(pair)
     metric_name = getattr(metric, "__name__", type(metric).__name__)
+    columns = resid_columns(pair, model.tokenizer, tail) if "resid" in kinds else []
+    plan = {kind: resid_patches(n_layers, columns) if kind == "resid" else head_patches(heads, kind, positions) for kind in kinds}
+    first = first_position([group for groups in plan.values() for group in groups], len(pair.clean_ids))
     patterns = positions if "pattern" in kinds else None
-    runs = {"clean": cache_run(model, pair.clean_ids, patterns), "corrupted": cache_run(model, pair.corrupted_ids, patterns)}
+    runs = {name: cache_run(model, ids, patterns, first) for name, ids in (("clean", pair.clean_ids), ("corrupted", pair.corrupted_ids))}
     clean_value, corrupted_value = (float(metric(runs[name].final_logits)[0]) for name in ("clean", "corrupted"))
     if not clean_value - corrupted_value > min_gap:
         raise PairError(
             f"the model barely tells the answers apart ({metric_name} {clean_value:.2f} clean vs "
             f"{corrupted_value:.2f} corrupted): nothing to patch; try another context length, depth or needle"
         )
-    columns = resid_columns(pair, model.tokenizer, tail) if "resid" in kinds else []
     effects: dict[str, dict[str, list]] = {}
-    for kind in kinds:
-        groups = resid_patches(n_layers, columns) if kind == "resid" else head_patches(heads, kind, positions)
+    for kind, groups in plan.items():
         for direction in directions:
             base, source = (runs["corrupted"], runs["clean"]) if direction == "denoise" else (runs["clean"], runs["corrupted"])
             measured = run_patches(model, pair, base, source, groups, batch_size, progress, f"{kind} {direction}", metric)

@@ -300,9 +300,13 @@ def hooked_from_hf_dir(
                 tl_name = _gemma_official_name(architecture, hf_model.config)
             else:
                 tl_name = str(_neutral_link(hf_dir, stack, spare_dir))
+            # The model's whole context: TransformerLens caps some hard-coded configs (Gemma 3:
+            # 8192 of 32768) to keep its rotary tables small; they grow on demand anyway.
+            n_ctx = _hf_value(hf_model.config, "max_position_embeddings")
             cfg = tl_loading.get_pretrained_model_config(
-                tl_name, hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=device, dtype=dtype
-            )
+                tl_name, hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=device, dtype=dtype,
+                n_ctx=n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
+            )  # fmt: skip
             state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=dtype)
     except ModelLoadError:
         raise

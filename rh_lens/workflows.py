@@ -27,8 +27,10 @@ from .runs import run_directory
 from .scoring import DEFAULT_THRESHOLD
 
 
-def _model(model: str | HookedTransformer, device: str | None, verify_cache: bool = False) -> HookedTransformer:
-    return load_model(model, device=device, verify_cache=verify_cache) if isinstance(model, (str, Path)) else model
+def _model(model: str | HookedTransformer, device: str | None, dtype: str | None, verify_cache: bool) -> HookedTransformer:
+    if isinstance(model, (str, Path)):
+        return load_model(model, device=device, dtype=dtype, verify_cache=verify_cache)
+    return model
 
 
 def detect_grid(
@@ -37,6 +39,7 @@ def detect_grid(
     out: str | Path,
     *,
     device: str | None = None,
+    dtype: str | None = None,
     verify_cache: bool = False,
     resume: bool = False,
     overwrite: bool = False,
@@ -49,7 +52,7 @@ def detect_grid(
     The output directory is checked and locked, and the haystacks read, before the model loads."""
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
     with run_directory(out, resume, overwrite):
-        model = _model(model, device, verify_cache)
+        model = _model(model, device, dtype, verify_cache)
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = detect(model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress)
         return result, save_detection(result, out)
@@ -66,6 +69,7 @@ def ablate_grid(
     method: str = "uniform",
     decode_only: bool = False,
     device: str | None = None,
+    dtype: str | None = None,
     verify_cache: bool = False,
     resume: bool = False,
     overwrite: bool = False,
@@ -77,7 +81,7 @@ def ablate_grid(
     detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
     settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
     with run_directory(out, resume, overwrite):
-        model = _model(model, device, verify_cache)
+        model = _model(model, device, dtype, verify_cache)
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = ablation_experiment(
             model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings, max_new_tokens, progress
@@ -104,6 +108,7 @@ def patch_needle(
     batch_size: int = 8,
     scores: str | Path | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     verify_cache: bool = False,
     overwrite: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
@@ -117,7 +122,7 @@ def patch_needle(
     detection = load_results(scores) if scores else None  # bad input fails first
     text = load_haystack(haystack)
     with run_directory(out, overwrite=overwrite):
-        model = _model(model, device, verify_cache)
+        model = _model(model, device, dtype, verify_cache)
         haystack_ids = tokenize_haystack(model.tokenizer, text, context_length)
         pair = patching_pair(
             model, needle, haystack_ids, context_length, depth, corrupted_answer, PROMPTS[prompt], haystack_name(haystack),
