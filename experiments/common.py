@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # the scripts write figures to files
 
 from rh_lens.options import add_grid_arguments as add_niah_arguments
-from rh_lens.options import add_model_arguments
+from rh_lens.options import add_model_arguments, add_parallel_arguments
 from rh_lens.results import load_results
 
 CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
@@ -25,9 +25,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    """rh-lens's model and grid options (--models for several), and --results-dir."""
+    """rh-lens's model, grid and worker options (--models for several), and --results-dir."""
     add_model_arguments(parser, multiple=True, default_models=CPU_MODELS)
     add_niah_arguments(parser)
+    add_parallel_arguments(parser)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where results and figures go")
 
 

@@ -19,7 +19,10 @@ def detect_model(args: argparse.Namespace, model_name: str) -> float:
     """Run (or resume) one model's detection; returns the seconds it took."""
     started = time.perf_counter()
     out = model_dir(args.results_dir, model_name)
-    result, _ = detect_grid(model_name, grid_from_args(args), out, device=args.device, dtype=args.dtype, resume=True)
+    result, _ = detect_grid(
+        model_name, grid_from_args(args), out, device=args.device, dtype=args.dtype, resume=True, workers=args.workers,
+        ray_address=args.ray_address,
+    )
     print(format_ranking(result, 10), flush=True)
     seconds = time.perf_counter() - started
     print(f"{model_name}: {len(result.trials)} trials, {seconds:.0f} s (model loading included)", flush=True)

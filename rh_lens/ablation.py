@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -32,7 +33,7 @@ from .generation import MAX_NEW_TOKENS, prefill
 from .heads import Head, all_heads, heads_of
 from .niah import Trial
 from .results import Answer, DetectionResult, write_json
-from .runs import run_directory, run_trials
+from .runs import InProcess, run_directory, run_trials
 from .scoring import SUCCESS_RECALL
 from .tl_internals import allowed_keys
 
@@ -145,6 +146,16 @@ def niah_trial(
     return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
 
 
+def masked_niah_trial(
+    heads: Sequence[Head], method: str, decode_only: bool, mean_z, max_new_tokens: int, model: HookedTransformer, trial: Trial
+) -> NiahRecord:
+    """One NIAH trial answered with `heads` ablated (at every position, or at decode steps
+    only): a task an executor can ship to a worker (see `runs.run_trials`)."""
+    hooks = ablation_hooks(heads, method, mean_z)
+    with model.hooks(fwd_hooks=[] if decode_only else hooks):
+        return niah_trial(model, trial, hooks if decode_only else (), max_new_tokens)
+
+
 def evaluate_niah(
     model: HookedTransformer,
     trials: Sequence[Trial],
@@ -158,23 +169,16 @@ def evaluate_niah(
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
     desc: str = "niah",
+    executor=None,
 ) -> list[NiahRecord]:
     """The NIAH grid answered with `heads` ablated (at every position, or at decode steps
-    only), one resumable per-trial file each when `out_dir` is given."""
-    hooks = ablation_hooks(heads, method, mean_z)
+    only), one resumable per-trial file each when `out_dir` is given. `executor`: as for
+    `detect`."""
     heads = heads_of(heads)
+    ablation_hooks(heads, method, mean_z)  # a bad method or a missing mean_z fails here, not in a worker
     settings = {**(settings or {}), "heads": [str(h) for h in heads], "method": method, "decode_only": decode_only}
-    with model.hooks(fwd_hooks=[] if decode_only else hooks):
-        return run_trials(
-            trials,
-            lambda trial: niah_trial(model, trial, hooks if decode_only else (), max_new_tokens),
-            NiahRecord,
-            out_dir,
-            resume,
-            settings,
-            desc=desc,
-            progress=progress,
-        )
+    task = partial(masked_niah_trial, heads, method, decode_only, mean_z, max_new_tokens)
+    return run_trials(trials, task, NiahRecord, executor or InProcess(model), out_dir, resume, settings, desc, progress)
 
 
 # --- the paper's experiment: top-K retrieval heads vs random heads ---------------------
@@ -280,9 +284,11 @@ def ablation_experiment(
     settings: dict[str, Any] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
+    executor=None,
 ) -> AblationResult:
     """The paper's masking experiment; each condition's trials are saved (and resumed)
-    under `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`."""
+    under `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`.
+    `executor`: as for `detect`."""
     if (detection.n_layers, detection.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
         raise InputError(
             f"scores are for {detection.n_layers} x {detection.n_heads} heads, "
@@ -294,9 +300,10 @@ def ablation_experiment(
         "dtype": str(model.cfg.dtype).removeprefix("torch."),
     }  # fmt: skip
     conditions = ablation_conditions(detection, ks, seeds)
+    executor = executor or InProcess(model)
     with run_directory(out_dir, resume) if out_dir is not None else nullcontext():
         # Mean ablation: each head's mean output over a few of the grid's own prompts.
-        mean_z = head_means(model, [t.prompt_ids for t in trials[:4]]) if method == "mean" else None
+        mean_z = executor.call(partial(head_means, prompts=[t.prompt_ids for t in trials[:4]])) if method == "mean" else None
         for condition in conditions:
             condition.records = evaluate_niah(
                 model,
@@ -311,6 +318,7 @@ def ablation_experiment(
                 max_new_tokens,
                 progress,
                 desc=condition.name,
+                executor=executor,
             )
         result = AblationResult(model.cfg.model_name, method, decode_only, conditions, settings)
         if out_dir is not None:

@@ -20,6 +20,7 @@ from .generation import MAX_NEW_TOKENS
 from .heads import Head
 from .options import (
     add_grid_arguments,
+    add_parallel_arguments,
     add_model_arguments,
     add_text_arguments,
     grid_from_args,
@@ -40,7 +41,7 @@ def run_detect(args: argparse.Namespace) -> None:
     result, written = workflows.detect_grid(
         args.model, grid_from_args(args), args.out, device=args.device, dtype=args.dtype, verify_cache=args.verify_cache,
         resume=args.resume, overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size, workers=args.workers, ray_address=args.ray_address,
     )  # fmt: skip
     print(format_ranking(result, args.top, args.threshold))
     print(format_written(written))
@@ -55,6 +56,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, random_seeds=args.random_seeds,
         method=args.method, decode_only=args.decode_only, device=args.device, dtype=args.dtype,
         verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
+        workers=args.workers, ray_address=args.ray_address,
     )  # fmt: skip
     print(format_ablation(result))
     print(format_written(written))
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="greedy decoding budget (default 50)")
+        add_parallel_arguments(p)
         out_arguments(p, resume=True)
 
     d = commands.add_parser("detect", help="detect retrieval heads with needle-in-a-haystack trials")

@@ -7,6 +7,7 @@ interrupted run resumes where it stopped (`resume=True`) without redoing finishe
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ from .errors import InputError
 from .generation import MAX_NEW_TOKENS, Generation, greedy_decode
 from .niah import Trial
 from .results import Answer, DetectionResult, TrialRecord
-from .runs import run_trials
+from .runs import InProcess, run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
 
 
@@ -83,9 +84,13 @@ def detect(
     max_new_tokens: int = MAX_NEW_TOKENS,
     chunk_size: int | None = None,
     progress: bool = True,
+    executor=None,
 ) -> DetectionResult:
     """Run every trial and aggregate. With `out_dir`, each finished trial is saved as it
-    completes; `resume=True` reuses the saved trials of an earlier run of the same settings."""
+    completes; `resume=True` reuses the saved trials of an earlier run of the same settings.
+    `executor`: who runs the trials (default: this process, on `model`; a
+    `rh_lens.distributed.RayPool` runs them on Ray workers, and `model` may then be a
+    `ModelSpec`)."""
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise InputError(f"threshold {threshold}: must be a number from 0 to 1")
     name = model.cfg.model_name
@@ -93,14 +98,13 @@ def detect(
         **(settings or {}), "max_new_tokens": max_new_tokens, "chunk_size": chunk_size, "model": name,
         "dtype": str(model.cfg.dtype).removeprefix("torch."),
     }  # fmt: skip
+    task = partial(_detection_task, max_new_tokens, chunk_size)
     records = run_trials(
-        trials,
-        lambda trial: run_trial(model, trial, max_new_tokens, chunk_size),
-        TrialRecord,
-        out_dir,
-        resume,
-        settings,
-        desc=f"detect {name}",
-        progress=progress,
+        trials, task, TrialRecord, executor or InProcess(model), out_dir, resume, settings, f"detect {name}", progress
     )
     return DetectionResult(name, model.cfg.n_layers, model.cfg.n_heads, records, threshold, settings)
+
+
+def _detection_task(max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial) -> TrialRecord:
+    """One detection trial as a task an executor can ship to a worker (see `runs.run_trials`)."""
+    return run_trial(model, trial, max_new_tokens, chunk_size)

@@ -59,12 +59,22 @@ def prefill(
         chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else explicit_chunk(model, len(tokens)))
         for start in range(0, len(tokens), chunk_size):
             # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
-            model(tokens[None, start : start + chunk_size], past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+            forward(model, tokens[None, start : start + chunk_size], cache, stop_at_layer=model.cfg.n_layers)
     return cache
+
+
+def forward(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], cache, **kwargs):
+    """One forward pass through a key-value cache, every token attended to. The attention
+    mask is given: left to TransformerLens, it is derived from the tokenizer's pad token,
+    and a chunk that happens to end in that token (SmolLM2's pad token is its chat
+    template's <|im_end|>) would have it masked out as padding."""
+    return model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), **kwargs)
 
 
 def _eos_ids(model: HookedTransformer) -> set[int]:
     tokenizer = model.tokenizer
+    if tokenizer is None:  # a model without a tokenizer (a benchmark's random weights) never stops early
+        return set()
     ids = {tokenizer.eos_token_id}
     # Chat models end a turn with their own token (<|im_end|>, <end_of_turn>, ...).
     for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
@@ -112,7 +122,7 @@ def greedy_decode(
     fed = prompt[-1:]
     with model.hooks(fwd_hooks=hooks), fused_attention(model):
         for _ in range(max_new_tokens):
-            logits = model(fed[None], past_kv_cache=cache)
+            logits = forward(model, fed[None], cache)
             token = int(logits[0, -1].argmax())  # the one host synchronisation of a step
             tokens.append(token)
             if record_attention:
@@ -120,7 +130,7 @@ def greedy_decode(
             # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
             # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
             # after which the reference would go on to 50 tokens (see rh_lens.scoring).
-            if token in eos_ids or "\n" in model.tokenizer.decode([token]):
+            if token in eos_ids or (model.tokenizer is not None and "\n" in model.tokenizer.decode([token])):
                 break
             fed = torch.tensor([token], device=model.cfg.device)
     return Generation(tokens, torch.stack(argmaxes).cpu() if record_attention else None)

@@ -47,9 +47,11 @@ __all__ = [
     "CATALOGUE",
     "CatalogueEntry",
     "ModelLoadError",
+    "ModelSpec",
     "cache_dir",
     "hf_directory",
     "load_model",
+    "load_model_spec",
 ]
 
 
@@ -404,25 +406,11 @@ def load_model(
 
     A cached model's files are checked against the cache's manifest at every load (sizes;
     with `verify_cache`, sha256 too; and in full whenever the load fails)."""
-    name_or_path = str(name_or_path)
     device = device or _default_device()
     dtype = resolve_dtype(dtype, device)
-    local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
-    if not local and tl_internals.is_official_name(name_or_path):
-        try:
-            return tl_internals.from_pretrained_official(name_or_path, device, dtype)
-        except Exception as e:  # network, auth, missing files: all surface here
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(
-                f"TransformerLens could not load {name_or_path} from the hub ({first_line}); "
-                f"check network access and HF_TOKEN, or use a catalogue name ({', '.join(CATALOGUE)})"
-            ) from e
-    hf_dir = hf_directory(name_or_path)
-    if name_or_path in CATALOGUE:
-        model_name = name_or_path
-    else:  # the file or directory name the user gave, not the cache's hash
-        given = Path(name_or_path).expanduser().resolve()
-        model_name = given.stem if given.is_file() else given.name
+    model_name, hf_dir = _resolve(str(name_or_path))
+    if hf_dir is None:
+        return _from_hub(model_name, lambda: tl_internals.from_pretrained_official(model_name, device, dtype))
     cached = is_cached(hf_dir)
     if cached:
         check_cache(hf_dir, full=verify_cache)
@@ -432,6 +420,56 @@ def load_model(
         if cached:
             check_cache(hf_dir, full=True)  # a damaged file explains the failure better than its symptom
         raise
+
+
+@dataclass
+class ModelSpec:
+    """What a model is, without its weights: its TransformerLens config and tokenizer. Enough
+    to build its trials and read its shape (`.cfg`, `.tokenizer`, as a model has them), e.g.
+    in a driver process whose workers each load the model itself."""
+
+    cfg: object  # HookedTransformerConfig
+    tokenizer: object
+
+
+def check_cache_of(name_or_path: str) -> None:
+    """The full check of `--verify-cache` for a model's cache (no-op for uncached models)."""
+    _, hf_dir = _resolve(name_or_path)
+    if hf_dir is not None and is_cached(hf_dir):
+        check_cache(hf_dir, full=True)
+
+
+def load_model_spec(name_or_path: str, device: str | None = None, dtype: str | torch.dtype | None = None) -> ModelSpec:
+    """The config and tokenizer `load_model` would give, without loading any weight."""
+    device = device or _default_device()
+    dtype = resolve_dtype(dtype, device)
+    model_name, hf_dir = _resolve(str(name_or_path))
+    if hf_dir is None:
+        return ModelSpec(*_from_hub(model_name, lambda: tl_internals.official_config(model_name, device, dtype)))
+    return ModelSpec(*tl_internals.config_from_hf_dir(hf_dir, _read_config(hf_dir), device, dtype, model_name, cache_dir()))
+
+
+def _resolve(name_or_path: str) -> tuple[str, Path | None]:
+    """(model name, local HF directory, or None for a TransformerLens hub name)."""
+    local = name_or_path in CATALOGUE or Path(name_or_path).expanduser().exists()
+    if not local and tl_internals.is_official_name(name_or_path):
+        return name_or_path, None
+    hf_dir = hf_directory(name_or_path)
+    if name_or_path in CATALOGUE:
+        return name_or_path, hf_dir
+    given = Path(name_or_path).expanduser().resolve()  # the file or directory name the user gave, not the cache's hash
+    return (given.stem if given.is_file() else given.name), hf_dir
+
+
+def _from_hub(name: str, load):
+    try:
+        return load()
+    except Exception as e:  # network, auth, missing files: all surface here
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(
+            f"TransformerLens could not load {name} from the hub ({first_line}); "
+            f"check network access and HF_TOKEN, or use a catalogue name ({', '.join(CATALOGUE)})"
+        ) from e
 
 
 def _read_config(hf_dir: Path) -> dict:

@@ -88,6 +88,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", nargs="+", type=percent, default=list(DEFAULT_DEPTHS), help="needle depths in percent (0-100)")
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --ray-address: trials sharded on Ray (pip install 'rh-lens[ray]')."""
+    parser.add_argument("--workers", type=positive_int, default=None, help="run the trials on this many Ray workers, each holding the model")
+    parser.add_argument("--ray-address", default=None, help="a Ray cluster to run the workers on (default: start a local Ray instance)")
+
+
 # --- values ------------------------------------------------------------------------------
 
 

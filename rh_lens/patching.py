@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name
 
 from .errors import InputError, PairError, TrialError
-from .generation import FUSED_PREFILL_CHUNK, MAX_NEW_TOKENS, explicit_chunk, greedy_decode
+from .generation import FUSED_PREFILL_CHUNK, MAX_NEW_TOKENS, explicit_chunk, forward, greedy_decode
 from .heads import Head, all_heads, check_heads, heads_of
 from .niah import Needle, Trial, answer_chars, build_trial
 from .results import DetectionResult
@@ -267,7 +267,7 @@ def cache_run(
         for start in range(0, n, chunk_size):
             span["start"] = start
             chunk = tokens[None, start : start + chunk_size].to(model.cfg.device)
-            residual = model(chunk, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+            residual = forward(model, chunk, cache, stop_at_layer=model.cfg.n_layers)
     activations = {name: torch.cat(values, dim=1) if len(values) > 1 else values[0] for name, values in parts.items()}
     return CachedRun(activations, unembed_final(model, residual), first)
 

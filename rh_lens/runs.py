@@ -105,36 +105,55 @@ def saved_trials(out_dir: str | Path) -> int:
     return sum(1 for _ in Path(out_dir).glob("**/trials/*.json"))
 
 
+class InProcess:
+    """Runs trials one after another on a model in this process."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def map(self, task: Callable[[Any, Trial], R], trials: Sequence[Trial]) -> Iterator[tuple[int, R]]:
+        """(index, record) for every trial, in order."""
+        for i, trial in enumerate(trials):
+            yield i, task(self.model, trial)
+
+    def call(self, function: Callable[[Any], Any]) -> Any:
+        """`function(model)`, once."""
+        return function(self.model)
+
+
 def run_trials(
     trials: Sequence[Trial],
-    run_one: Callable[[Trial], R],
+    task: Callable[[Any, Trial], R],
     record_type: type[R],
+    executor,
     out_dir: str | Path | None = None,
     resume: bool = False,
     settings: dict[str, Any] | None = None,
     desc: str = "trials",
     progress: bool = True,
 ) -> list[R]:
-    """`run_one` on every trial, in order, saving each record as it is produced."""
+    """`task(model, trial)` on every trial not finished yet, by `executor` (`InProcess(model)`,
+    or `rh_lens.distributed.RayPool` for workers that each hold the model). Each record is
+    saved as soon as it arrives, whatever ran it, so any executor can resume any run.
+    Records come back in trial order."""
     if out_dir is None:
-        return _run(trials, run_one, {}, None, desc, progress)
+        return _run(trials, task, executor, {}, None, desc, progress)
     with run_directory(out_dir, resume):
         done = _prepare(Path(out_dir), settings or {}, resume, record_type, trials)
-        return _run(trials, run_one, done, Path(out_dir) / "trials", desc, progress)
+        return _run(trials, task, executor, done, Path(out_dir) / "trials", desc, progress)
 
 
-def _run(trials, run_one, done: dict, trial_dir: Path | None, desc: str, progress: bool) -> list:
-    records = []
-    bar = tqdm(trials, desc=desc, unit="trial", disable=not progress)
-    for trial in bar:
-        record = done.get(trial.key)
-        if record is None:
-            record = run_one(trial)
+def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, progress: bool) -> list:
+    records = {i: done[t.key] for i, t in enumerate(trials) if t.key in done}
+    todo = [i for i in range(len(trials)) if i not in records]
+    with tqdm(total=len(trials), initial=len(records), desc=desc, unit="trial", disable=not progress) as bar:
+        for j, record in executor.map(task, [trials[i] for i in todo]):
+            records[todo[j]] = record
             if trial_dir is not None:
-                write_json(trial_dir / f"{trial.key}.json", asdict(record))
-        records.append(record)
-        bar.set_postfix(success=f"{sum(r.success for r in records)}/{len(records)}", last=f"{record.rouge_recall:.2f}")
-    return records
+                write_json(trial_dir / f"{record.key}.json", asdict(record))
+            bar.update()
+            bar.set_postfix(success=f"{sum(r.success for r in records.values())}/{len(records)}", last=f"{record.rouge_recall:.2f}")
+    return [records[i] for i in range(len(trials))]
 
 
 def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type, trials: Sequence[Trial]) -> dict:

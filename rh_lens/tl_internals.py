@@ -142,6 +142,14 @@ def from_pretrained_official(name: str, device: str, dtype: torch.dtype) -> Hook
         return use_linear_layout(HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype))
 
 
+def official_config(name: str, device: str, dtype: torch.dtype):
+    """An official TransformerLens model's config and tokenizer, without its weights."""
+    from transformers import AutoTokenizer
+
+    cfg = tl_loading.get_pretrained_model_config(name, device=device, dtype=dtype)
+    return cfg, AutoTokenizer.from_pretrained(cfg.tokenizer_name)
+
+
 def _hf_value(hf_config, name: str, default=None):
     try:
         return getattr(hf_config, name, default)
@@ -256,16 +264,8 @@ def _neutral_link(hf_dir: Path, stack: contextlib.ExitStack, spare_dir: Path | N
     )
 
 
-def hooked_from_hf_dir(
-    hf_dir: Path, config: dict, device: str, dtype: torch.dtype, model_name: str, spare_dir: Path | None = None
-) -> HookedTransformer:
-    """Build a HookedTransformer from a local HF directory (its parsed `config.json` given)
-    the way from_pretrained does, minus its by-name lookups (which fail for local paths and
-    unknown names) and minus any weight processing (the model's raw computation,
-    comparable to HF). `spare_dir`: a directory for a symlink if every temp dir's path
-    holds a trap word."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _check_convertible(hf_dir: Path, config: dict) -> str:
+    """The architecture of a local HF directory, if TransformerLens can convert it."""
     architecture = (config.get("architectures") or [None])[0]
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "unknown")
@@ -278,36 +278,31 @@ def hooked_from_hf_dir(
             f"{hf_dir} holds a {architecture or 'model without architectures in config.json'}, "
             f"which TransformerLens {transformer_lens_version()} cannot convert; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return architecture
+
+
+def _tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        return AutoTokenizer.from_pretrained(hf_dir)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"{hf_dir} has no tokenizer transformers can load ({str(e).strip().splitlines()[0]}); "
             f"save one there with tokenizer.save_pretrained"
         ) from e
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    except Exception as e:  # truncated or missing weights surface as anything from transformers/safetensors
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"cannot load the weights in {hf_dir} ({type(e).__name__}: {first_line})") from e
-    hf_model.eval()
-    for param in hf_model.parameters():
-        param.requires_grad = False
 
+
+@contextmanager
+def _converting(hf_dir: Path, architecture: str, hf_config, spare_dir: Path | None):
+    """The name TransformerLens converts this directory by (held while converting), and a
+    clear error when an unverified TransformerLens version fails at it."""
     try:
         with contextlib.ExitStack() as stack:
             if architecture in GEMMA_ARCHITECTURES:
-                tl_name = _gemma_official_name(architecture, hf_model.config)
+                yield _gemma_official_name(architecture, hf_config)
             else:
-                tl_name = str(_neutral_link(hf_dir, stack, spare_dir))
-            # The model's whole context: TransformerLens caps some hard-coded configs (Gemma 3:
-            # 8192 of 32768) to keep its rotary tables small; they grow on demand anyway.
-            n_ctx = _hf_value(hf_model.config, "max_position_embeddings")
-            cfg = tl_loading.get_pretrained_model_config(
-                tl_name, hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=device, dtype=dtype,
-                n_ctx=n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
-            )  # fmt: skip
-            state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=dtype)
+                yield str(_neutral_link(hf_dir, stack, spare_dir))
     except ModelLoadError:
         raise
     except Exception as e:
@@ -318,8 +313,77 @@ def hooked_from_hf_dir(
             f"TransformerLens {transformer_lens_version()} could not convert {hf_dir} ({first_line}); "
             f"rh_lens loads local models with transformer-lens {VERIFIED_RANGE}"
         ) from e
+
+
+def _tl_config(tl_name: str, hf_config, device: str, dtype: torch.dtype, model_name: str, hf_dir: Path):
+    # The model's whole context: TransformerLens caps some hard-coded configs (Gemma 3: 8192
+    # of 32768) to keep its rotary tables small; they grow on demand anyway.
+    n_ctx = _hf_value(hf_config, "max_position_embeddings")
+    with _quiet_context_warning():
+        cfg = tl_loading.get_pretrained_model_config(
+            tl_name, hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype,
+            n_ctx=n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
+        )  # fmt: skip
     cfg.model_name = model_name
     cfg.tokenizer_name = str(hf_dir)
+    return cfg
+
+
+@contextmanager
+def _quiet_context_warning():
+    """TransformerLens warns that a context longer than its hard-coded default was not
+    trained on; here the length is the model's own config.json's."""
+    import logging
+
+    class Quiet(logging.Filter):
+        def filter(self, record):
+            return "larger than this model's default context length" not in record.getMessage()
+
+    quiet, root = Quiet(), logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def config_from_hf_dir(
+    hf_dir: Path, config: dict, device: str, dtype: torch.dtype, model_name: str, spare_dir: Path | None = None
+):
+    """The HookedTransformerConfig and tokenizer `hooked_from_hf_dir` would build, without
+    loading any weight."""
+    from transformers import AutoConfig
+
+    architecture = _check_convertible(hf_dir, config)
+    tokenizer = _tokenizer(hf_dir)
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    with _converting(hf_dir, architecture, hf_config, spare_dir) as tl_name:
+        return _tl_config(tl_name, hf_config, device, dtype, model_name, hf_dir), tokenizer
+
+
+def hooked_from_hf_dir(
+    hf_dir: Path, config: dict, device: str, dtype: torch.dtype, model_name: str, spare_dir: Path | None = None
+) -> HookedTransformer:
+    """Build a HookedTransformer from a local HF directory (its parsed `config.json` given)
+    the way from_pretrained does, minus its by-name lookups (which fail for local paths and
+    unknown names) and minus any weight processing (the model's raw computation,
+    comparable to HF). `spare_dir`: a directory for a symlink if every temp dir's path
+    holds a trap word."""
+    from transformers import AutoModelForCausalLM
+
+    architecture = _check_convertible(hf_dir, config)
+    tokenizer = _tokenizer(hf_dir)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    except Exception as e:  # truncated or missing weights surface as anything from transformers/safetensors
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"cannot load the weights in {hf_dir} ({type(e).__name__}: {first_line})") from e
+    hf_model.eval()
+    for param in hf_model.parameters():
+        param.requires_grad = False
+    with _converting(hf_dir, architecture, hf_model.config, spare_dir) as tl_name:
+        cfg = _tl_config(tl_name, hf_model.config, device, dtype, model_name, hf_dir)
+        state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=dtype)
     del hf_model
 
     with warnings.catch_warnings():  # "HookedTransformer is deprecated": we chose it on purpose

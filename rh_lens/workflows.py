@@ -7,6 +7,7 @@ very same steps; printing is left to the caller (`rh_lens.reports` formats the t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ from .detection import detect
 from .errors import InputError
 from .generation import MAX_NEW_TOKENS
 from .heads import Head
-from .models import load_model
+from .models import check_cache_of, load_model, load_model_spec
 from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
 from .patching import DIRECTIONS, KINDS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
 from .reports import save_ablation, save_analysis, save_comparison, save_detection, save_patching
@@ -31,6 +32,22 @@ def _model(model: str | HookedTransformer, device: str | None, dtype: str | None
     if isinstance(model, (str, Path)):
         return load_model(model, device=device, dtype=dtype, verify_cache=verify_cache)
     return model
+
+
+@contextmanager
+def _executor(model, device, dtype, verify_cache: bool, workers: int | None, ray_address: str | None):
+    """(the model, or its spec when workers hold it; the executor: None = this process)."""
+    if not workers:
+        yield _model(model, device, dtype, verify_cache), None
+        return
+    if not isinstance(model, (str, Path)):
+        raise InputError("workers load the model themselves: give its name or path, not a loaded model")
+    from .distributed import RayPool
+
+    if verify_cache:
+        check_cache_of(str(model))
+    with RayPool(str(model), workers, ray_address, device, dtype) as pool:
+        yield load_model_spec(model, pool.device, pool.dtype), pool
 
 
 def detect_grid(
@@ -47,14 +64,17 @@ def detect_grid(
     max_new_tokens: int = MAX_NEW_TOKENS,
     chunk_size: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> tuple[DetectionResult, list[Path]]:
     """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`.
-    The output directory is checked and locked, and the haystacks read, before the model loads."""
+    The output directory is checked and locked, and the haystacks read, before the model loads.
+    `workers`: run the trials on that many Ray workers (a local Ray instance, or the cluster at
+    `ray_address`), each holding the model; the scores are those of a run in one process."""
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
-    with run_directory(out, resume, overwrite):
-        model = _model(model, device, dtype, verify_cache)
+    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-        result = detect(model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress)
+        result = detect(model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress, executor)
         return result, save_detection(result, out)
 
 
@@ -75,17 +95,20 @@ def ablate_grid(
     overwrite: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
-    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`."""
+    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `workers`,
+    `ray_address`: as for `detect_grid`."""
     detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
     settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
-    with run_directory(out, resume, overwrite):
-        model = _model(model, device, dtype, verify_cache)
+    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = ablation_experiment(
-            model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings, max_new_tokens, progress
-        )
+            model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings,
+            max_new_tokens, progress, executor,
+        )  # fmt: skip
         return result, save_ablation(result, out)
 
 

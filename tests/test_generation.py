@@ -3,7 +3,7 @@
 import torch
 
 from planted import NEEDLE, build_planted_model, haystack_text
-from rh_lens.generation import greedy_decode
+from rh_lens.generation import greedy_decode, prefill
 from rh_lens.niah import build_trial, tokenize_haystack
 
 model = build_planted_model()
@@ -17,3 +17,16 @@ def test_greedy_decode_continues_the_answer_and_records_every_step():
     assert generation.tokens[: end - start] == trial.prompt_ids[start:end]
     assert generation.argmax_keys.shape == (7, model.cfg.n_layers, model.cfg.n_heads)
     assert greedy_decode(model, trial.prompt_ids, 7, record_attention=False).tokens == generation.tokens
+
+
+def test_a_chunk_ending_in_the_pad_token_is_not_masked():
+    """SmolLM2's pad token is its chat template's <|im_end|>: TransformerLens would take a
+    chunk ending in it for right padding and hide that token from every later query."""
+    model = build_planted_model()
+    model.tokenizer.pad_token, model.tokenizer.padding_side = "river", "right"
+    ids = torch.tensor(trial.prompt_ids)
+    boundary = trial.prompt_ids.index(model.tokenizer.pad_token_id) + 1  # the first chunk ends with the pad token
+    chunked, whole = prefill(model, ids, chunk_size=boundary), prefill(model, ids, chunk_size=len(ids))
+    for a, b in zip(chunked.entries, whole.entries):
+        torch.testing.assert_close(a.past_keys, b.past_keys)
+        torch.testing.assert_close(a.past_values, b.past_values)

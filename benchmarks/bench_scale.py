@@ -1,0 +1,159 @@
+"""A detection-shaped trial on a model of a real large shape, and the memory it should need.
+
+The model is a HookedTransformer built from the shape of a real model (Llama-2-7B,
+Llama-3-8B, ...) with random weights: no download, so it runs anywhere, and on a GPU the
+same command measures the real thing's time and memory. One trial = chunked prefill of a
+prompt of the given length + 50 greedy decode steps recording every head's attention argmax
+(`rh_lens.generation.greedy_decode`, exactly what detection runs). Each length runs in a
+fresh process. For each it prints seconds, tokens/s, peak memory (CUDA max_memory_allocated
+on a GPU; peak RSS over the process's start on a CPU) and the memory model's prediction:
+
+    weights + key-value cache + the largest transient
+    weights    = parameters x bytes per parameter
+    KV cache   = layers x KV heads x d_head x 2 (keys, values) x (tokens + 256 growth) x bytes
+    transient  = one prefill chunk through one layer: chunk x (3 d_mlp + 6 d_model) x bytes,
+                 plus the fp32 logits of one position
+
+On this machine: python benchmarks/bench_scale.py --shape llama-2-7b --layers 2 --lengths 4096 16384 65536
+On a GPU:        python benchmarks/bench_scale.py --shape llama-2-7b --lengths 32768 100000 --device cuda
+`--predict-only` prints the prediction for the full model without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # from each model's config.json
+    "llama-2-7b": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=None, d_head=128, d_mlp=11008, d_vocab=32000, rotary_base=10000),
+    "llama-2-13b": dict(d_model=5120, n_layers=40, n_heads=40, n_key_value_heads=None, d_head=128, d_mlp=13824, d_vocab=32000, rotary_base=10000),
+    "llama-3-8b": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336, d_vocab=128256, rotary_base=500000),
+    "qwen2.5-7b": dict(d_model=3584, n_layers=28, n_heads=28, n_key_value_heads=4, d_head=128, d_mlp=18944, d_vocab=152064, rotary_base=1000000),
+}
+CACHE_GROWTH = 256  # rh_lens.tl_internals.CACHE_GROWTH
+CHUNK = 4096  # rh_lens.generation.FUSED_PREFILL_CHUNK
+GIB = 1 << 30
+
+
+def shape(name: str, layers: int | None) -> dict:
+    settings = dict(SHAPES[name])
+    if layers:
+        settings["n_layers"] = layers
+    return settings
+
+
+def n_params(s: dict) -> int:
+    kv = s["n_key_value_heads"] or s["n_heads"]
+    attention = s["d_model"] * s["d_head"] * (2 * s["n_heads"] + 2 * kv)
+    mlp = 3 * s["d_model"] * s["d_mlp"]
+    return s["n_layers"] * (attention + mlp + 2 * s["d_model"]) + 2 * s["d_vocab"] * s["d_model"] + s["d_model"]
+
+
+def predict(s: dict, tokens: int, dtype_bytes: int) -> dict:
+    kv_heads = s["n_key_value_heads"] or s["n_heads"]
+    weights = n_params(s) * dtype_bytes
+    kv = s["n_layers"] * kv_heads * s["d_head"] * 2 * (tokens + CACHE_GROWTH) * dtype_bytes
+    transient = min(CHUNK, tokens) * (3 * s["d_mlp"] + 6 * s["d_model"]) * dtype_bytes + s["d_vocab"] * 4
+    return {"weights": weights, "kv": kv, "transient": transient, "total": weights + kv + transient}
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def worker(args) -> dict:
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from rh_lens.generation import greedy_decode
+    from rh_lens.tl_internals import use_linear_layout
+
+    torch.set_grad_enabled(False)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    before = 0 if cuda else rss_bytes("VmRSS")
+    s = shape(args.shape, args.layers)
+    length = args.lengths[0]
+    cfg = HookedTransformerConfig(
+        **s, n_ctx=length + args.new_tokens + 1, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=s["d_head"], final_rms=True, init_weights=False, device=device, dtype=dtype,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    for param in model.parameters():  # random weights, small enough that activations stay finite
+        param.normal_(0, 0.02)
+    model = use_linear_layout(model.eval())
+    prompt = torch.randint(0, s["d_vocab"], (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy_decode(model, prompt[:64], max_new_tokens=2)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    generation = greedy_decode(model, prompt, max_new_tokens=args.new_tokens)  # a tokenizer-less model decodes all of them
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM") - before
+    return {
+        "length": length, "new_tokens": len(generation.tokens), "seconds": seconds, "peak": peak, "device": device,
+        "layers": s["n_layers"], "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
+    parser.add_argument("--layers", type=int, default=None, help="keep only this many layers (all: the real depth)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--new-tokens", type=int, default=50)
+    parser.add_argument("--predict-only", action="store_true", help="print the memory model for these lengths and stop")
+    parser.add_argument("--gpu-memory", nargs="*", type=float, default=[80, 141], help="GPU sizes (GiB) the prediction is set against")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    s = shape(args.shape, args.layers)
+    print(f"{args.shape} shape, {s['n_layers']} layers, {args.dtype}, {n_params(s) / 1e9:.2f}B parameters")
+    if args.predict_only:
+        print("| prompt tokens | weights GiB | KV cache GiB | transient GiB | predicted GiB | " + " | ".join(f"fits {g:g} GiB" for g in args.gpu_memory) + " |")
+        print("|---|---|---|---|---|" + "---|" * len(args.gpu_memory))
+        for length in args.lengths:
+            p = predict(s, length, dtype_bytes)
+            fits = " | ".join("yes" if p["total"] / GIB < g else "no" for g in args.gpu_memory)
+            print(f"| {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.1f} | {p['transient'] / GIB:.2f} | {p['total'] / GIB:.1f} | {fits} |")
+        return
+    rows = []
+    for length in args.lengths:
+        command = [sys.executable, __file__, "--worker", "--shape", args.shape, "--lengths", str(length), "--dtype", args.dtype,
+                   "--new-tokens", str(args.new_tokens)] + (["--layers", str(args.layers)] if args.layers else []) + (
+                   ["--device", args.device] if args.device else [])  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"done {length}", file=sys.stderr, flush=True)
+    device = rows[0]["device"]
+    memory = "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS added by the worker"
+    print(f"device {device}, {rows[0]['threads']} torch threads; one trial = prefill + {args.new_tokens} decode steps; measured = {memory}")
+    print("| prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        p = predict(s, row["length"], dtype_bytes)
+        print(
+            f"| {row['length']} | {row['seconds']:.1f} | {row['length'] / row['seconds']:.0f} | {row['peak'] / GIB:.2f} "
+            f"| {p['total'] / GIB:.2f} ({p['weights'] / GIB:.2f} + {p['kv'] / GIB:.2f} + {p['transient'] / GIB:.2f}) "
+            f"| {row['peak'] / p['total']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Trials on Ray: a grid of trials sharded over workers that each hold the model once.
+
+Detection grids, ablation conditions and experiment sweeps are embarrassingly parallel.
+`RayPool` is an executor for `rh_lens.runs.run_trials`: Ray actors each load the model once
+(one GPU each on CUDA; on a CPU the cores are split between them), trials are dispatched to
+whichever actor is free, and the driver writes every finished trial into the run's
+per-trial store as it arrives, exactly as a run in one process does: `--resume` works
+whatever executor ran the first part, and the scores are the same.
+
+Ray is an optional dependency: `pip install 'rh-lens[ray]'`. Without an address a local Ray
+instance is started; with one (`ray start --head` on a cluster's head node, then
+`--ray-address HEAD:6379`) the actors are placed on the cluster's machines.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import InputError
+from .models import load_model
+from .niah import Trial
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("running on workers needs Ray: pip install 'rh-lens[ray]'") from None
+    return ray
+
+
+class RayPool:
+    """`workers` Ray actors, each holding the model `load()` returns (by default
+    `load_model(model, device, dtype)`). Use as an executor (`map`, `call`); `close()` (or
+    a `with` block) ends the actors."""
+
+    def __init__(
+        self,
+        model: str,
+        workers: int,
+        address: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        load: Callable[[], Any] | None = None,
+    ):
+        if workers < 1:
+            raise InputError(f"workers {workers}: must be at least 1")
+        ray = _ray()
+        if not ray.is_initialized():
+            if address is None:  # a local instance with this machine's cores
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            else:
+                try:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                except ConnectionError as e:
+                    raise InputError(f"cannot reach a Ray cluster at {address}: {e}") from None
+        self.ray = ray
+        # Workers on GPUs when asked for, or when the cluster has them and no device is named.
+        gpu = (device or "").startswith("cuda") or (device is None and ray.cluster_resources().get("GPU", 0) >= 1)
+        self.device = device or ("cuda" if gpu else "cpu")
+        self.dtype = dtype or ("bfloat16" if gpu else "float32")  # load_model's defaults, decided here for every worker
+        load = load or partial(load_model, model, device=self.device, dtype=self.dtype)
+        if gpu:
+            resources = {"num_gpus": 1, "num_cpus": 1}
+            threads = None
+        else:  # split the cores the cluster offers between the actors
+            cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            threads = max(1, cores // workers)
+            resources = {"num_cpus": threads}
+        actor = ray.remote(**resources)(_Worker)
+        self.actors = [actor.remote(load, threads) for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self.actors])  # load errors surface here, once
+
+    def map(self, task: Callable[[Any, Trial], Any], trials: Sequence[Trial]) -> Iterator[tuple[int, Any]]:
+        """(index, record) as each trial finishes, on whichever actor is free."""
+        ray, pending, queue = self.ray, {}, list(enumerate(trials))
+        idle = list(self.actors)
+        while queue or pending:
+            while queue and idle:
+                i, trial = queue.pop(0)
+                actor = idle.pop()
+                pending[actor.run.remote(task, trial)] = (i, actor)
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(ref)
+            idle.append(actor)
+            yield i, ray.get(ref)
+
+    def call(self, function: Callable[[Any], Any]) -> Any:
+        """`function(model)` on one actor."""
+        return self.ray.get(self.actors[0].call.remote(function))
+
+    def close(self) -> None:
+        if self.ray.is_initialized():  # after ray.shutdown() the actors are gone already
+            for actor in self.actors:
+                self.ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "RayPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Worker:
+    """A Ray actor holding one model."""
+
+    def __init__(self, load: Callable[[], Any], threads: int | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.set_grad_enabled(False)
+        self.model = load()
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, task: Callable[[Any, Trial], Any], trial: Trial) -> Any:
+        return task(self.model, trial)
+
+    def call(self, function: Callable[[Any], Any]) -> Any:
+        return function(self.model)
