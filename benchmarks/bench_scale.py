@@ -11,8 +11,9 @@ on a GPU; peak RSS over the process's start on a CPU) and the memory model's pre
     weights + key-value cache + the largest transient
     weights    = parameters x bytes per parameter
     KV cache   = layers x KV heads x d_head x 2 (keys, values) x (tokens + 256 growth) x bytes
-    transient  = one prefill chunk through one layer: chunk x (3 d_mlp + 6 d_model) x bytes,
-                 plus the fp32 logits of one position
+    transient  = one prefill chunk through one layer: chunk x (3 d_mlp + 6 d_model + 3 heads
+                 x d_head) x bytes (a chunk is at most 1 GiB of these), the attention mask of
+                 a later chunk (at most 256 MiB), and the fp32 logits of one position
 
 On this machine: python benchmarks/bench_scale.py --shape llama-2-7b --layers 2 --lengths 4096 16384 65536
 On a GPU:        python benchmarks/bench_scale.py --shape llama-2-7b --lengths 32768 100000 --device cuda
@@ -34,8 +35,6 @@ SHAPES = {  # from each model's config.json
     "llama-3-8b": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336, d_vocab=128256, rotary_base=500000),
     "qwen2.5-7b": dict(d_model=3584, n_layers=28, n_heads=28, n_key_value_heads=4, d_head=128, d_mlp=18944, d_vocab=152064, rotary_base=1000000),
 }
-CACHE_GROWTH = 256  # rh_lens.tl_internals.CACHE_GROWTH
-CHUNK = 4096  # rh_lens.generation.FUSED_PREFILL_CHUNK
 GIB = 1 << 30
 
 
@@ -54,10 +53,17 @@ def n_params(s: dict) -> int:
 
 
 def predict(s: dict, tokens: int, dtype_bytes: int) -> dict:
+    """The memory model, with rh_lens's own chunk budgets (rh_lens.generation.fused_chunks)."""
+    from rh_lens.generation import ACTIVATION_BUDGET, MASK_BUDGET
+    from rh_lens.tl_internals import CACHE_GROWTH
+
     kv_heads = s["n_key_value_heads"] or s["n_heads"]
     weights = n_params(s) * dtype_bytes
     kv = s["n_layers"] * kv_heads * s["d_head"] * 2 * (tokens + CACHE_GROWTH) * dtype_bytes
-    transient = min(CHUNK, tokens) * (3 * s["d_mlp"] + 6 * s["d_model"]) * dtype_bytes + s["d_vocab"] * 4
+    per_token = dtype_bytes * (3 * s["d_mlp"] + 6 * s["d_model"] + 3 * s["n_heads"] * s["d_head"])
+    first_chunk = min(tokens, max(64, ACTIVATION_BUDGET // per_token))
+    mask = MASK_BUDGET if tokens > first_chunk else 0  # later chunks attend through a mask
+    transient = first_chunk * per_token + mask + s["d_vocab"] * 4
     return {"weights": weights, "kv": kv, "transient": transient, "total": weights + kv + transient}
 
 

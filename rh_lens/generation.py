@@ -25,16 +25,46 @@ from .errors import InputError
 from .tl_internals import fused_attention, new_kv_cache
 
 MAX_NEW_TOKENS = 50
-PREFILL_CHUNK = 512  # explicit attention: a chunk's scores are [heads, chunk, context] ...
-SCORES_BUDGET = 256 << 20  # ... and at long contexts fewer rows, so one layer's scores stay under 256 MiB
-FUSED_PREFILL_CHUNK = 4096  # fused attention keeps no scores; this bounds the MLP activations
+# Prefill chunks. Layers with explicit attention hold [heads, chunk, context] scores: at most
+# PREFILL_CHUNK rows, fewer once they would pass SCORES_BUDGET. Fused layers hold no scores; a
+# chunk is then bounded by its activations through one layer (ACTIVATION_BUDGET) and, in a
+# model with sliding windows, by its [chunk, chunk + window] mask (MASK_BUDGET). Later chunks
+# of full-attention layers need no mask (see tl_internals._sdpa).
+PREFILL_CHUNK = 512
+SCORES_BUDGET = 256 << 20
+ACTIVATION_BUDGET = 256 << 20
+MASK_BUDGET = 256 << 20
+MIN_CHUNK = 64
+
+
+def _bytes(model: HookedTransformer) -> int:
+    return torch.finfo(model.cfg.dtype).bits // 8
 
 
 def explicit_chunk(model: HookedTransformer, context: int) -> int:
     """Prefill chunk for layers with explicit attention: PREFILL_CHUNK query rows, fewer
     when [heads, chunk, context] scores would pass SCORES_BUDGET."""
-    row_bytes = model.cfg.n_heads * max(context, 1) * torch.finfo(model.cfg.dtype).bits // 8
+    row_bytes = model.cfg.n_heads * max(context, 1) * _bytes(model)
     return max(16, min(PREFILL_CHUNK, SCORES_BUDGET // row_bytes))
+
+
+def fused_chunk(model: HookedTransformer) -> int:
+    """Rows of a fused prefill chunk: the activations of one layer (residual stream, q, k, v
+    and their rotations, MLP hidden states) within ACTIVATION_BUDGET; with sliding windows,
+    the [chunk, chunk + window] mask (and SDPA's float copy of it) within MASK_BUDGET."""
+    cfg, size = model.cfg, _bytes(model)
+    per_token = size * (6 * cfg.d_model + 5 * cfg.n_heads * cfg.d_head + 4 * (cfg.d_mlp or cfg.d_model))
+    rows = ACTIVATION_BUDGET // per_token
+    if cfg.use_local_attn:
+        window, cells = cfg.window_size or 0, MASK_BUDGET // (1 + size)
+        rows = min(rows, int((-window + (window * window + 4 * cells) ** 0.5) / 2))  # rows x (rows + window) <= cells
+    return max(MIN_CHUNK, rows)
+
+
+def chunks(model: HookedTransformer, context: int, all_fused: bool, chunk_size: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of each prefill chunk of a `context`-token prompt."""
+    size = chunk_size or (fused_chunk(model) if all_fused else explicit_chunk(model, context))
+    return [(start, min(context, start + size)) for start in range(0, context, size)]
 
 
 @dataclass
@@ -50,16 +80,14 @@ def prefill(
 ) -> TransformerLensKeyValueCache:
     """Run `tokens` through the model in chunks, filling and returning a key-value cache.
     The prefill records nothing, so it runs with fused attention unless `fused=False`.
-    chunk_size=None: `explicit_chunk` tokens if any layer computes attention explicitly,
-    else FUSED_PREFILL_CHUNK."""
+    chunk_size=None: chunks sized by `chunks` (bounded memory at any context length)."""
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk size {chunk_size}: must be at least 1 token")
     cache = new_kv_cache(model, rotated=fused)  # continue it inside fused_attention (greedy_decode does)
     with fused_attention(model) if fused else nullcontext(False) as all_fused:
-        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else explicit_chunk(model, len(tokens)))
-        for start in range(0, len(tokens), chunk_size):
+        for start, end in chunks(model, len(tokens), all_fused, chunk_size):
             # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
-            forward(model, tokens[None, start : start + chunk_size], cache, stop_at_layer=model.cfg.n_layers)
+            forward(model, tokens[None, start:end], cache, stop_at_layer=model.cfg.n_layers)
     return cache
 
 

@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name
 
 from .errors import InputError, PairError, TrialError
-from .generation import FUSED_PREFILL_CHUNK, MAX_NEW_TOKENS, explicit_chunk, forward, greedy_decode
+from .generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
 from .heads import Head, all_heads, check_heads, heads_of
 from .niah import Needle, Trial, answer_chars, build_trial
 from .results import DetectionResult
@@ -263,10 +263,9 @@ def cache_run(
     names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ())
     cache = new_kv_cache(model)  # TransformerLens's layout: the keys a frozen prefix cache is built from
     with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model) as all_fused:
-        chunk_size = chunk_size or (FUSED_PREFILL_CHUNK if all_fused else explicit_chunk(model, n))
-        for start in range(0, n, chunk_size):
+        for start, end in chunks(model, n, all_fused, chunk_size):
             span["start"] = start
-            chunk = tokens[None, start : start + chunk_size].to(model.cfg.device)
+            chunk = tokens[None, start:end].to(model.cfg.device)
             residual = forward(model, chunk, cache, stop_at_layer=model.cfg.n_layers)
     activations = {name: torch.cat(values, dim=1) if len(values) > 1 else values[0] for name, values in parts.items()}
     return CachedRun(activations, unembed_final(model, residual), first)

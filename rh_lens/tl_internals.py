@@ -481,42 +481,109 @@ def _attention_forward(attn, query_input, key_input, value_input, past_kv_cache_
     return _sdpa_forward(attn, query_input, key_input, value_input, entry, attention_mask)
 
 
-def _causal_mask(attn, q: Tensor, n_keys: int, offset: int, attention_mask) -> tuple[Tensor | None, bool]:
-    """(mask, is_causal) for SDPA, as TransformerLens's apply_causal_mask combines causality,
-    a sliding window and padding."""
+def _first_key(attn, offset: int, attention_mask) -> int:
+    """The first key any query of this call may see: a sliding-window layer sees none before
+    its window, so they are never read (with padding, every key is kept)."""
+    if attn.attn_type != "local" or (attention_mask is not None and not bool(attention_mask.all())):
+        return 0
+    return max(0, offset - attn.cfg.window_size + 1)
+
+
+def _causal_mask(attn, q: Tensor, first: int, n_keys: int, offset: int, attention_mask) -> tuple[Tensor | None, bool]:
+    """(mask, is_causal) for SDPA over keys [first, n_keys), as TransformerLens's
+    apply_causal_mask combines causality, a sliding window and padding."""
     padded = attention_mask is not None and not bool(attention_mask.all())
     if offset == 0 and not padded and attn.attn_type != "local":
         return None, True  # plain causal attention: torch's fastest kernel
-    mask = attn._make_causal_mask(q.size(1), n_keys, offset, q.device)  # [1, 1, query, key]
+    queries = torch.arange(offset, offset + q.size(1), device=q.device)[:, None]
+    keys = torch.arange(first, n_keys, device=q.device)[None]
+    mask = keys <= queries
+    if attn.attn_type == "local":
+        mask = mask & (keys > queries - attn.cfg.window_size)
+    mask = mask[None, None]  # [1, 1, query, key]
     if padded:
-        mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
+        mask = mask & attention_mask.bool()[:, None, None, first:].to(q.device)
     return mask, False
 
 
 def _sdpa(attn, q, k, v, offset: int, attention_mask) -> Tensor:
-    """softmax(q k^T / scale + mask) v through torch's fused kernel: [batch, query, head, d_head]."""
-    mask, causal = _causal_mask(attn, q, k.size(1), offset, attention_mask)
+    """softmax(q k^T / scale + mask) v through torch's fused kernels: [batch, query, head, d_head].
+
+    A chunk after the first (queries offset.. over keys 0..) of a full-attention layer needs
+    no mask: one query sees every key before it; on the CPU it is computed as attention over
+    the earlier keys plus causal attention within the chunk, merged by their log-sum-exps
+    (the causal pass's work, and no [query, key] mask); on a GPU through torch's lower-right
+    causal bias."""
+    scale, padded = 1.0 / attn.attn_scale, attention_mask is not None and not bool(attention_mask.all())
+    if offset > 0 and attn.attn_type != "local" and not padded:
+        if q.size(1) == 1:  # decoding: every cached key is visible
+            return _fused(q, k, v, scale, mask=None, causal=False)
+        if q.device.type == "cpu" and _CPU_LSE is not None:
+            return _prefix_then_chunk(q, k, v, offset, scale)
+        if q.device.type == "cuda":
+            from torch.nn.attention.bias import causal_lower_right
+
+            return _fused(q, k, v, scale, mask=causal_lower_right(q.size(1), k.size(1)), causal=False)
+    first = _first_key(attn, offset, attention_mask)
+    mask, causal = _causal_mask(attn, q, first, k.size(1), offset, attention_mask)
+    return _fused(q, k[:, first:], v[:, first:], scale, mask, causal)
+
+
+def _fused(q, k, v, scale: float, mask, causal: bool) -> Tensor:
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=causal, scale=1.0 / attn.attn_scale, enable_gqa=q.size(2) != k.size(2),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.size(2) != k.size(2),
     )  # [batch, head, query, d_head]
     return z.transpose(1, 2)
+
+
+# torch's CPU flash-attention kernel, which also returns each query's log-sum-exp (a private op).
+_CPU_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefix_then_chunk(q, k, v, offset: int, scale: float) -> Tensor:
+    """Causal attention of a chunk (positions offset..) over all keys so far, as two fused
+    passes: every query over the keys before the chunk (no mask; grouped-query heads read
+    their key-value head in place), then causal within the chunk; merged exactly by the two
+    log-sum-exps. [batch, query, head, d_head]."""
+    b, c, h, d = q.shape
+    g = k.size(2)
+    r = h // g
+    heads_first = q.transpose(1, 2)  # [batch, head, query, d]
+    prefix, prefix_lse = _CPU_LSE(
+        heads_first.reshape(b, g, r * c, d), k[:, :offset].transpose(1, 2), v[:, :offset].transpose(1, 2),
+        0.0, False, attn_mask=None, scale=scale,
+    )[:2]  # fmt: skip
+    own_k = k[:, offset:].transpose(1, 2).repeat_interleave(r, dim=1)  # the chunk's own keys only: small
+    own_v = v[:, offset:].transpose(1, 2).repeat_interleave(r, dim=1)
+    own, own_lse = _CPU_LSE(heads_first, own_k, own_v, 0.0, True, attn_mask=None, scale=scale)[:2]
+    prefix, prefix_lse = prefix.reshape(b, h, c, d), prefix_lse.reshape(b, h, c, 1)
+    top = torch.maximum(prefix_lse, own_lse[..., None])
+    w_prefix, w_own = (prefix_lse - top).exp(), (own_lse[..., None] - top).exp()
+    z = (prefix.float() * w_prefix + own.float() * w_own) / (w_prefix + w_own)
+    return z.to(q.dtype).transpose(1, 2)
 
 
 def _explicit(attn, q, k, v, offset: int, attention_mask) -> Tensor:
     """TransformerLens's explicit attention (scores, causal mask, hook_attn_scores, softmax,
     hook_pattern, z), with each grouped-query head reading its key-value head in place of
-    TransformerLens's repeat_interleave copies. Query head i reads key-value head
-    i // (n_heads / n_kv_heads), as there."""
+    TransformerLens's repeat_interleave copies (query head i reads key-value head
+    i // (n_heads / n_kv_heads), as there), and a sliding-window layer reading only the keys
+    in its window: the others get TransformerLens's -inf anyway, so hooks still see
+    [batch, head, query, every key]."""
     b, n_q, h, d = q.shape
     g, n_k = k.size(2), k.size(1)
-    r = h // g
-    scores = torch.einsum("bqgrd,bkgd->bgrqk", q.reshape(b, n_q, g, r, d), k).reshape(b, h, n_q, n_k) / attn.attn_scale
+    r, first = h // g, _first_key(attn, offset, attention_mask)
+    scores = torch.einsum("bqgrd,bkgd->bgrqk", q.reshape(b, n_q, g, r, d), k[:, first:]).reshape(b, h, n_q, n_k - first)
+    scores = scores / attn.attn_scale
+    if first:
+        scores = torch.cat([scores.new_full((b, h, n_q, first), float("-inf")), scores], dim=-1)
     scores = attn.hook_attn_scores(attn.apply_causal_mask(scores, offset, attention_mask))
     pattern = F.softmax(scores, dim=-1)
     pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
     pattern = attn.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)  # [batch, head, query, key]
-    return torch.einsum("bgrqk,bkgd->bqgrd", pattern.reshape(b, g, r, n_q, n_k), v).reshape(b, n_q, h, d)
+    window = pattern[..., first:].reshape(b, g, r, n_q, n_k - first)
+    return torch.einsum("bgrqk,bkgd->bqgrd", window, v[:, first:]).reshape(b, n_q, h, d)
 
 
 def _project(attn, z: Tensor) -> Tensor:
