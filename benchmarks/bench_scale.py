@@ -12,7 +12,7 @@ on a GPU; peak RSS over the process's start on a CPU) and the memory model's pre
     weights    = parameters x bytes per parameter
     KV cache   = layers x KV heads x d_head x 2 (keys, values) x (tokens + 256 growth) x bytes
     transient  = one prefill chunk through one layer: chunk x (3 d_mlp + 6 d_model + 3 heads
-                 x d_head) x bytes (a chunk is at most 1 GiB of these), the attention mask of
+                 x d_head) x bytes (a chunk is at most 256 MiB of these), the attention mask of
                  a later chunk (at most 256 MiB), and the fp32 logits of one position
 
 On this machine: python benchmarks/bench_scale.py --shape llama-2-7b --layers 2 --lengths 4096 16384 65536

@@ -32,7 +32,7 @@ from .errors import InputError
 from .generation import MAX_NEW_TOKENS, prefill
 from .heads import Head, all_heads, heads_of
 from .niah import Trial
-from .results import Answer, DetectionResult, write_json
+from .results import Answer, DetectionResult, recall_grid, write_json
 from .runs import InProcess, run_directory, run_trials
 from .scoring import SUCCESS_RECALL
 from .tl_internals import allowed_keys
@@ -231,15 +231,7 @@ class AblationResult:
 
     def recall_grid(self, kind: str, k: int) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
         """Mean recall per (depth, length) over needles (and seeds): the paper's NIAH heatmap."""
-        records = [r for c in self.conditions if (c.kind, c.k) == (kind, k) for r in c.records]
-        lengths = sorted({r.context_length for r in records})
-        depths = sorted({r.depth for r in records})
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for i, depth in enumerate(depths):
-            for j, length in enumerate(lengths):
-                values = [r.rouge_recall for r in records if r.depth == depth and r.context_length == length]
-                grid[i, j] = np.mean(values) if values else np.nan
-        return lengths, depths, grid
+        return recall_grid([r for c in self.conditions if (c.kind, c.k) == (kind, k) for r in c.records])
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": "rh_lens.ablation/1", **asdict(self)}

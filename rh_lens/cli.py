@@ -1,4 +1,4 @@
-"""Command line: `rh-lens detect`, `show`, `ablate`, `patch`, `analyze` and `compare`.
+"""Command line: `rh-lens detect`, `show`, `ablate`, `compress`, `patch`, `analyze` and `compare`.
 
 Thin: each command parses its options, calls one library function (`rh_lens.workflows`,
 or `load_results` for `show`) and prints the table `rh_lens.reports` formats. User errors
@@ -31,7 +31,15 @@ from .options import (
     unit_interval,
 )
 from .patching import DIRECTIONS, KINDS, METRICS, POSITIONS
-from .reports import format_ablation, format_analysis, format_comparison, format_patching, format_ranking, format_written
+from .reports import (
+    format_ablation,
+    format_analysis,
+    format_comparison,
+    format_compression,
+    format_patching,
+    format_ranking,
+    format_written,
+)
 from .results import load_results
 from .runs import saved_trials
 from .scoring import DEFAULT_THRESHOLD
@@ -59,6 +67,17 @@ def run_ablate(args: argparse.Namespace) -> None:
         workers=args.workers, ray_address=args.ray_address,
     )  # fmt: skip
     print(format_ablation(result))
+    print(format_written(written))
+
+
+def run_compress(args: argparse.Namespace) -> None:
+    result, written = workflows.compress_grid(
+        args.model, args.scores, grid_from_args(args), args.out, fractions=args.full_fraction, sink=args.sink,
+        window=args.window, random_seeds=args.random_seeds, decode_only=args.decode_only, device=args.device,
+        dtype=args.dtype, verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite,
+        max_new_tokens=args.max_new_tokens, workers=args.workers, ray_address=args.ray_address,
+    )  # fmt: skip
+    print(format_compression(result))
     print(format_written(written))
 
 
@@ -145,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", choices=METHODS, default="uniform", help="uniform attention (the paper), zero or mean output")
     a.add_argument("--decode-only", action="store_true", help="mask at decode steps only, not over the prompt")
     a.set_defaults(run=run_ablate)
+
+    k = commands.add_parser("compress", help="KV-cache compression: full cache for retrieval heads, sink + window for the rest")
+    add_model_arguments(k)
+    add_grid_arguments(k)
+    run_arguments(k)
+    k.add_argument("--scores", required=True, help="detection results ranking the heads (ours or the reference's format)")
+    k.add_argument("--full-fraction", nargs="+", type=unit_interval, default=[0.1, 0.25, 0.5], help="fractions of KV heads kept full")
+    k.add_argument("--sink", type=non_negative_int, default=4, help="first tokens every streaming head keeps (default 4)")
+    k.add_argument("--window", type=positive_int, default=256, help="recent tokens every streaming head keeps (default 256)")
+    k.add_argument("--random-seeds", type=non_negative_int, default=2, help="random KV-head draws per fraction (seeds 0..N-1)")
+    k.add_argument("--decode-only", action="store_true", help="compress at decode steps only (a cache compressed after prefill)")
+    k.set_defaults(run=run_compress)
 
     p = commands.add_parser("patch", help="activation patching: which heads carry the needle's answer")
     add_model_arguments(p)

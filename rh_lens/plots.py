@@ -62,18 +62,16 @@ def _panels(result: AblationResult) -> list[tuple[str, str, int]]:
     return panels
 
 
-def niah_heatmaps(result: AblationResult):
-    """The paper's NIAH maps, one per condition, on one colour scale: x context length,
-    y needle depth, colour ROUGE-1 recall (mean over needles and seeds)."""
-    panels = _panels(result)
+def niah_panels(panels: list[tuple[str, tuple]], title: str):
+    """NIAH maps on one colour scale, one panel per (panel title, `recall_grid(records)`):
+    x context length, y needle depth, colour ROUGE-1 recall."""
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 2.8 * rows), squeeze=False, constrained_layout=True)
     image = None
-    for ax, (title, kind, k) in zip(axes.flat, panels):
-        lengths, depths, grid = result.recall_grid(kind, k)
+    for ax, (panel, (lengths, depths, grid)) in zip(axes.flat, panels):
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="lower")
-        ax.set_title(f"{title}\nmean recall {grid[~np.isnan(grid)].mean():.2f}", fontsize=9)
+        ax.set_title(f"{panel}\nmean recall {grid[~np.isnan(grid)].mean():.2f}", fontsize=9)
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7, rotation=45)
         ax.set_yticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
         ax.set_xlabel("context length (tokens)", fontsize=8)
@@ -81,8 +79,49 @@ def niah_heatmaps(result: AblationResult):
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     figure.colorbar(image, ax=axes, label="ROUGE-1 recall", shrink=0.8)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def niah_heatmaps(result: AblationResult):
+    """The paper's NIAH maps, one per masking condition (mean over needles and seeds)."""
     mode = "decode steps only" if result.decode_only else "all positions"
-    figure.suptitle(f"{result.model}: NIAH under {result.method} masking ({mode})", fontsize=10)
+    panels = [(title, result.recall_grid(kind, k)) for title, kind, k in _panels(result)]
+    return niah_panels(panels, f"{result.model}: NIAH under {result.method} masking ({mode})")
+
+
+METHOD_TITLES = {"full": "full cache", "retrieval": "retrieval heads full", "random": "random KV heads full",
+                 "streaming": "StreamingLLM (same bytes)", "razor": "RazorAttention heads full"}  # fmt: skip
+
+
+def compression_heatmaps(result):
+    """NIAH maps per compression condition (random heads: mean over seeds)."""
+    panels = [
+        (f"{METHOD_TITLES[row['method']]}" + (f", {row['full_fraction']:g} full" if row["method"] != "full" else "")
+         + f"\n{100 * row['kv_kept']:.0f}% of the KV cache", result.recall_grid(row["method"], row["full_fraction"]))
+        for row in result.summary()
+    ]  # fmt: skip
+    mode = "decode steps only" if result.decode_only else "prefill and decode"
+    return niah_panels(panels, f"{result.model}: NIAH under KV compression, sink {result.sink} + window {result.window} ({mode})")
+
+
+def recall_vs_kv(result):
+    """Mean recall against the fraction of the KV cache kept, one line per method."""
+    rows = result.summary()
+    figure, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    for method, style in (("retrieval", "o-"), ("random", "s--"), ("streaming", "^-."), ("razor", "d:")):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kv_kept"])
+        if points:
+            ax.errorbar([100 * r["kv_kept"] for r in points], [r["mean_recall"] for r in points],
+                        yerr=[r["std_over_seeds"] for r in points], fmt=style, capsize=3, label=METHOD_TITLES[method])  # fmt: skip
+    for r in rows:
+        if r["method"] == "full":
+            ax.axhline(r["mean_recall"], color="grey", linestyle=":", label="full cache")
+    ax.set_xlabel("KV cache kept (%)")
+    ax.set_ylabel("mean ROUGE-1 recall")
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_title(f"{result.model}: sink {result.sink} + window {result.window}", fontsize=10)
+    ax.legend(fontsize=7)
     return figure
 
 

@@ -12,14 +12,17 @@ from typing import Any
 
 from .ablation import AblationResult
 from .analysis import Analysis, Comparison
+from .compression import CompressionResult, export_duo_attention
 from .heads import Head
 from .patching import PatchingResult
 from .plots import (
     analysis_figures,
+    compression_heatmaps,
     effect_vs_score_scatter,
     niah_heatmaps,
     patching_heatmaps,
     recall_vs_k,
+    recall_vs_kv,
     resid_heatmap,
     save_figure,
     save_figures,
@@ -48,6 +51,20 @@ def save_ablation(result: AblationResult, out: str | Path) -> list[Path]:
     write_json(paths[0], result.to_json())
     save_figure(niah_heatmaps(result), paths[1])
     save_figure(recall_vs_k(result), paths[2])
+    return paths
+
+
+def save_compression(result: CompressionResult, out: str | Path) -> list[Path]:
+    """compression.json, recall_vs_kv.png, niah_heatmaps.png and, for each retrieval policy,
+    its split in DuoAttention's format under duo_attention/<full fraction>/."""
+    out = Path(out)
+    paths = [out / "compression.json", out / "recall_vs_kv.png", out / "niah_heatmaps.png"]
+    write_json(paths[0], result.to_json())
+    save_figure(recall_vs_kv(result), paths[1])
+    save_figure(compression_heatmaps(result), paths[2])
+    for condition in result.conditions:
+        if condition.method == "retrieval":
+            paths += export_duo_attention(condition.policy, out / "duo_attention" / f"{condition.full_fraction:g}")
     return paths
 
 
@@ -120,6 +137,23 @@ def format_ablation(result: AblationResult) -> str:
         lines.append(
             f"{row['condition']:<14} {row['k']:>4}  {row['mean_recall']:>11.3f}  {spread:>11}  "
             f"{100 * row['success_rate']:>8.0f}%  {100 * row['absent_rate']:>13.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def format_compression(result: CompressionResult) -> str:
+    """KV kept, compression ratio, recall and retrieval rate per method and budget."""
+    mode = "decode steps only" if result.decode_only else "prefill and decode"
+    lines = [
+        f"{result.model}: NIAH under KV-cache compression, streaming heads keep {result.sink} sink + {result.window} recent tokens ({mode})",
+        f"{'method':<10} {'full':>5}  {'KV kept':>7}  {'ratio':>5}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}",
+    ]
+    for row in result.summary():
+        spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] > 1 else ""
+        fraction = f"{row['full_fraction']:g}" if row["method"] != "full" else "all"
+        lines.append(
+            f"{row['method']:<10} {fraction:>5}  {100 * row['kv_kept']:>6.1f}%  {row['compression_ratio']:>5.2f}  "
+            f"{row['mean_recall']:>11.3f}  {spread:>11}  {100 * row['success_rate']:>8.0f}%"
         )
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -142,6 +143,18 @@ class DetectionResult:
                 generated_ids=[], response=None, rouge_recall=None, success=True, answer_span=None, head_scores=matrix,
             ))  # fmt: skip
         return cls(model, n_layers, n_heads, trials)
+
+
+def recall_grid(records) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
+    """Mean ROUGE-1 recall of NIAH records per (depth, context length): the paper's heatmap."""
+    lengths = sorted({r.context_length for r in records})
+    depths = sorted({r.depth for r in records})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for i, depth in enumerate(depths):
+        for j, length in enumerate(lengths):
+            values = [r.rouge_recall for r in records if r.depth == depth and r.context_length == length]
+            grid[i, j] = np.mean(values) if values else np.nan
+    return lengths, depths, grid
 
 
 def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:

@@ -15,6 +15,7 @@ from transformer_lens import HookedTransformer
 
 from .ablation import AblationResult, ablation_experiment
 from .analysis import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
+from .compression import CompressionResult, compression_experiment
 from .detection import detect
 from .errors import InputError
 from .generation import MAX_NEW_TOKENS
@@ -22,7 +23,7 @@ from .heads import Head
 from .models import check_cache_of, load_model, load_model_spec
 from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
 from .patching import DIRECTIONS, KINDS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
-from .reports import save_ablation, save_analysis, save_comparison, save_detection, save_patching
+from .reports import save_ablation, save_analysis, save_comparison, save_compression, save_detection, save_patching
 from .results import DetectionResult, load_results
 from .runs import run_directory
 from .scoring import DEFAULT_THRESHOLD
@@ -110,6 +111,41 @@ def ablate_grid(
             max_new_tokens, progress, executor,
         )  # fmt: skip
         return result, save_ablation(result, out)
+
+
+def compress_grid(
+    model: str | HookedTransformer,
+    scores: str | Path | DetectionResult,
+    grid: Grid,
+    out: str | Path,
+    *,
+    fractions: Sequence[float] = (0.1, 0.25, 0.5),
+    sink: int = 4,
+    window: int = 256,
+    random_seeds: int = 2,
+    decode_only: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    verify_cache: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
+) -> tuple[CompressionResult, list[Path]]:
+    """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
+    full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
+    the same bytes and RazorAttention's heads; saved with `save_compression`."""
+    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
+    settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
+        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+        result = compression_experiment(
+            model, trials, detection, fractions, sink, window, list(range(random_seeds)), decode_only, out, resume, settings,
+            max_new_tokens, progress, executor,
+        )  # fmt: skip
+        return result, save_compression(result, out)
 
 
 def patch_needle(

@@ -90,3 +90,18 @@ def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
     assert "do not exist" in capsys.readouterr().err
     assert cli.main(common[:-6] + ["--corrupted-answer", "echo", "--all-heads", "--out", str(tmp_path / "bad")]) == 1
     assert "differ in token length" in capsys.readouterr().err
+
+
+def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, capsys):
+    tmp_path, argv = inputs
+    assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
+    argv = [a if a != "detect" else "compress" for a in argv if a not in ("--top", "3")]
+    out = tmp_path / "kv"
+    args = argv + ["--scores", str(tmp_path / "det" / "results.json"), "--full-fraction", "0.125", "--sink", "4", "--window", "8",
+                   "--random-seeds", "1", "--out", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    rows = {tuple(line.split()[:2]): line.split() for line in capsys.readouterr().out.splitlines()[2:7]}
+    assert float(rows[("full", "all")][4]) == 1.0 and float(rows[("retrieval", "0.125")][4]) == 1.0
+    for name in ("compression.json", "recall_vs_kv.png", "niah_heatmaps.png", "duo_attention/0.125/full_attention_heads.tsv"):
+        assert (out / name).stat().st_size > 0
