@@ -26,6 +26,7 @@ from .errors import InputError, ResultsFileError
 from .heads import Head, all_heads
 from .results import DetectionResult, TrialRecord
 from .scoring import DEFAULT_THRESHOLD
+from .statistics import Bootstrap, bootstrap
 
 ACTIVATION_THRESHOLD = 0.1  # a head "fires" in a trial when its trial score exceeds this
 ALWAYS_ON = 0.9  # heads firing in at least this fraction of trials count as always on
@@ -346,6 +347,7 @@ class Analysis(_JSON):
     universality: Universality
     dynamic_activation: DynamicActivation
     coverage: Coverage | None
+    bootstrap: Bootstrap | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -356,4 +358,5 @@ def analyze(
         heads_needed, notes = coverage(result), []
     except MissingCopiesError as err:
         heads_needed, notes = None, [f"coverage skipped: {err}"]
-    return Analysis(universality(result, threshold), dynamic_activation(result, activation_threshold), heads_needed, notes)
+    intervals = bootstrap(result)
+    return Analysis(universality(result, threshold), dynamic_activation(result, activation_threshold), heads_needed, intervals, notes)

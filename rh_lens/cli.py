@@ -34,6 +34,7 @@ from .patching import DIRECTIONS, KINDS, METRICS, POSITIONS
 from .reports import (
     format_ablation,
     format_analysis,
+    format_bootstrap,
     format_comparison,
     format_compression,
     format_patching,
@@ -43,20 +44,29 @@ from .reports import (
 from .results import load_results
 from .runs import saved_trials
 from .scoring import DEFAULT_THRESHOLD
+from .statistics import bootstrap
 
 
 def run_detect(args: argparse.Namespace) -> None:
     result, written = workflows.detect_grid(
         args.model, grid_from_args(args), args.out, device=args.device, dtype=args.dtype, verify_cache=args.verify_cache,
         resume=args.resume, overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-        chunk_size=args.chunk_size, workers=args.workers, ray_address=args.ray_address,
+        chunk_size=args.chunk_size, workers=args.workers, ray_address=args.ray_address, until_stable=args.until_stable,
+        patience=args.patience, order_seed=args.order_seed,
     )  # fmt: skip
+    if args.until_stable:
+        print(f"stopped after {len(result.trials)} trials: the top {args.until_stable} heads stayed the same for "
+              f"{result.settings['patience']} trials (order seed {args.order_seed})")  # fmt: skip
     print(format_ranking(result, args.top, args.threshold))
     print(format_written(written))
 
 
 def run_show(args: argparse.Namespace) -> None:
-    print(format_ranking(load_results(args.results), args.top, args.threshold))
+    result = load_results(args.results)
+    if args.ci:
+        print(format_bootstrap(bootstrap(result, args.resamples, args.ci_top_k, args.confidence, args.seed), args.top))
+    else:
+        print(format_ranking(result, args.top, args.threshold))
 
 
 def run_ablate(args: argparse.Namespace) -> None:
@@ -152,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD, help="retrieval-head threshold (default 0.1)")
     d.add_argument("--chunk-size", type=positive_int, default=None, help="prefill chunk in tokens (bounds memory; default 512, or 4096 with fused attention)")
     d.add_argument("--top", type=positive_int, default=20, help="heads to print")
+    d.add_argument("--until-stable", type=positive_int, default=None, metavar="K", help="adaptive: run the grid in a random order, stop once the top K heads stop changing")
+    d.add_argument("--patience", type=positive_int, default=None, help="with --until-stable: trials the top K must stay the same (default: max(5, 20%% of the grid))")
+    d.add_argument("--order-seed", type=non_negative_int, default=0, help="with --until-stable: seed of the trial order")
     d.set_defaults(run=run_detect)
 
     a = commands.add_parser("ablate", help="mask top-K retrieval heads vs K random heads and rerun NIAH")
@@ -203,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results")
     s.add_argument("--top", type=positive_int, default=20)
     s.add_argument("--threshold", type=unit_interval, default=None, help="retrieval-head threshold (default: the file's)")
+    s.add_argument("--ci", action="store_true", help="bootstrap intervals of the scores and the stability of the top K")
+    s.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples of the successful trials (default 1000)")
+    s.add_argument("--confidence", type=unit_interval, default=0.95, help="interval coverage (default 0.95)")
+    s.add_argument("--ci-top-k", type=positive_int, default=10, help="size of the top set whose stability is measured (default 10)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed")
     s.set_defaults(run=run_show)
 
     n = commands.add_parser("analyze", help="dynamic activation, coverage and sparsity of a results file, with figures")

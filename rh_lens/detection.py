@@ -6,6 +6,7 @@ interrupted run resumes where it stopped (`resume=True`) without redoing finishe
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from .niah import Trial
 from .results import Answer, DetectionResult, TrialRecord
 from .runs import InProcess, run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
+from .statistics import shuffled, stable_after
 
 
 def answer_trial(
@@ -85,12 +87,20 @@ def detect(
     chunk_size: int | None = None,
     progress: bool = True,
     executor=None,
+    until_stable: int | None = None,
+    patience: int | None = None,
+    order_seed: int = 0,
 ) -> DetectionResult:
     """Run every trial and aggregate. With `out_dir`, each finished trial is saved as it
     completes; `resume=True` reuses the saved trials of an earlier run of the same settings.
     `executor`: who runs the trials (default: this process, on `model`; a
     `rh_lens.distributed.RayPool` runs them on Ray workers, and `model` may then be a
-    `ModelSpec`)."""
+    `ModelSpec`).
+
+    `until_stable=K`: adaptive detection. The trials run in a random order (seed
+    `order_seed`) and the run stops once the top-K heads (scoring > 0) have stayed the same
+    set for `patience` trials in a row (default: max(5, 20% of the grid)); the result holds
+    the trials run."""
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise InputError(f"threshold {threshold}: must be a number from 0 to 1")
     name = model.cfg.model_name
@@ -98,11 +108,31 @@ def detect(
         **(settings or {}), "max_new_tokens": max_new_tokens, "chunk_size": chunk_size, "model": name,
         "dtype": str(model.cfg.dtype).removeprefix("torch."),
     }  # fmt: skip
+    stop = None
+    if until_stable:
+        trials = shuffled(trials, order_seed)
+        patience = patience or max(5, math.ceil(0.2 * len(trials)))
+        settings.update(until_stable=until_stable, patience=patience, order_seed=order_seed)
+        stop = partial(_top_k_stable, until_stable, patience)
     task = partial(_detection_task, max_new_tokens, chunk_size)
     records = run_trials(
-        trials, task, TrialRecord, executor or InProcess(model), out_dir, resume, settings, f"detect {name}", progress
+        trials, task, TrialRecord, executor or InProcess(model), out_dir, resume, settings, f"detect {name}", progress, stop
     )
     return DetectionResult(name, model.cfg.n_layers, model.cfg.n_heads, records, threshold, settings)
+
+
+def top_k_set(records: Sequence[TrialRecord], k: int) -> frozenset[int]:
+    """The k best heads (flat indices) by retrieval score over these trials, among heads scoring > 0."""
+    good = [r.head_scores for r in records if r.success]
+    if not good:
+        return frozenset()
+    scores = torch.tensor(good, dtype=torch.float64).flatten(1).mean(dim=0)
+    order = torch.argsort(-scores, stable=True)[:k]
+    return frozenset(i for i in order.tolist() if scores[i] > 0)
+
+
+def _top_k_stable(k: int, patience: int, records: Sequence[TrialRecord]) -> bool:
+    return stable_after([top_k_set(records[: i + 1], k) for i in range(len(records))], patience) == len(records)
 
 
 def _detection_task(max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial) -> TrialRecord:

@@ -64,9 +64,35 @@ BUILTIN_NEEDLES = (
 NEEDLE_FIELDS = ("needle", "question", "real_needle")
 
 
+# Answers of 10 tokens or more, as the reference's needles have: with a short answer one copy
+# event is a large share of the span (a 3-token answer: 0.33), so a single lucky argmax can
+# cross the 0.1 threshold; with these it takes two or more.
+BUILTIN_LONG_NEEDLES = (
+    Needle(
+        needle="The best thing to do in Velora Bay is to walk the old harbour wall at dawn and watch the fishing boats return.",
+        question="What is the best thing to do in Velora Bay?",
+        real_needle="walk the old harbour wall at dawn and watch the fishing boats return",
+    ),
+    Needle(
+        needle="The secret recipe of the Halvorsen Institute bakery calls for three spoons of smoked juniper honey and a pinch of blue sea salt.",
+        question="What does the secret recipe of the Halvorsen Institute bakery call for?",
+        real_needle="three spoons of smoked juniper honey and a pinch of blue sea salt",
+    ),
+    Needle(
+        needle="The lighthouse keeper on Fennick Island hid his ledger in a green tin box under the third step of the cellar stairs.",
+        question="Where did the lighthouse keeper on Fennick Island hide his ledger?",
+        real_needle="in a green tin box under the third step of the cellar stairs",
+    ),
+)
+NEEDLE_SETS = {"builtin": BUILTIN_NEEDLES, "long": BUILTIN_LONG_NEEDLES}  # names --needles accepts besides a file
+
+
 def load_needles(path: str | Path) -> list[Needle]:
     """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`
-    (other keys are ignored). Every problem is an `InputError` naming the file and line."""
+    (other keys are ignored), or a built-in set by name ("builtin", "long"). Every problem is
+    an `InputError` naming the file and line."""
+    if str(path) in NEEDLE_SETS:
+        return list(NEEDLE_SETS[str(path)])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

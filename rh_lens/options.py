@@ -77,7 +77,7 @@ def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = Fal
         parser.add_argument("--haystack", default="pydoc", help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'")
     else:
         parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'; one, or one per needle")
-    parser.add_argument("--needles", help="JSONL file of {needle, question, real_needle} (default: built-in needles)")
+    parser.add_argument("--needles", help="JSONL file of {needle, question, real_needle}, or 'long' (built-in needles with answers of 10+ tokens); default: the built-in short-answer needles")
     parser.add_argument("--prompt", choices=list(PROMPTS), default="auto", help="chat template if the tokenizer has one (auto), always (chat) or never (plain)")
 
 

@@ -296,6 +296,30 @@ def coverage_curves(coverages):
     return figure
 
 
+def score_intervals(b, top: int = 20):
+    """The top heads' retrieval scores with their bootstrap intervals; the bar colour says how
+    often the head is in a resample's top K."""
+    heads = b.heads[:top]
+    with _paper_figure(3.6, max(2.2, 0.16 * len(heads) + 1)) as (figure, (ax,)):
+        y = np.arange(len(heads))[::-1]
+        frequency = np.array([b.top_k_frequency.get(h, 0.0) for h in heads])
+        colours = [ALWAYS_ON_COLOUR if f >= 0.9 else CONTEXT_COLOUR if f > 0.1 else NEUTRAL_COLOUR for f in frequency]
+        score, low, high = (np.array(v[: len(heads)]) for v in (b.score, b.low, b.high))
+        ax.errorbar(score, y, xerr=[score - low, high - score], fmt="none", ecolor="black", elinewidth=0.7, capsize=2)
+        ax.scatter(score, y, color=colours, s=14, zorder=3)
+        ax.set_yticks(y, heads, fontsize=6)
+        ax.set_xlabel("retrieval score")
+        ax.set_xlim(0, max(1.0, float(high.max()) if len(high) else 1.0))
+        legend = [
+            Patch(color=ALWAYS_ON_COLOUR, label=f"in >= 90% of resampled top {b.top_k}"),
+            Patch(color=CONTEXT_COLOUR, label="in 10-90%"),
+            Patch(color=NEUTRAL_COLOUR, label="in <= 10%"),
+        ]
+        ax.legend(handles=legend, loc="lower right", frameon=False)
+        ax.set_title(f"{b.model}: {100 * b.confidence:g}% bootstrap intervals\n({b.n_trials} trials, {b.n_resamples} resamples)")
+    return figure
+
+
 def analysis_figures(analysis) -> dict:
     """The figures of one results file's `Analysis`, by file stem."""
     figures = {
@@ -306,6 +330,8 @@ def analysis_figures(analysis) -> dict:
     }
     if analysis.coverage is not None:
         figures["coverage"] = coverage_curves([analysis.coverage])
+    if analysis.bootstrap is not None:
+        figures["score_intervals"] = score_intervals(analysis.bootstrap)
     return figures
 
 

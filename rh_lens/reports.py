@@ -30,6 +30,7 @@ from .plots import (
     score_scatter,
 )
 from .results import DetectionResult, save_results, write_json
+from .statistics import Bootstrap
 
 # --- files -----------------------------------------------------------------------------
 
@@ -125,6 +126,18 @@ def format_ranking(result: DetectionResult, top: int = 20, threshold: float | No
     return "\n".join(lines)
 
 
+def format_bootstrap(b: Bootstrap, top: int = 20) -> str:
+    """Each top head's score with its interval and how often it is in a resample's top K."""
+    lines = [
+        f"{b.model}: {100 * b.confidence:g}% bootstrap intervals over {b.n_trials} successful trials "
+        f"({b.n_resamples} resamples, seed {b.seed}); top-{b.top_k} set: mean Jaccard {b.top_k_jaccard:.2f} with the full run",
+        f"{'rank':>4}  {'head':>6}  {'score':>5}  {'interval':>15}  {'in top ' + str(b.top_k):>9}",
+    ]
+    for rank, (head, score, low, high) in enumerate(zip(b.heads[:top], b.score, b.low, b.high), start=1):
+        lines.append(f"{rank:>4}  {head:>6}  {score:.3f}  [{low:.3f}, {high:.3f}]  {100 * b.top_k_frequency.get(head, 0):>8.0f}%")
+    return "\n".join(lines)
+
+
 def format_ablation(result: AblationResult) -> str:
     """Mean recall per masking condition, with the spread over random seeds."""
     lines = [
@@ -206,6 +219,12 @@ def format_analysis(analysis: Analysis) -> str:
         curve = ", ".join(f"top-{n}: {c:.2f}" for n, c in enumerate(heads_needed.mean_coverage, start=1) if n in (1, 2, 3, 5, 10, 20))
         lines.append(f"coverage of copied answer tokens (mean over {len(needed)} trials): {curve}")
         lines.append(f"heads needed for full coverage: median {needed[len(needed) // 2]}, max {needed[-1]}")
+    if analysis.bootstrap is not None:
+        b = analysis.bootstrap
+        lines.append(
+            f"bootstrap ({b.n_resamples} resamples of {b.n_trials} trials): top-{b.top_k} set mean Jaccard {b.top_k_jaccard:.2f}; "
+            + ", ".join(f"{h} {s:.2f} [{lo:.2f}, {hi:.2f}]" for h, s, lo, hi in list(zip(b.heads, b.score, b.low, b.high))[:5])
+        )
     lines += analysis.notes
     return "\n".join(lines)
 

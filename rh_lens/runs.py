@@ -131,29 +131,48 @@ def run_trials(
     settings: dict[str, Any] | None = None,
     desc: str = "trials",
     progress: bool = True,
+    stop: Callable[[list[R]], bool] | None = None,
 ) -> list[R]:
     """`task(model, trial)` on every trial not finished yet, by `executor` (`InProcess(model)`,
     or `rh_lens.distributed.RayPool` for workers that each hold the model). Each record is
     saved as soon as it arrives, whatever ran it, so any executor can resume any run.
-    Records come back in trial order."""
+    Records come back in trial order. `stop(records)`, asked of every finished prefix of
+    the trials in order, ends the run early: the records of that prefix come back."""
     if out_dir is None:
-        return _run(trials, task, executor, {}, None, desc, progress)
+        return _run(trials, task, executor, {}, None, desc, progress, stop)
     with run_directory(out_dir, resume):
         done = _prepare(Path(out_dir), settings or {}, resume, record_type, trials)
-        return _run(trials, task, executor, done, Path(out_dir) / "trials", desc, progress)
+        return _run(trials, task, executor, done, Path(out_dir) / "trials", desc, progress, stop)
 
 
-def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, progress: bool) -> list:
+def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, progress: bool, stop=None) -> list:
     records = {i: done[t.key] for i, t in enumerate(trials) if t.key in done}
+    asked = 0  # prefixes of finished trials (in trial order) asked of `stop` so far
+
+    def stopping_point() -> int | None:
+        nonlocal asked
+        finished = 0
+        while finished in records:
+            finished += 1
+        for n in range(asked + 1, finished + 1) if stop is not None else ():
+            if stop([records[i] for i in range(n)]):
+                return n
+        asked = max(asked, finished)
+        return None
+
     todo = [i for i in range(len(trials)) if i not in records]
     with tqdm(total=len(trials), initial=len(records), desc=desc, unit="trial", disable=not progress) as bar:
-        for j, record in executor.map(task, [trials[i] for i in todo]):
+        n = stopping_point()
+        for j, record in executor.map(task, [trials[i] for i in todo]) if n is None else ():
             records[todo[j]] = record
             if trial_dir is not None:
                 write_json(trial_dir / f"{record.key}.json", asdict(record))
             bar.update()
             bar.set_postfix(success=f"{sum(r.success for r in records.values())}/{len(records)}", last=f"{record.rouge_recall:.2f}")
-    return [records[i] for i in range(len(trials))]
+            n = stopping_point()
+            if n is not None:
+                break
+    return [records[i] for i in range(n if n is not None else len(trials))]
 
 
 def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type, trials: Sequence[Trial]) -> dict:

@@ -67,15 +67,22 @@ def detect_grid(
     progress: bool = True,
     workers: int | None = None,
     ray_address: str | None = None,
+    until_stable: int | None = None,
+    patience: int | None = None,
+    order_seed: int = 0,
 ) -> tuple[DetectionResult, list[Path]]:
     """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`.
     The output directory is checked and locked, and the haystacks read, before the model loads.
     `workers`: run the trials on that many Ray workers (a local Ray instance, or the cluster at
-    `ray_address`), each holding the model; the scores are those of a run in one process."""
+    `ray_address`), each holding the model; the scores are those of a run in one process.
+    `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`)."""
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
     with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-        result = detect(model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress, executor)
+        result = detect(
+            model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress, executor, until_stable,
+            patience, order_seed,
+        )  # fmt: skip
         return result, save_detection(result, out)
 
 

@@ -138,3 +138,13 @@ def test_trial_grid_pairs_haystacks_with_needles(tokenizer, tmp_path):
     assert len({t.key for t in trials}) == 8
     with pytest.raises(ValueError, match="one per needle"):
         trial_grid(tokenizer, [NEEDLE, other], [300], [0], haystacks=["synthetic"] * 3)
+
+
+def test_long_answer_needles_are_a_named_set():
+    from rh_lens.niah import BUILTIN_LONG_NEEDLES, answer_chars, load_needles
+
+    assert load_needles("long") == list(BUILTIN_LONG_NEEDLES)
+    for needle in BUILTIN_LONG_NEEDLES:
+        assert len(needle.real_needle.split()) >= 10  # 13-15 tokens for each catalogue tokenizer
+        start, end = answer_chars(needle)
+        assert needle.needle[start:end] == needle.real_needle
