@@ -39,7 +39,7 @@ from .results import DetectionResult
 from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
-KINDS = ("head_out", "pattern", "resid")  # hook_z per head, hook_pattern per head, hook_resid_pre per position
+KINDS = ("head_out", "pattern", "resid", "mlp_out")  # hook_z, hook_pattern per head; hook_resid_pre per position; hook_mlp_out per layer
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("final", "all")
 
@@ -215,7 +215,7 @@ class CachedRun:
     """One unpatched run: the activations a patch may copy from it or start from, and the
     logits at its final (answer) position. Every layer's hook_k and hook_v (all positions:
     a patched run attends to them), hook_resid_pre and hook_z from position `first` on (no
-    patch starts earlier), hook_pattern on request."""
+    patch starts earlier), hook_pattern and hook_mlp_out on request."""
 
     activations: dict[str, Tensor]
     final_logits: Float[Tensor, "1 vocab"]
@@ -232,6 +232,7 @@ def cache_run(
     patterns: str | None = None,
     first: int = 0,
     chunk_size: int | None = None,
+    mlp: bool = False,
 ) -> CachedRun:
     """Run once, in chunks through a key-value cache as a long prompt must be, caching what
     patching needs. `patterns`: None, "final" (each pattern's final query row only: all a
@@ -257,10 +258,11 @@ def cache_run(
                 parts[hook.name][0][:, :, start : start + act.size(2), : act.size(3)] = act
         elif hook.name.endswith(("hook_k", "hook_v")):
             parts[hook.name].append(act.clone())
-        elif start + act.size(1) > first:  # hook_resid_pre, hook_z: [batch, pos, ...]
+        elif start + act.size(1) > first:  # hook_resid_pre, hook_z, hook_mlp_out: [batch, pos, ...]
             parts[hook.name].append(act[:, max(0, first - start) :].clone())
 
-    names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ())
+    names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ()) + (
+        ("hook_mlp_out",) if mlp else ())
     cache = new_kv_cache(model)  # TransformerLens's layout: the keys a frozen prefix cache is built from
     with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model) as all_fused:
         for start, end in chunks(model, n, all_fused, chunk_size):
@@ -309,9 +311,9 @@ def first_position(groups: Sequence[Sequence[Patch]], n: int) -> int:
 
 def _shifted(patch: Patch, start: int) -> list:
     """The setter's index for a run that starts at position `start`."""
-    if patch.name == "resid_pre":  # (layer, positions)
+    if isinstance(patch.index[1], list):  # (layer, absolute positions): resid_pre, mlp_out at all positions
         return [patch.layer, [p - start for p in patch.index[1]]]
-    return list(patch.index)  # head patches use position -1 or all positions
+    return list(patch.index)  # head patches, and mlp_out at the final position, use position -1 or all positions
 
 
 def _prefix_cache(model: HookedTransformer, base: CachedRun, start: int, batch: int):
@@ -416,6 +418,15 @@ def head_patches(heads: Sequence[Head], kind: str, positions: str = "final") -> 
     return [[Patch(name, index(layer, head), setter, first)] for layer, head in heads_of(heads)]
 
 
+def mlp_patches(n_layers: int, n_positions: int, positions: str = "final") -> list[list[Patch]]:
+    """One group per layer: that layer's MLP output (hook_mlp_out), at the final position or
+    at every position."""
+    if positions not in POSITIONS:
+        raise InputError(f"positions must be one of {POSITIONS}, not {positions!r}")
+    where = -1 if positions == "final" else list(range(n_positions))
+    return [[Patch("mlp_out", (layer, where), patching.layer_pos_patch_setter, -1 if positions == "final" else 0)] for layer in range(n_layers)]
+
+
 def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[str, Any]]:
     """Positions of the residual-stream heatmap: each answer token from the first that
     differs, the context between needle and prompt end as one column, then each of the last
@@ -450,7 +461,8 @@ class PatchingResult:
     """Patching effects, 1 = the component alone carries the clean answer, 0 = none of it.
 
     `effects[kind][direction]` is a layer x head grid (None where a head was not patched)
-    for "head_out" and "pattern", a layer x column grid for "resid". Effects are the
+    for "head_out" and "pattern", a layer x column grid for "resid", a layer x 1 grid for
+    "mlp_out". Effects are the
     metric normalised between the corrupted run (0) and the clean run (1): the fraction of
     the difference a patch restores (denoising) or destroys (noising). `metric` names the
     metric; `clean_metric` and `corrupted_metric` are its unpatched values."""
@@ -526,10 +538,18 @@ def activation_patching(
     metric = metric or logit_diff_metric(pair)
     metric_name = getattr(metric, "__name__", type(metric).__name__)
     columns = resid_columns(pair, model.tokenizer, tail) if "resid" in kinds else []
-    plan = {kind: resid_patches(n_layers, columns) if kind == "resid" else head_patches(heads, kind, positions) for kind in kinds}
+    if "mlp_out" in kinds and model.cfg.attn_only:
+        raise InputError("this model is attention-only: it has no MLP outputs to patch")
+    plan = {
+        kind: resid_patches(n_layers, columns) if kind == "resid"
+        else mlp_patches(n_layers, len(pair.clean_ids), positions) if kind == "mlp_out"
+        else head_patches(heads, kind, positions)
+        for kind in kinds
+    }  # fmt: skip
     first = first_position([group for groups in plan.values() for group in groups], len(pair.clean_ids))
     patterns = positions if "pattern" in kinds else None
-    runs = {name: cache_run(model, ids, patterns, first) for name, ids in (("clean", pair.clean_ids), ("corrupted", pair.corrupted_ids))}
+    mlp = "mlp_out" in kinds
+    runs = {name: cache_run(model, ids, patterns, first, mlp=mlp) for name, ids in (("clean", pair.clean_ids), ("corrupted", pair.corrupted_ids))}
     clean_value, corrupted_value = (float(metric(runs[name].final_logits)[0]) for name in ("clean", "corrupted"))
     if not clean_value - corrupted_value > min_gap:
         raise PairError(
@@ -545,6 +565,8 @@ def activation_patching(
             effect = recovered if direction == "denoise" else 1 - recovered
             if kind == "resid":
                 grid = effect.view(n_layers, len(columns)).tolist()
+            elif kind == "mlp_out":
+                grid = effect.view(n_layers, 1).tolist()
             else:
                 grid = [[None] * n_heads for _ in range(n_layers)]
                 for (layer, head), value in zip(heads, effect.tolist()):

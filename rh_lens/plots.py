@@ -345,7 +345,8 @@ def save_figures(figures: dict, out_dir: str | Path) -> list[Path]:
 
 # --- patching figures ---
 
-PATCHING_TITLES = {"head_out": "head output (hook_z)", "pattern": "attention pattern (hook_pattern)", "resid": "residual stream (hook_resid_pre)"}
+PATCHING_TITLES = {"head_out": "head output (hook_z)", "pattern": "attention pattern (hook_pattern)", "resid": "residual stream (hook_resid_pre)",
+                   "mlp_out": "MLP output (hook_mlp_out)"}  # fmt: skip
 DIRECTION_TITLES = {"denoise": "denoising: clean into corrupted (restored)", "noise": "noising: corrupted into clean (destroyed)"}
 
 
@@ -395,6 +396,28 @@ def resid_heatmap(result, direction: str = "denoise"):
     ax.set_ylabel("layer (residual stream entering it)")
     figure.colorbar(image, ax=ax, label="patching effect")
     ax.set_title(f"{result.model}: residual stream, {DIRECTION_TITLES[direction]}", fontsize=10)
+    return figure
+
+
+def mlp_effects(result):
+    """Each layer's MLP-output patching effect, per direction, beside the layer's largest
+    head-output effect when heads were patched too: heads or MLPs?"""
+    directions = list(result.effects["mlp_out"])
+    figure, axes = plt.subplots(1, len(directions), figsize=(4.2 * len(directions), 3.2), squeeze=False, constrained_layout=True)
+    layers = np.arange(result.n_layers)
+    for ax, direction in zip(axes.flat, directions):
+        mlp = result.effect("mlp_out", direction).numpy()[:, 0]
+        width = 0.4 if "head_out" in result.effects else 0.8
+        ax.bar(layers - (width / 2 if width < 0.8 else 0), mlp, width=width, color="#c0392b", label="MLP output (hook_mlp_out)")
+        if direction in result.effects.get("head_out", {}):
+            heads = np.nan_to_num(result.effect("head_out", direction).numpy(), nan=-np.inf).max(axis=1)
+            ax.bar(layers + width / 2, np.where(np.isfinite(heads), heads, 0), width=width, color="#2e86c1", label="best head output (hook_z)")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("patching effect")
+        ax.set_title(DIRECTION_TITLES[direction], fontsize=9)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{result.model}: MLPs vs heads, {result.settings.get('positions', '')} position(s)", fontsize=10)
     return figure
 
 

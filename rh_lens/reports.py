@@ -19,6 +19,7 @@ from .plots import (
     analysis_figures,
     compression_heatmaps,
     effect_vs_score_scatter,
+    mlp_effects,
     niah_heatmaps,
     patching_heatmaps,
     recall_vs_k,
@@ -82,6 +83,9 @@ def save_patching(result: PatchingResult, out: str | Path, correlation: dict[str
     for direction in result.effects.get("resid", {}):
         paths.append(out / f"resid_heatmap_{direction}.png")
         save_figure(resid_heatmap(result, direction), paths[-1])
+    if "mlp_out" in result.effects:
+        paths.append(out / "mlp_vs_heads.png")
+        save_figure(mlp_effects(result), paths[-1])
     if correlation is not None:
         paths += [out / "effect_vs_score.json", out / "effect_vs_score.png"]
         write_json(paths[-2], correlation)
@@ -184,6 +188,11 @@ def format_patching(result: PatchingResult, top: int = 10, correlation: dict[str
             ranking = result.ranking(kind, direction)[:top]
             lines.append(f"{kind} {direction} ({result.settings['positions']} position), top {len(ranking)}: "
                          + ", ".join(f"{Head(l, h)} {e:.3f}" for l, h, e in ranking))  # fmt: skip
+    for direction in result.effects.get("mlp_out", {}):
+        grid = result.effect("mlp_out", direction)[:, 0].tolist()
+        best = sorted(range(len(grid)), key=lambda layer: -grid[layer])[:top]
+        lines.append(f"mlp_out {direction} ({result.settings['positions']} position), top {len(best)} layers: "
+                     + ", ".join(f"{layer} {grid[layer]:.3f}" for layer in best))  # fmt: skip
     if correlation is not None:
         lines.append(
             f"Spearman rho between {correlation['kind']} {correlation['direction']} effect and retrieval score: "

@@ -16,6 +16,7 @@ from rh_lens.patching import (
     corrupt_needle,
     head_patches,
     logit_diff_metric,
+    mlp_patches,
     patching_pair,
     resid_columns,
     resid_patches,
@@ -134,6 +135,24 @@ def test_batched_engine_matches_transformer_lens_patching(n_key_value_heads):
     rows = pd.DataFrame([(l, c["positions"][0]) for l in range(3) for c in columns], columns=["layer", "pos"])
     resid = tl_reference(model, pair, patching.get_act_patch_resid_pre, index_axis_names=None, index_df=rows)
     torch.testing.assert_close(ours(resid_patches(3, columns)), resid, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_key_value_heads", [None, 2])
+def test_mlp_output_patching_matches_transformer_lens(n_key_value_heads):
+    model = random_model(n_key_value_heads)
+    pair = planted_pair(model)
+    n = len(pair.clean_ids)
+    clean, corrupted = cache_run(model, pair.clean_ids, mlp=True), cache_run(model, pair.corrupted_ids, mlp=True)
+    final = run_patches(model, pair, corrupted, clean, mlp_patches(3, n, "final"), progress=False)
+    expected = tl_reference(model, pair, patching.get_act_patch_mlp_out)  # [layer, position], one position at a time
+    torch.testing.assert_close(final, expected[:, -1], atol=1e-4, rtol=1e-4)
+    everywhere = run_patches(model, pair, corrupted, clean, mlp_patches(3, n, "all"), progress=False)
+    _, clean_cache = model.run_with_cache(pair.clean_ids[None])
+    for layer in range(3):  # TransformerLens with one hook replacing the layer's MLP output at every position
+        name = f"blocks.{layer}.hook_mlp_out"
+        logits = model.run_with_hooks(pair.corrupted_ids[None], fwd_hooks=[(name, lambda act, hook: clean_cache[hook.name])])
+        difference = logits[0, -1, pair.clean_token] - logits[0, -1, pair.corrupted_token]
+        assert float(everywhere[layer]) == pytest.approx(float(difference), abs=1e-4)
 
 
 def test_final_pattern_cache_matches_full_pattern_patching():
