@@ -38,6 +38,7 @@ from .scoring import SUCCESS_RECALL
 from .tl_internals import allowed_keys
 
 METHODS = ("uniform", "zero", "mean")
+RESPONSE_CLASSES = ("correct", "distractor", "other-context", "invented")  # see detection.response_class
 
 
 def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
@@ -226,6 +227,7 @@ class AblationResult:
                 "n_seeds": len(group) if kind == "random" else None,
                 "success_rate": float(np.mean([r.success for r in records])),
                 "absent_rate": float(np.mean([r.outcome == "absent" for r in records])),
+                "classes": {k: float(np.mean([r.response_class == k for r in records])) for k in RESPONSE_CLASSES},
             })  # fmt: skip
         return rows
 

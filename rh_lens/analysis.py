@@ -337,6 +337,47 @@ def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshol
     )
 
 
+# --- distractors ---------------------------------------------------------------------
+
+
+@dataclass
+class Distractors(_JSON):
+    """Detection with distractors in the prompt: which answer the model gave, and per head
+    its copy score from the true answer's span and from the distractor's span, in the trials
+    where the model gave the true answer and in those where it gave a distractor's."""
+
+    model: str
+    n_trials: int
+    given: dict[str, int]  # response class -> trials
+    heads: list[str]  # by mean distractor score in the trials answered with a distractor, best first
+    distractor_score_when_wrong: list[float]
+    true_score_when_wrong: list[float]
+    true_score_when_right: list[float]
+
+
+def distractors(result: DetectionResult, top: int = 20) -> Distractors:
+    """Which heads copy the distractor when the model gets it wrong."""
+    trials = [t for t in result.trials if t.distractor_scores]
+    if not trials:
+        raise InputError(f"{result.model}: no trial with distractors (detect with --distractor)")
+    wrong = [t for t in trials if t.response_class == "distractor"]
+    right = [t for t in trials if t.response_class == "correct"]
+
+    def mean(rows) -> np.ndarray:
+        return np.mean(rows, axis=0).ravel() if rows else np.zeros(result.n_layers * result.n_heads)
+
+    # In a wrong trial, the distractor whose answer was given (the best recalled one).
+    taken = [t.distractor_scores[int(np.argmax(t.distractor_recalls))] for t in wrong]
+    from_distractor, true_wrong, true_right = mean(taken), mean([t.head_scores for t in wrong]), mean([t.head_scores for t in right])
+    names = [str(h) for h in all_heads(result.n_layers, result.n_heads)]
+    order = sorted(range(len(names)), key=lambda i: (-from_distractor[i], -true_right[i], i))[:top]
+    given = {k: sum(t.response_class == k for t in trials) for k in ("correct", "distractor", "other-context", "invented")}
+    return Distractors(
+        result.model, len(trials), given, [names[i] for i in order], [float(from_distractor[i]) for i in order],
+        [float(true_wrong[i]) for i in order], [float(true_right[i]) for i in order],
+    )  # fmt: skip
+
+
 # --- everything about one results file ---------------------------------------------
 
 
@@ -348,6 +389,7 @@ class Analysis(_JSON):
     dynamic_activation: DynamicActivation
     coverage: Coverage | None
     bootstrap: Bootstrap | None = None
+    distractors: Distractors | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -359,4 +401,8 @@ def analyze(
     except MissingCopiesError as err:
         heads_needed, notes = None, [f"coverage skipped: {err}"]
     intervals = bootstrap(result)
-    return Analysis(universality(result, threshold), dynamic_activation(result, activation_threshold), heads_needed, intervals, notes)
+    with_distractors = distractors(result) if any(t.distractor_scores for t in result.trials) else None
+    return Analysis(
+        universality(result, threshold), dynamic_activation(result, activation_threshold), heads_needed, intervals,
+        with_distractors, notes,
+    )  # fmt: skip

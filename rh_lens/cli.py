@@ -30,7 +30,7 @@ from .options import (
     positive_int,
     unit_interval,
 )
-from .patching import DIRECTIONS, KINDS, METRICS, POSITIONS
+from .patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
 from .reports import (
     format_ablation,
     format_analysis,
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=percent, default=50, help="needle depth in percent (default 50)")
     p.add_argument("--needle", type=non_negative_int, default=0, help="which needle (index, default 0)")
     p.add_argument("--corrupted-answer", help="the corrupted prompt's answer, same token length (default: built-in alternatives)")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="what to patch (default: all)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(DEFAULT_KINDS), help="what to patch (default: head_out pattern resid; mlp_out too on request)")
     p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS), help="denoise (clean into corrupted), noise (reverse)")
     p.add_argument("--positions", choices=POSITIONS, default="final", help="patch heads at the answer position only, or at all positions")
     p.add_argument("--metric", choices=list(METRICS), default="logit_diff", help="function of the answer-position logits (default: logit difference, normalised)")

@@ -7,6 +7,7 @@ interrupted run resumes where it stopped (`resume=True`) without redoing finishe
 from __future__ import annotations
 
 import math
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,8 @@ def answer_trial(
     generation = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention, chunk_size, decode_hooks)
     response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
     recall = rouge1_recall(response, trial.needle.real_needle)
+    others = [rouge1_recall(response, d.real_needle) for d in trial.distractors]
+    kind = response_class(response, recall, others, trial)
     answer = Answer(
         key=trial.key,
         context_length=trial.context_length,
@@ -49,12 +52,40 @@ def answer_trial(
         generated_ids=generation.tokens,
         response=response,
         rouge_recall=recall,
-        success=recall > SUCCESS_RECALL,
+        success=recall > SUCCESS_RECALL and kind == "correct",  # a distractor's answer is no retrieval
         prompt_sha256=trial.prompt_sha256,
         prompt_length=len(trial.prompt_ids),
         seconds=time.perf_counter() - started,
+        response_class=kind,
+        distractor_recalls=others or None,
     )
     return answer, generation
+
+
+STOPWORDS = frozenset("the and for with was were are has have had his her its our their this that from into under over "
+                      "what where which who how not but all any can will would could should there here then than them "
+                      "they you your about after before name named".split())  # fmt: skip
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3}
+
+
+def response_class(response: str, recall: float, distractor_recalls: Sequence[float], trial: Trial) -> str:
+    """"correct" (recall > 0.5, above every distractor's), "distractor" (a distractor's answer
+    recalled better), else "invented" when most of the response's content words (3+ letters,
+    not stopwords, not in the question) are not in the prompt, and "other-context" when they
+    are (or when it has none: it only restates the question)."""
+    best_other = max(distractor_recalls, default=0.0)
+    if recall > SUCCESS_RECALL and recall > best_other:
+        return "correct"
+    if best_other > SUCCESS_RECALL and best_other > recall:
+        return "distractor"
+    content = _words(response) - STOPWORDS - _words(trial.needle.question)
+    if not content:
+        return "other-context"
+    from_prompt = len(content & _words(trial.prompt)) / len(content)
+    return "invented" if from_prompt < 0.5 else "other-context"
 
 
 def run_trial(
@@ -68,11 +99,17 @@ def run_trial(
     events = copy_events(
         generation.argmax_keys, torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids), trial.answer_span
     )
+    emitted, prompt = torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids)
+    distractor_scores = [
+        event_scores(copy_events(generation.argmax_keys, emitted, prompt, span), span).tolist() for span in trial.distractor_spans
+    ]
     return TrialRecord(
         **vars(answer),
         answer_span=trial.answer_span,
         head_scores=event_scores(events, trial.answer_span).tolist(),
         copied=copied_offsets(events, generation.argmax_keys, trial.answer_span),
+        distractor_spans=list(trial.distractor_spans) or None,
+        distractor_scores=distractor_scores or None,
     )
 
 

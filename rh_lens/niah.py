@@ -197,10 +197,15 @@ class Trial:
     prompt_ids: list[int]
     answer_span: tuple[int, int]
     chat: bool
+    distractors: tuple[Needle, ...] = ()  # other sentences with other answers, in the same prompt
+    distractor_depths: tuple[int, ...] = ()
+    distractor_spans: tuple[tuple[int, int], ...] = ()
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = f"len{self.context_length}-depth{self.depth}-{self.haystack}-{self.needle.id}"
+        self.key = f"len{self.context_length}-depth{self.depth}-{self.haystack}-{self.needle.id}" + "".join(
+            f"-x{depth}-{d.id}" for d, depth in zip(self.distractors, self.distractor_depths)
+        )
 
     @property
     def prompt_sha256(self) -> str:
@@ -222,15 +227,27 @@ def _encode(tokenizer, text: str) -> list[int]:
 def insert_needle(tokenizer, haystack_ids: Sequence[int], needle: str, context_length: int, depth: int) -> str:
     """Cut the haystack so haystack + needle fill `context_length` minus the question budget,
     and insert the needle at `depth` percent, at the previous sentence end (token level)."""
-    budget = context_length - QUESTION_BUDGET - len(_encode(tokenizer, " " + needle))
+    return insert_sentences(tokenizer, haystack_ids, [(needle, depth)], context_length)
+
+
+def insert_sentences(tokenizer, haystack_ids: Sequence[int], sentences: Sequence[tuple[str, int]], context_length: int) -> str:
+    """`insert_needle` for several (sentence, depth) pairs: the haystack is cut to leave room
+    for all of them, and each goes in at its depth, at the previous sentence end."""
+    budget = context_length - QUESTION_BUDGET - sum(len(_encode(tokenizer, " " + text)) for text, _ in sentences)
     if budget <= 0:
         raise TrialError(f"context length {context_length} leaves no room for a haystack")
     if len(haystack_ids) < budget:
         raise TrialError(f"haystack has {len(haystack_ids)} tokens, {budget} needed for length {context_length}")
     ids = list(haystack_ids[:budget])
-    point = len(ids) if depth >= 100 else _sentence_end_before(tokenizer, ids, int(len(ids) * depth / 100))
-    before, after = tokenizer.decode(ids[:point]).rstrip(), tokenizer.decode(ids[point:]).lstrip()
-    return " ".join(part for part in (before, needle, after) if part)
+    points = [len(ids) if depth >= 100 else _sentence_end_before(tokenizer, ids, int(len(ids) * depth / 100)) for _, depth in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: (points[i], i))
+    parts, start = [], 0
+    for rank, i in enumerate(order):
+        segment = tokenizer.decode(ids[start : points[i]])
+        parts += [segment.rstrip() if rank == 0 else segment.strip(), sentences[i][0]]
+        start = points[i]
+    parts.append(tokenizer.decode(ids[start:]).lstrip())
+    return " ".join(part for part in parts if part)
 
 
 def answer_chars(needle: Needle) -> tuple[int, int]:
@@ -242,6 +259,43 @@ def answer_chars(needle: Needle) -> tuple[int, int]:
         if start >= 0:
             return start, start + len(candidate)
     raise TrialError(f"answer {needle.real_needle!r} is not part of needle {needle.needle!r}")
+
+
+def corrupt_needle(needle: Needle, answer: str) -> Needle:
+    """The same needle sentence and question with `answer` in place of the real answer."""
+    start, end = answer_chars(needle)
+    return Needle(needle.needle[:start] + answer + needle.needle[end:], needle.question, answer)
+
+
+# Distractors in the same sentence form: another answer sharing no content word with the
+# true one (else ROUGE-1 could not tell which of the two a response gives).
+DISTRACTOR_ANSWERS = {
+    "the Amber Kestrel": "the Grey Heron",
+    "purple otter seventeen": "silver badger forty",
+    "in a green tin box under the kitchen stairs": "behind a loose brick in the chapel wall",
+    "walk the old harbour wall at dawn and watch the fishing boats return": "climb the bell tower at noon and count the red roofs below",
+    "three spoons of smoked juniper honey and a pinch of blue sea salt": "two cups of burnt barley flour with a drop of pine oil",
+    "in a green tin box under the third step of the cellar stairs": "behind a loose brick inside the old chapel wall by the well",
+}
+DISTRACTORS = ("same-form", "multi-key")
+
+
+def distractors_for(needle: Needle, needles: Sequence[Needle], depth: int, kind: str | None) -> list[tuple[Needle, int]]:
+    """(distractor, depth) pairs for a trial. "same-form": the needle with another answer, 50
+    percentage points away; "multi-key": the other needles of the set (other facts of the
+    same kind, one asked), spread over the other depths."""
+    if kind is None:
+        return []
+    if kind == "same-form":
+        if needle.real_needle not in DISTRACTOR_ANSWERS:
+            raise TrialError(f"no built-in distractor answer for {needle.real_needle!r}: same-form distractors need the built-in needles")
+        return [(corrupt_needle(needle, DISTRACTOR_ANSWERS[needle.real_needle]), (depth + 50) % 100)]
+    if kind == "multi-key":
+        others = [n for n in needles if n != needle]
+        if not others:
+            raise TrialError("multi-key distractors need at least two needles")
+        return [(other, (depth + round(100 * (i + 1) / (len(others) + 1))) % 100) for i, other in enumerate(others)]
+    raise TrialError(f"unknown distractor kind {kind!r}; choose from {', '.join(DISTRACTORS)}")
 
 
 def locate_answer(tokenizer, prompt: str, prompt_ids: list[int], offsets, char_span: tuple[int, int]) -> tuple[int, int]:
@@ -275,11 +329,14 @@ def build_trial(
     chat: bool | None = None,
     max_tokens: int | None = None,
     haystack: str = "haystack",
+    distractors: Sequence[tuple[Needle, int]] = (),
 ) -> Trial:
     """Build one trial. `haystack_ids` is the tokenised haystack (see `tokenize_haystack`).
 
     chat=None uses the tokenizer's chat template when it has one. `max_tokens` is the
     model's context window: a longer prompt is an error, never a silent truncation.
+    `distractors`: (needle, depth) pairs also inserted (another answer in the same sentence
+    form, or other facts), each with its exact answer span.
     """
     if context_length < 1:
         raise TrialError(f"context length {context_length}: must be a positive number of tokens")
@@ -289,7 +346,13 @@ def build_trial(
     if chat and not has_template:
         raise TrialError("this model's tokenizer has no chat template: use the plain prompt (--prompt plain or auto)")
     chat = has_template if chat is None else chat
-    context = insert_needle(tokenizer, haystack_ids, needle.needle, context_length, depth)
+    for other, other_depth in distractors:
+        if not 0 <= other_depth <= 100:
+            raise TrialError(f"distractor depth {other_depth}: must be a percentage from 0 to 100")
+        if other.needle == needle.needle or needle.needle in other.needle or other.needle in needle.needle:
+            raise TrialError(f"distractor {other.needle!r} cannot be told apart from the needle")
+    sentences = [(needle.needle, depth)] + [(other.needle, other_depth) for other, other_depth in distractors]
+    context = insert_sentences(tokenizer, haystack_ids, sentences, context_length)
     if chat:
         message = CHAT_TEMPLATE.format(context=context, question=needle.question)
         prompt = tokenizer.apply_chat_template(
@@ -303,16 +366,27 @@ def build_trial(
     if needle_at < 0:
         raise TrialError("needle not found in the prompt text")
     a, b = answer_chars(needle)
+    other_spans = []
     if tokenizer.is_fast:
         encoded = tokenizer(prompt, add_special_tokens=special, return_offsets_mapping=True)
-        prompt_ids = list(encoded["input_ids"])
-        span = locate_answer(tokenizer, prompt, prompt_ids, encoded["offset_mapping"], (needle_at + a, needle_at + b))
+        prompt_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        span = locate_answer(tokenizer, prompt, prompt_ids, offsets, (needle_at + a, needle_at + b))
+        for other, _ in distractors:
+            at, (c, d) = prompt.find(other.needle), answer_chars(other)
+            if at < 0:
+                raise TrialError(f"distractor {other.needle!r} not found in the prompt text")
+            other_spans.append(locate_answer(tokenizer, prompt, prompt_ids, offsets, (at + c, at + d)))
     else:  # slow tokenizers have no character offsets: fall back to the reference's search
+        if distractors:
+            raise TrialError("distractors need a fast tokenizer: the reference's search cannot tell two answers apart")
         prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
         span = overlap_locate(prompt_ids, _encode(tokenizer, needle.real_needle))
     if max_tokens is not None and len(prompt_ids) > max_tokens:
         raise TrialError(f"trial of {len(prompt_ids)} tokens is longer than the model's context of {max_tokens} tokens")
-    return Trial(context_length, depth, needle, haystack, prompt, prompt_ids, span, chat)
+    return Trial(
+        context_length, depth, needle, haystack, prompt, prompt_ids, span, chat,
+        tuple(o for o, _ in distractors), tuple(d for _, d in distractors), tuple(other_spans),
+    )  # fmt: skip
 
 
 def tokenize_haystack(tokenizer, text: str, min_tokens: int) -> list[int]:
@@ -334,9 +408,11 @@ def trial_grid(
     haystacks: Sequence[str | Path | None] = (None,),
     chat: bool | None = None,
     max_tokens: int | None = None,
+    distractor: str | None = None,
 ) -> list[Trial]:
     """Every (needle, length, depth) trial. One haystack for all needles, or one per needle
-    (the reference pairs its three needles with three haystacks)."""
+    (the reference pairs its three needles with three haystacks). `distractor`: None,
+    "same-form" or "multi-key" (see `distractors_for`)."""
     lengths, depths = list(lengths), list(depths)
     if len(haystacks) not in (1, len(needles)):
         raise InputError(f"give one haystack, or one per needle ({len(needles)}); got {len(haystacks)}")
@@ -349,7 +425,8 @@ def trial_grid(
             tokenized[name] = tokenize_haystack(tokenizer, load_haystack(source), max(lengths))
         for length in lengths:
             for depth in depths:
-                trials.append(build_trial(tokenizer, tokenized[name], needle, length, depth, chat, max_tokens, name))
+                others = distractors_for(needle, needles, depth, distractor)
+                trials.append(build_trial(tokenizer, tokenized[name], needle, length, depth, chat, max_tokens, name, others))
     return trials
 
 
@@ -371,12 +448,15 @@ class Grid:
     depths: tuple[int, ...] = DEFAULT_DEPTHS
     haystacks: tuple[str, ...] = ("pydoc",)
     prompt: str = "auto"
+    distractor: str | None = None
 
     def trials(self, tokenizer, max_tokens: int | None = None) -> list[Trial]:
         """Every trial of the grid; `max_tokens` is the model's context window."""
         if self.prompt not in PROMPTS:
             raise InputError(f"prompt must be one of {', '.join(PROMPTS)}, not {self.prompt!r}")
-        return trial_grid(tokenizer, self.needles, self.lengths, self.depths, self.haystacks, PROMPTS[self.prompt], max_tokens)
+        return trial_grid(
+            tokenizer, self.needles, self.lengths, self.depths, self.haystacks, PROMPTS[self.prompt], max_tokens, self.distractor
+        )
 
     def settings(self) -> dict:
         """What identifies the grid in a run's settings (a resumed run must match them),
@@ -388,4 +468,4 @@ class Grid:
             "lengths": list(self.lengths),
             "depths": list(self.depths),
             "prompt": self.prompt,
-        }
+        } | ({"distractor": self.distractor} if self.distractor else {})

@@ -12,7 +12,7 @@ import math
 
 from .errors import InputError
 from .models import CATALOGUE, DTYPES
-from .niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, PROMPTS, Grid, Needle, load_needles
+from .niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid, Needle, load_needles
 
 MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
 
@@ -86,6 +86,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     add_text_arguments(parser)
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=list(DEFAULT_LENGTHS), help="context lengths in tokens")
     parser.add_argument("--depths", nargs="+", type=percent, default=list(DEFAULT_DEPTHS), help="needle depths in percent (0-100)")
+    parser.add_argument("--distractor", choices=DISTRACTORS, default=None, help="also insert the needle with another answer (same-form) or the other needles (multi-key)")
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +103,10 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
-    return Grid(tuple(needles_from_args(args)), tuple(args.lengths), tuple(args.depths), tuple(args.haystack), args.prompt)
+    return Grid(
+        tuple(needles_from_args(args)), tuple(args.lengths), tuple(args.depths), tuple(args.haystack), args.prompt,
+        getattr(args, "distractor", None),
+    )
 
 
 def needle_from_args(args: argparse.Namespace) -> Needle:

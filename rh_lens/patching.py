@@ -34,12 +34,13 @@ from transformer_lens.utilities import get_act_name
 from .errors import InputError, PairError, TrialError
 from .generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
 from .heads import Head, all_heads, check_heads, heads_of
-from .niah import Needle, Trial, answer_chars, build_trial
+from .niah import Needle, Trial, build_trial, corrupt_needle
 from .results import DetectionResult
 from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
 KINDS = ("head_out", "pattern", "resid", "mlp_out")  # hook_z, hook_pattern per head; hook_resid_pre per position; hook_mlp_out per layer
+DEFAULT_KINDS = ("head_out", "pattern", "resid")
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("final", "all")
 
@@ -92,12 +93,6 @@ class PatchingPair:
     @property
     def corrupted_token(self) -> int:
         return self.corrupted.prompt_ids[self.first_difference]
-
-
-def corrupt_needle(needle: Needle, answer: str) -> Needle:
-    """The same needle sentence and question with `answer` in place of the real answer."""
-    start, end = answer_chars(needle)
-    return Needle(needle.needle[:start] + answer + needle.needle[end:], needle.question, answer)
 
 
 def check_pair(clean: Trial, corrupted: Trial) -> None:
@@ -508,7 +503,7 @@ def activation_patching(
     model: HookedTransformer,
     pair: PatchingPair,
     heads: Sequence[Head] | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     directions: Sequence[str] = DIRECTIONS,
     positions: str = "final",
     tail: int = 24,

@@ -147,13 +147,15 @@ def format_ablation(result: AblationResult) -> str:
     lines = [
         f"{result.model}: NIAH recall under {result.method} masking "
         f"({'decode steps only' if result.decode_only else 'all positions'})",
-        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'no answer word':>14}",
+        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'no answer word':>14}"
+        f"  {'distractor':>10}  {'invented':>8}",
     ]
     for row in result.summary():
         spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] else ""
         lines.append(
             f"{row['condition']:<14} {row['k']:>4}  {row['mean_recall']:>11.3f}  {spread:>11}  "
             f"{100 * row['success_rate']:>8.0f}%  {100 * row['absent_rate']:>13.0f}%"
+            f"  {100 * row['classes']['distractor']:>9.0f}%  {100 * row['classes']['invented']:>7.0f}%"
         )
     return "\n".join(lines)
 
@@ -234,6 +236,12 @@ def format_analysis(analysis: Analysis) -> str:
             f"bootstrap ({b.n_resamples} resamples of {b.n_trials} trials): top-{b.top_k} set mean Jaccard {b.top_k_jaccard:.2f}; "
             + ", ".join(f"{h} {s:.2f} [{lo:.2f}, {hi:.2f}]" for h, s, lo, hi in list(zip(b.heads, b.score, b.low, b.high))[:5])
         )
+    if analysis.distractors is not None:
+        d = analysis.distractors
+        lines.append(f"distractors ({d.n_trials} trials): answers " + ", ".join(f"{k} {v}" for k, v in d.given.items()))
+        lines.append("heads copying the distractor when the model gives it (distractor score, true score then, true score when right): "
+                     + ", ".join(f"{h} {a:.2f}/{b:.2f}/{c:.2f}" for h, a, b, c in list(zip(d.heads, d.distractor_score_when_wrong,
+                                 d.true_score_when_wrong, d.true_score_when_right))[:8]))  # fmt: skip
     lines += analysis.notes
     return "\n".join(lines)
 

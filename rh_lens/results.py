@@ -45,6 +45,10 @@ class Answer:
     prompt_sha256: str | None = None
     prompt_length: int | None = None
     seconds: float | None = None
+    # Which answer the response gives: "correct", "distractor" (a distractor's answer),
+    # "other-context" (text from the prompt) or "invented" (mostly words the prompt lacks).
+    response_class: str | None = None
+    distractor_recalls: list[float] | None = None  # ROUGE-1 recall against each distractor's answer
 
     @classmethod
     def from_json(cls, data: dict[str, Any]):
@@ -61,12 +65,16 @@ class TrialRecord(Answer):
     answer_span: tuple[int, int] | None
     head_scores: list[list[float]]
     copied: dict[str, list[int]] | None = None
+    distractor_spans: list[tuple[int, int]] | None = None
+    distractor_scores: list[list[list[float]]] | None = None  # per distractor: the rule applied to its span
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
         record = cls(**data)
         if record.answer_span is not None:
             record.answer_span = tuple(record.answer_span)  # JSON has no tuples
+        if record.distractor_spans is not None:
+            record.distractor_spans = [tuple(span) for span in record.distractor_spans]
         return record
 
 

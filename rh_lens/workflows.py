@@ -22,7 +22,7 @@ from .generation import MAX_NEW_TOKENS
 from .heads import Head
 from .models import check_cache_of, load_model, load_model_spec
 from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
-from .patching import DIRECTIONS, KINDS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
+from .patching import DEFAULT_KINDS, DIRECTIONS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
 from .reports import save_ablation, save_analysis, save_comparison, save_compression, save_detection, save_patching
 from .results import DetectionResult, load_results
 from .runs import run_directory
@@ -166,7 +166,7 @@ def patch_needle(
     corrupted_answer: str | None = None,
     prompt: str = "auto",
     heads: Sequence[Head] | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     directions: Sequence[str] = DIRECTIONS,
     positions: str = "final",
     metric: str = "logit_diff",
