@@ -115,6 +115,14 @@ def random_heads(n_layers: int, n_heads: int, k: int, exclude: Iterable[Head], s
     return sorted(random.Random(seed).sample(pool, k))
 
 
+def ks_for_thresholds(detection: DetectionResult, thresholds: Sequence[float]) -> dict[float, int]:
+    """Threshold -> how many heads score at or above it (the K of a masking condition)."""
+    for t in thresholds:
+        if not 0 <= t <= 1:
+            raise InputError(f"threshold {t}: must be a number from 0 to 1")
+    return {float(t): len(detection.retrieval_heads(t)) for t in thresholds}
+
+
 def default_ks(n_layers: int, n_heads: int) -> list[int]:
     """About 2%, 5% and 10% of all heads: the paper masked 20, 50 and 100 of Llama-2-7B's 1024."""
     total = n_layers * n_heads
@@ -230,6 +238,17 @@ class AblationResult:
                 "classes": {k: float(np.mean([r.response_class == k for r in records])) for k in RESPONSE_CLASSES},
             })  # fmt: skip
         return rows
+
+    def threshold_rows(self) -> list[dict[str, Any]]:
+        """With thresholds in the settings (`ablate --thresholds`): per threshold, the heads at or
+        above it, and NIAH recall with them masked against as many random heads."""
+        rows = {(r["kind"], r["k"]): r for r in self.summary()}
+        return [
+            {"threshold": float(t), "n_heads": k, "top_recall": rows.get(("top", k), {}).get("mean_recall"),
+             "random_recall": rows.get(("random", k), {}).get("mean_recall"), "random_std": rows.get(("random", k), {}).get("std_over_seeds"),
+             "none_recall": rows[("none", 0)]["mean_recall"]}
+            for t, k in self.settings.get("thresholds", {}).items()
+        ]  # fmt: skip
 
     def recall_grid(self, kind: str, k: int) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
         """Mean recall per (depth, length) over needles (and seeds): the paper's NIAH heatmap."""

@@ -71,7 +71,7 @@ def run_show(args: argparse.Namespace) -> None:
 
 def run_ablate(args: argparse.Namespace) -> None:
     result, written = workflows.ablate_grid(
-        args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, random_seeds=args.random_seeds,
+        args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, thresholds=args.thresholds, random_seeds=args.random_seeds,
         method=args.method, decode_only=args.decode_only, device=args.device, dtype=args.dtype,
         verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
         workers=args.workers, ray_address=args.ray_address,
@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(a)
     run_arguments(a)
     a.add_argument("--scores", required=True, help="detection results (ours or the reference's format)")
-    a.add_argument("--top-k", nargs="+", type=positive_int, default=None, help="K values (default: ~2%%, 5%%, 10%% of all heads)")
+    how_many = a.add_mutually_exclusive_group()
+    how_many.add_argument("--top-k", nargs="+", type=positive_int, default=None, help="K values (default: ~2%%, 5%%, 10%% of all heads)")
+    how_many.add_argument("--thresholds", nargs="+", type=unit_interval, default=None, help="mask the heads at or above each threshold (e.g. 0.05 0.1 0.2 0.3 0.5) instead")
     a.add_argument("--random-seeds", type=non_negative_int, default=3, help="random-K draws per K (seeds 0..N-1)")
     a.add_argument("--method", choices=METHODS, default="uniform", help="uniform attention (the paper), zero or mean output")
     a.add_argument("--decode-only", action="store_true", help="mask at decode steps only, not over the prompt")

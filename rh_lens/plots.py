@@ -144,6 +144,26 @@ def recall_vs_k(result: AblationResult):
     return figure
 
 
+def threshold_sensitivity(result: AblationResult):
+    """What the threshold changes: how many heads are retrieval heads, and NIAH recall with
+    exactly those masked against as many random heads."""
+    rows = result.threshold_rows()
+    t = [r["threshold"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), constrained_layout=True)
+    left.plot(t, [r["n_heads"] for r in rows], "o-", color="#2e86c1")
+    left.set_xlabel("retrieval-head threshold")
+    left.set_ylabel("heads at or above it")
+    right.plot(t, [r["top_recall"] for r in rows], "o-", label="those heads masked")
+    right.errorbar(t, [r["random_recall"] for r in rows], yerr=[r["random_std"] or 0 for r in rows], fmt="s--", capsize=3, label="as many random heads")
+    right.axhline(rows[0]["none_recall"], color="grey", linestyle=":", label="no masking")
+    right.set_xlabel("retrieval-head threshold")
+    right.set_ylabel("mean ROUGE-1 recall")
+    right.set_ylim(-0.03, 1.05)
+    right.legend(fontsize=7)
+    figure.suptitle(f"{result.model}: the threshold, {result.method} masking", fontsize=10)
+    return figure
+
+
 def save_figure(figure, path: str | Path, also: tuple[str, ...] = ()) -> None:
     """Write the figure to `path`, and beside it in each format of `also` (e.g. ("pdf",)),
     atomically and never through a symlink (see `write_atomic`); then close it."""

@@ -24,6 +24,7 @@ from .plots import (
     patching_heatmaps,
     recall_vs_k,
     recall_vs_kv,
+    threshold_sensitivity,
     resid_heatmap,
     save_figure,
     save_figures,
@@ -53,6 +54,9 @@ def save_ablation(result: AblationResult, out: str | Path) -> list[Path]:
     write_json(paths[0], result.to_json())
     save_figure(niah_heatmaps(result), paths[1])
     save_figure(recall_vs_k(result), paths[2])
+    if result.threshold_rows():
+        paths.append(out / "threshold_sensitivity.png")
+        save_figure(threshold_sensitivity(result), paths[-1])
     return paths
 
 
@@ -157,6 +161,10 @@ def format_ablation(result: AblationResult) -> str:
             f"{100 * row['success_rate']:>8.0f}%  {100 * row['absent_rate']:>13.0f}%"
             f"  {100 * row['classes']['distractor']:>9.0f}%  {100 * row['classes']['invented']:>7.0f}%"
         )
+    for row in result.threshold_rows():
+        random = f"{row['random_recall']:.3f}" if row["random_recall"] is not None else "-"
+        top = f"{row['top_recall']:.3f}" if row["top_recall"] is not None else "-"
+        lines.append(f"threshold {row['threshold']:g}: {row['n_heads']} heads; recall with them masked {top}, with as many random heads {random}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from transformer_lens import HookedTransformer
 
-from .ablation import AblationResult, ablation_experiment
+from .ablation import AblationResult, ablation_experiment, ks_for_thresholds
 from .analysis import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
 from .compression import CompressionResult, compression_experiment
 from .detection import detect
@@ -49,6 +49,13 @@ def _executor(model, device, dtype, verify_cache: bool, workers: int | None, ray
         check_cache_of(str(model))
     with RayPool(str(model), workers, ray_address, device, dtype) as pool:
         yield load_model_spec(model, pool.device, pool.dtype), pool
+
+
+def _ranking(scores: str | Path | DetectionResult, grid: Grid) -> tuple[DetectionResult, dict[str, Any]]:
+    """The detection result that ranks the heads, and the run's settings: read first, so bad
+    input fails before a model loads."""
+    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)
+    return detection, {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
 
 
 def detect_grid(
@@ -93,6 +100,7 @@ def ablate_grid(
     out: str | Path,
     *,
     ks: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
     random_seeds: int = 3,
     method: str = "uniform",
     decode_only: bool = False,
@@ -107,10 +115,16 @@ def ablate_grid(
     ray_address: str | None = None,
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
-    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `workers`,
-    `ray_address`: as for `detect_grid`."""
-    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
-    settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `thresholds`:
+    instead of `ks`, mask the heads at or above each threshold (the paper's 0.1 is a choice:
+    what does it change?). `workers`, `ray_address`: as for `detect_grid`."""
+    detection, settings = _ranking(scores, grid)
+    if thresholds:
+        by_threshold = ks_for_thresholds(detection, thresholds)
+        ks = sorted({k for k in by_threshold.values() if k > 0})
+        if not ks:
+            raise InputError(f"no head scores at or above any of the thresholds {', '.join(map(str, thresholds))}")
+        settings["thresholds"] = {str(t): k for t, k in by_threshold.items()}
     with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = ablation_experiment(
@@ -144,8 +158,7 @@ def compress_grid(
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
     full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
     the same bytes and RazorAttention's heads; saved with `save_compression`."""
-    detection = scores if isinstance(scores, DetectionResult) else load_results(scores)  # bad input fails first
-    settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    detection, settings = _ranking(scores, grid)
     with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = compression_experiment(

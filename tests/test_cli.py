@@ -105,3 +105,18 @@ def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, 
     assert float(rows[("full", "all")][4]) == 1.0 and float(rows[("retrieval", "0.125")][4]) == 1.0
     for name in ("compression.json", "recall_vs_kv.png", "niah_heatmaps.png", "duo_attention/0.125/full_attention_heads.tsv"):
         assert (out / name).stat().st_size > 0
+
+
+def test_ablate_by_thresholds(inputs, capsys):
+    tmp_path, argv = inputs
+    assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
+    argv = [a if a != "detect" else "ablate" for a in argv if a not in ("--top", "3")]
+    out = tmp_path / "thr"
+    args = argv + ["--scores", str(tmp_path / "det" / "results.json"), "--thresholds", "0.05", "0.5", "--random-seeds", "1", "--out", str(out)]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    # Only the planted head scores above 0: one head at either threshold, and masking it breaks retrieval.
+    assert "threshold 0.05: 1 heads; recall with them masked" in printed and "threshold 0.5: 1 heads" in printed
+    assert (out / "threshold_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(args[:-2] + ["--thresholds", "0.99", "--top-k", "1", "--out", str(out)]) == 2  # one or the other
