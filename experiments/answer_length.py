@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="MODEL=short.json,long.json,reference.json")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="only the trials of these context lengths (to compare runs of different grids)")
     args = parser.parse_args(argv)
     rows, lines = [], [
         "| model | query heads per KV head | heads >= 0.1: short answers | long answers | reference needles | "
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     for run in args.runs:
         model, paths = run.split("=", 1)
         results = [load_results(p) for p in paths.split(",")]
+        if args.lengths:
+            for result in results:
+                result.trials = [t for t in result.trials if t.context_length in args.lengths]
         spec = load_model_spec(model, device="cpu")
         n_kv = spec.cfg.n_key_value_heads or spec.cfg.n_heads
         fractions = [r.fraction_above(0.1) for r in results]

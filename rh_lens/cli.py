@@ -52,7 +52,7 @@ def run_detect(args: argparse.Namespace) -> None:
         args.model, grid_from_args(args), args.out, device=args.device, dtype=args.dtype, verify_cache=args.verify_cache,
         resume=args.resume, overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
         chunk_size=args.chunk_size, workers=args.workers, ray_address=args.ray_address, until_stable=args.until_stable,
-        patience=args.patience, order_seed=args.order_seed,
+        patience=args.patience, order_seed=args.order_seed, checkpoint=args.checkpoint,
     )  # fmt: skip
     if args.until_stable:
         print(f"stopped after {len(result.trials)} trials: the top {args.until_stable} heads stayed the same for "
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--until-stable", type=positive_int, default=None, metavar="K", help="adaptive: run the grid in a random order, stop once the top K heads stop changing")
     d.add_argument("--patience", type=positive_int, default=None, help="with --until-stable: trials the top K must stay the same (default: max(5, 20%% of the grid))")
     d.add_argument("--order-seed", type=non_negative_int, default=0, help="with --until-stable: seed of the trial order")
+    d.add_argument("--checkpoint", type=non_negative_int, default=None, metavar="STEP", help="a training step of a TransformerLens model published with checkpoints, e.g. --model EleutherAI/pythia-70m --checkpoint 4000 (needs the hub)")
     d.set_defaults(run=run_detect)
 
     a = commands.add_parser("ablate", help="mask top-K retrieval heads vs K random heads and rerun NIAH")

@@ -169,10 +169,12 @@ def streaming_policy(model, full_fraction: float, sink: int = 4, window: int = 2
 
 
 @torch.inference_mode()
-def razor_scores(model: HookedTransformer, length: int = 256, seed: int = 0) -> Float[Tensor, "layer head"]:
-    """RazorAttention's data-free ranking: on a random token sequence repeated twice, each
-    head's mean attention (second copy) to the previous occurrence of the current token (echo)
-    plus to the token after it (induction)."""
+def repeat_attention(
+    model: HookedTransformer, length: int = 256, seed: int = 0
+) -> tuple[Float[Tensor, "layer head"], Float[Tensor, "layer head"]]:
+    """On a random token sequence repeated twice, each head's mean attention (second copy) to
+    the previous occurrence of the current token (echo) and to the token after it
+    (induction): the classic probe of induction heads."""
     length = min(length, (model.cfg.n_ctx - 1) // 2)
     low = min(100, model.cfg.d_vocab // 10)  # away from the special tokens at the start of most vocabularies
     generator = torch.Generator().manual_seed(seed)
@@ -181,17 +183,23 @@ def razor_scores(model: HookedTransformer, length: int = 256, seed: int = 0) -> 
     else:
         sequence = torch.randint(low, model.cfg.d_vocab - low, (length,), generator=generator)
     tokens = torch.cat([sequence, sequence])[None].to(model.cfg.device)
-    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    echo, induction = torch.zeros(model.cfg.n_layers, model.cfg.n_heads), torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     positions = torch.arange(length + 1, 2 * length, device=model.cfg.device)  # second copy, from its second token
 
     def score(pattern: Tensor, hook) -> None:  # [batch, head, query, key]
         rows = pattern[0][:, positions]  # [head, query, key]
-        echo = rows.gather(-1, (positions - length)[None, :, None].expand(rows.shape[0], -1, 1))
-        induction = rows.gather(-1, (positions - length + 1)[None, :, None].expand(rows.shape[0], -1, 1))
-        scores[hook.layer()] = (echo + induction).squeeze(-1).mean(dim=-1).float().cpu()
+        for out, offset in ((echo, 0), (induction, 1)):
+            at = (positions - length + offset)[None, :, None].expand(rows.shape[0], -1, 1)
+            out[hook.layer()] = rows.gather(-1, at).squeeze(-1).mean(dim=-1).float().cpu()
 
     model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"), score)], stop_at_layer=model.cfg.n_layers)
-    return scores
+    return echo, induction
+
+
+def razor_scores(model: HookedTransformer, length: int = 256, seed: int = 0) -> Float[Tensor, "layer head"]:
+    """RazorAttention's data-free ranking: echo plus induction attention (`repeat_attention`)."""
+    echo, induction = repeat_attention(model, length, seed)
+    return echo + induction
 
 
 def razor_policy(model, scores: Float[Tensor, "layer head"], full_fraction: float, sink: int = 4, window: int = 256) -> KVPolicy:

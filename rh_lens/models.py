@@ -395,7 +395,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_model(
-    name_or_path: str, device: str | None = None, dtype: str | torch.dtype | None = None, verify_cache: bool = False
+    name_or_path: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    verify_cache: bool = False,
+    checkpoint: int | None = None,
 ) -> HookedTransformer:
     """Load a catalogue model, a .gguf file, a local HF directory or a TransformerLens
     official name as a HookedTransformer without weight processing, with
@@ -405,12 +409,20 @@ def load_model(
     bfloat16 on a GPU) is the precision of the weights and of the whole computation.
 
     A cached model's files are checked against the cache's manifest at every load (sizes;
-    with `verify_cache`, sha256 too; and in full whenever the load fails)."""
+    with `verify_cache`, sha256 too; and in full whenever the load fails).
+
+    `checkpoint`: a training step of a TransformerLens model published with its training
+    checkpoints (Pythia, Stanford CRFM GPT-2s); the hub is needed."""
     device = device or _default_device()
     dtype = resolve_dtype(dtype, device)
     model_name, hf_dir = _resolve(str(name_or_path))
+    if checkpoint is not None and hf_dir is not None:
+        raise InputError(
+            f"a training checkpoint needs a TransformerLens model name published with checkpoints "
+            f"(e.g. EleutherAI/pythia-70m), not {name_or_path}"
+        )
     if hf_dir is None:
-        return _from_hub(model_name, lambda: tl_internals.from_pretrained_official(model_name, device, dtype))
+        return _from_hub(model_name, lambda: tl_internals.from_pretrained_official(model_name, device, dtype, checkpoint))
     cached = is_cached(hf_dir)
     if cached:
         check_cache(hf_dir, full=verify_cache)

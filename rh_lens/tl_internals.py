@@ -135,11 +135,13 @@ def is_official_name(name: str) -> bool:
         return False
 
 
-def from_pretrained_official(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
-    """An official TransformerLens model from the hub, without weight processing."""
+def from_pretrained_official(name: str, device: str, dtype: torch.dtype, checkpoint: int | None = None) -> HookedTransformer:
+    """An official TransformerLens model from the hub, without weight processing; at a
+    training step (`checkpoint`, TransformerLens's `checkpoint_value`) when given."""
+    extra = {"checkpoint_value": checkpoint} if checkpoint is not None else {}
     with warnings.catch_warnings():  # "HookedTransformer is deprecated": we chose it on purpose
         warnings.simplefilter("ignore", DeprecationWarning)
-        return use_linear_layout(HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype))
+        return use_linear_layout(HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **extra))
 
 
 def official_config(name: str, device: str, dtype: torch.dtype):

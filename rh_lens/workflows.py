@@ -29,18 +29,22 @@ from .runs import run_directory
 from .scoring import DEFAULT_THRESHOLD
 
 
-def _model(model: str | HookedTransformer, device: str | None, dtype: str | None, verify_cache: bool) -> HookedTransformer:
+def _model(model: str | HookedTransformer, device: str | None, dtype: str | None, verify_cache: bool, checkpoint: int | None = None) -> HookedTransformer:
     if isinstance(model, (str, Path)):
-        return load_model(model, device=device, dtype=dtype, verify_cache=verify_cache)
+        return load_model(model, device=device, dtype=dtype, verify_cache=verify_cache, checkpoint=checkpoint)
+    if checkpoint is not None:
+        raise InputError("a training checkpoint is loaded from a model name: give the name, not a loaded model")
     return model
 
 
 @contextmanager
-def _executor(model, device, dtype, verify_cache: bool, workers: int | None, ray_address: str | None):
+def _executor(model, device, dtype, verify_cache: bool, workers: int | None, ray_address: str | None, checkpoint: int | None = None):
     """(the model, or its spec when workers hold it; the executor: None = this process)."""
     if not workers:
-        yield _model(model, device, dtype, verify_cache), None
+        yield _model(model, device, dtype, verify_cache, checkpoint), None
         return
+    if checkpoint is not None:
+        raise InputError("training checkpoints are not loaded by Ray workers: run without --workers")
     if not isinstance(model, (str, Path)):
         raise InputError("workers load the model themselves: give its name or path, not a loaded model")
     from .distributed import RayPool
@@ -77,14 +81,18 @@ def detect_grid(
     until_stable: int | None = None,
     patience: int | None = None,
     order_seed: int = 0,
+    checkpoint: int | None = None,
 ) -> tuple[DetectionResult, list[Path]]:
     """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`.
     The output directory is checked and locked, and the haystacks read, before the model loads.
     `workers`: run the trials on that many Ray workers (a local Ray instance, or the cluster at
     `ray_address`), each holding the model; the scores are those of a run in one process.
-    `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`)."""
+    `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`). `checkpoint`:
+    a training step of a model published with its checkpoints (see `load_model`)."""
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
-    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
+    if checkpoint is not None:
+        settings["checkpoint"] = checkpoint
+    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address, checkpoint) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = detect(
             model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress, executor, until_stable,
