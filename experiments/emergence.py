@@ -24,6 +24,7 @@ per run) and `final_heads.png` (each run's final head map).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing
 import time
@@ -34,10 +35,11 @@ import torch
 from common import RESULTS_DIR
 from tqdm.auto import tqdm
 
-from rh_lens.ablation import ablation_experiment
+from rh_lens.ablation import ablation_experiment, evaluate_niah
 from rh_lens.compression import repeat_attention
 from rh_lens.detection import detect
 from rh_lens.errors import PairError
+from rh_lens.generation import greedy_decode
 from rh_lens.heads import Head
 from rh_lens.patching import activation_patching, patching_pair
 from rh_lens.results import write_json
@@ -71,11 +73,37 @@ def task_answer_budget(trials) -> int:
     return max(len(t.needle.real_needle.split()) for t in trials) + 2
 
 
+def copy_offsets(model, trials) -> dict[str, list]:
+    """Where each head looks, relative to the prompt position of the token the model copies:
+    over every decode step that emits the next answer token of a trial, the most common
+    (argmax key - that token's position) and its share of the steps. The retrieval score
+    credits a head only at offset 0; a head that reads the token from a later position's
+    residual (where an earlier layer has moved it) copies at another offset and scores 0."""
+    counts = [collections.Counter() for _ in range(model.cfg.n_layers * model.cfg.n_heads)]
+    steps = 0
+    for trial in trials:
+        generation = greedy_decode(model, trial.prompt_ids, task_answer_budget(trials))
+        start, end = trial.answer_span
+        for i, token in enumerate(generation.tokens[: end - start]):
+            if token != trial.prompt_ids[start + i]:
+                break
+            steps += 1
+            for flat, key in enumerate(generation.argmax_keys[i].flatten().tolist()):
+                counts[flat][key - (start + i)] += 1
+    return {
+        str(Head(*divmod(flat, model.cfg.n_heads))): [*c.most_common(1)[0], c.most_common(1)[0][1] / steps] if steps else None
+        for flat, c in enumerate(counts)
+    }
+
+
 def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
     """Masking the detected heads vs random ones, and head-output patching, on the trained model."""
     detection = detect(model, trials, progress=False, max_new_tokens=task_answer_budget(trials))
     heads = detection.retrieval_heads()
-    out: dict = {"retrieval_heads": [str(Head(layer, head)) for layer, head, _ in heads], "niah": float(np.mean([r.success for r in detection.trials]))}
+    out: dict = {
+        "retrieval_heads": [str(Head(layer, head)) for layer, head, _ in heads], "niah": float(np.mean([r.success for r in detection.trials])),
+        "scores": detection.scores().tolist(), "copy_offsets": copy_offsets(model, trials),
+    }  # fmt: skip
     if heads:
         k = len(heads)
         ablation = ablation_experiment(model, trials, detection, ks=[k], seeds=(0, 1, 2), progress=False, max_new_tokens=task_answer_budget(trials))
@@ -91,6 +119,10 @@ def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
         pair = patching_pair(model, needle, haystack_ids, trials[-1].context_length, 50, corrupted, chat=False, haystack="synthetic", max_new_tokens=task_answer_budget(trials))
         patched = activation_patching(model, pair, kinds=("head_out",), directions=("denoise",), progress=False)
         out["patching"] = {"ranking": [[str(Head(layer, head)), effect] for layer, head, effect in patched.ranking()]}
+        # The same masking for the heads patching ranks first (as many as the detected ones, at least one).
+        best = [Head(layer, head) for layer, head, _ in patched.ranking()[: max(1, len(heads))]]
+        records = evaluate_niah(model, trials, best, progress=False, max_new_tokens=task_answer_budget(trials))
+        out["masking_patched"] = {"heads": [str(h) for h in best], "recall": float(np.mean([r.rouge_recall for r in records]))}
     except PairError as e:  # a model that cannot tell the answers apart has nothing to patch
         out["patching"] = {"error": str(e)}
     return out
@@ -154,21 +186,25 @@ def summary(run: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
         "best_head_induction": float(induction[best]), "max_induction": float(induction.max()),
         "recall_none": masking.get("none"), "recall_top": masking.get("top"), "recall_random": float(np.mean(randoms)) if randoms else None,
         "patching_top": ranking[0] if ranking else None,
+        "recall_patched_masked": run["final"].get("masking_patched", {}).get("recall"),
+        "patching_top_offset": run["final"]["copy_offsets"].get(ranking[0][0]) if ranking else None,
+        "offsets": {head: o for head, o in run["final"]["copy_offsets"].items() if o and o[2] >= 0.5},
     }  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [
-        "| variant | seed | head >= 0.1 at step | NIAH >= 50% at step | answer loss 0.5 nat under the no-retrieval floor at step | final NIAH | retrieval heads (>= 0.1) | induction score of the best head (max of any head) | recall: no mask / heads masked / random masked | top head by patching (effect) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seed | head >= 0.1 at step | NIAH >= 50% at step | answer loss 0.5 nat under the no-retrieval floor at step | final NIAH | retrieval heads (>= 0.1) | induction score of the best head (max of any head) | recall: no mask / retrieval heads masked / random masked / top heads by patching masked | top head by patching (effect) | its copy offset (share of steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         patch = f"{r['patching_top'][0]} ({r['patching_top'][1]:.2f})" if r["patching_top"] else "-"
+        offset = f"{r['patching_top_offset'][0]:+d} ({r['patching_top_offset'][2]:.0%})" if r["patching_top_offset"] else "-"
         lines.append(
             f"| {r['variant']} | {r['seed']} | {fmt(r['head_step'])} | {fmt(r['niah_step'])} | {fmt(r['loss_step'])} | {fmt(r['final_niah'])} "
             f"| {', '.join(r['retrieval_heads']) or 'none'} | {r['best_head']}: {fmt(r['best_head_induction'])} ({fmt(r['max_induction'])}) "
-            f"| {fmt(r['recall_none'])} / {fmt(r['recall_top'])} / {fmt(r['recall_random'])} | {patch} |"
+            f"| {fmt(r['recall_none'])} / {fmt(r['recall_top'])} / {fmt(r['recall_random'])} / {fmt(r['recall_patched_masked'])} | {patch} | {offset} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -283,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the answer tokens' loss (they are a few percent of the tokens; without it the first 3000 steps learned nothing)")
+    parser.add_argument("--answer-weight", type=float, default=3.0, help="extra weight of the answer tokens' loss (they are a few percent of the tokens; with weight 0, 3000 steps learned nothing)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=64)
