@@ -12,9 +12,9 @@ Training sequences are built at the token level (fast, thousands per second) and
 token ids `build_trial` gives for the same haystack, needle and insertion point, followed by
 the answer and EOS (a test holds the two together). Like a trial's haystack, the filler is
 cut to a token count, mostly mid-sentence: a model trained only on whole sentences learns
-that the question follows a full stop, and fails every trial. `retrieval=False` makes the control task:
-the same sequences, but the answer after the question is drawn afresh, so nothing in the
-context predicts it and nothing rewards looking back.
+that the question follows a full stop, and fails every trial. `retrieval=False` makes the
+control task: the same sequences, but the answer after the question is drawn afresh, so
+nothing in the context predicts it and nothing rewards looking back.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .niah import QUESTION_TEMPLATE, Needle, Trial, build_trial
 
-TEMPLATE_WORDS = "Based on the content of book , Question : What is code ? Answer The .".split()  # the words of QUESTION_TEMPLATE and the needle form
+# The words of QUESTION_TEMPLATE and of the needle sentence.
+TEMPLATE_WORDS = "Based on the content of book , Question : What is code ? Answer The .".split()
 
 
 @dataclass(frozen=True)

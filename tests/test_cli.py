@@ -120,3 +120,14 @@ def test_ablate_by_thresholds(inputs, capsys):
     assert "threshold 0.05: 1 heads; recall with them masked" in printed and "threshold 0.5: 1 heads" in printed
     assert (out / "threshold_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(args[:-2] + ["--thresholds", "0.99", "--top-k", "1", "--out", str(out)]) == 2  # one or the other
+
+
+def test_detect_checkpoint_is_loaded_and_recorded(inputs, monkeypatch):
+    tmp_path, argv = inputs
+    loads = []
+    monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: loads.append(kwargs) or build_planted_model())
+    out = tmp_path / "step4000"
+    assert cli.main(argv + ["--checkpoint", "4000", "--out", str(out)]) == 0
+    assert loads[0]["checkpoint"] == 4000
+    assert json.loads((out / "results.json").read_text())["settings"]["checkpoint"] == 4000
+    assert cli.main(argv + ["--checkpoint", "4000", "--workers", "2", "--out", str(tmp_path / "ray")]) == 1
