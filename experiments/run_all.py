@@ -1,5 +1,5 @@
 """Regenerate every result and figure: detection (resumable), universality, dynamic
-activation and coverage, intrinsic comparisons. Takes the grid arguments of each script,
+activation and coverage, intrinsic comparisons, bootstrap stability and adaptive detection. Takes the grid arguments of each script,
 e.g. on a GPU: `python experiments/run_all.py --models M --lengths 1000 8000 32000 --device cuda`.
 Writes `<results>/timing.json` with the seconds of each step."""
 
@@ -12,11 +12,15 @@ from pathlib import Path
 import detect_catalogue
 import dynamic_activation
 import intrinsic
+import stability
 import universality
 from common import add_grid_arguments
 from rh_lens.results import write_json
 
-STEPS = {"detect": detect_catalogue, "universality": universality, "dynamic_activation": dynamic_activation, "intrinsic": intrinsic}
+STEPS = {
+    "detect": detect_catalogue, "universality": universality, "dynamic_activation": dynamic_activation, "intrinsic": intrinsic,
+    "stability": stability,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
