@@ -1,19 +1,19 @@
 """Do retrieval heads emerge reliably? Train small models from scratch and watch them form.
 
 Small HookedTransformers (2 layers x 4 heads, d_model 64, rotary positions; attention-only,
-and with MLPs)
-are trained from scratch on the synthetic retrieval task of `rh_lens.synthetic` (a
-key-value needle in filler sentences, asked about at the end, the NIAH prompt form), several
-seeds each, and a control run on the same sequences whose answers are drawn afresh (no
-retrieval demand). At every checkpoint: training loss, loss on the answer tokens, NIAH
+and with MLPs) are trained from scratch on the synthetic retrieval task of
+`rh_lens.synthetic` (a key-value needle in filler sentences, asked about at the end, the
+NIAH prompt form), several seeds each, and a control run on the same sequences whose
+answers are drawn afresh (no retrieval demand). At every checkpoint: training loss, loss on the answer tokens, NIAH
 accuracy on held-out trials and rh_lens's detection on them (`rh_lens.detection.detect`,
 the paper's scoring rule), plus each head's induction score on a repeated random sequence.
 At the end, per run: masking the detected retrieval heads vs random heads (the `ablate`
-machinery) and head-output patching (the `patch` machinery).
+machinery), head-output patching (the `patch` machinery), masking the heads patching ranks
+first, and each head's copy offset (`copy_offsets`).
 
-Writes `<out>/runs/<variant>-seed<k>.json` and `.pt` (history and trained weights, per run as
-it finishes: a rerun skips the finished ones), `<out>/emergence.json`, `emergence.md` (the per-seed table) and the figures
-`emergence.png` (head scores over training, loss and accuracy on the same axis, one panel
+Writes `<out>/runs/<variant>-seed<k>.json` and `.pt` (history and trained weights, per run
+as it finishes: a rerun skips the finished ones), `<out>/emergence.json`, `emergence.md`
+(the per-seed table) and the figures `emergence.png` (head scores over training, loss and accuracy on the same axis, one panel
 per run) and `final_heads.png` (each run's final head map).
 
     python experiments/emergence.py                 # defaults: 5 seeds x 3 variants
@@ -97,7 +97,8 @@ def copy_offsets(model, trials) -> dict[str, list]:
 
 
 def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
-    """Masking the detected heads vs random ones, and head-output patching, on the trained model."""
+    """Masking the detected heads vs random ones, head-output patching, masking the heads
+    patching ranks first, and copy offsets, on the trained model."""
     detection = detect(model, trials, progress=False, max_new_tokens=task_answer_budget(trials))
     heads = detection.retrieval_heads()
     out: dict = {
@@ -165,7 +166,8 @@ def first_step(history: list[dict], test) -> int | None:
 def summary(run: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """When things happen in one run: the first checkpoint where some head scores >= the
     threshold (the paper's rule), where NIAH accuracy reaches 50%, where the answer loss is
-    clearly below what a model that does not look back can reach; and the final head map's retrieval heads with their induction scores."""
+    clearly below what a model that does not look back can reach; the final head map's
+    retrieval heads with their induction scores; masking, patching and copy offsets."""
     history = run["history"]
     task = SyntheticTask()
     # Without looking back, the best guess of each answer word is uniform over the filler
