@@ -42,6 +42,7 @@ from rh_lens.errors import PairError
 from rh_lens.generation import greedy_decode
 from rh_lens.heads import Head
 from rh_lens.patching import activation_patching, patching_pair
+from rh_lens.plots import head_map
 from rh_lens.results import write_json
 from rh_lens.scoring import DEFAULT_THRESHOLD, retrieval_scores
 from rh_lens.synthetic import Batches, SyntheticTask, tiny_model, train_step
@@ -263,13 +264,11 @@ def plot_final_heads(runs: list[dict], path: Path) -> None:
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    fig, axes = plt.subplots(len(variants), len(seeds), figsize=(1.8 * len(seeds) + 1, 1.5 * len(variants) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(variants), len(seeds), figsize=(1.8 * len(seeds) + 1, 2.0 * len(variants) + 0.5), squeeze=False, constrained_layout=True)
     for run in runs:
         ax = axes[variants.index(run["variant"])][seeds.index(run["seed"])]
         scores = np.array(run["history"][-1]["scores"])
-        image = ax.imshow(scores, vmin=0, vmax=1, cmap="viridis")
-        for layer, head in zip(*np.nonzero(scores >= DEFAULT_THRESHOLD)):
-            ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+        image = head_map(ax, scores, DEFAULT_THRESHOLD)
         ax.set_xticks(range(scores.shape[1]))
         ax.set_yticks(range(scores.shape[0]))
         ax.set_title(f"{run['variant']} s{run['seed']}", fontsize=8)

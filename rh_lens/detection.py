@@ -22,7 +22,7 @@ from .niah import Trial
 from .results import Answer, DetectionResult, TrialRecord
 from .runs import InProcess, run_trials
 from .scoring import DEFAULT_THRESHOLD, SUCCESS_RECALL, copied_offsets, copy_events, event_scores, rouge1_recall
-from .statistics import shuffled, stable_after
+from .statistics import shuffled, stable_after, top_k_indices
 
 
 def answer_trial(
@@ -164,12 +164,18 @@ def top_k_set(records: Sequence[TrialRecord], k: int) -> frozenset[int]:
     if not good:
         return frozenset()
     scores = torch.tensor(good, dtype=torch.float64).flatten(1).mean(dim=0)
-    order = torch.argsort(-scores, stable=True)[:k]
-    return frozenset(i for i in order.tolist() if scores[i] > 0)
+    return frozenset(i for i in top_k_indices(scores, k).tolist() if scores[i] > 0)
 
 
 def _top_k_stable(k: int, patience: int, records: Sequence[TrialRecord]) -> bool:
-    return stable_after([top_k_set(records[: i + 1], k) for i in range(len(records))], patience) == len(records)
+    """The stop rule of adaptive detection. `run_trials` asks it of every prefix in order and
+    stops at the first yes, so only the last `patience` + 1 prefixes need a top-K set: the
+    rule holds when they all leave the same one (not every prefix's, which made each
+    question cost O(trials^2))."""
+    if len(records) <= patience:
+        return False
+    recent = [top_k_set(records[:n], k) for n in range(len(records) - patience, len(records) + 1)]
+    return stable_after(recent, patience) == len(recent)
 
 
 def _detection_task(max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial) -> TrialRecord:

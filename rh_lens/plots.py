@@ -26,9 +26,7 @@ def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=No
         width = min(16, 2.5 + 0.32 * result.n_heads)
         height = min(14, 1.5 + 0.22 * result.n_layers)
         _, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
-    image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, float(scores.max())), origin="lower")
-    for layer, head, _ in result.retrieval_heads(threshold):
-        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    image = head_map(ax, scores, threshold, vmax=max(1e-9, float(scores.max())))
     colorbar = ax.figure.colorbar(image, ax=ax, label="retrieval score")
     colorbar.ax.axhline(threshold, color="red", linewidth=2)
     n_good, n_all = len(result.successful), len(result.trials)
@@ -39,6 +37,15 @@ def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=No
     )
     _layer_head_axes(ax, result.n_layers, result.n_heads)
     return ax.figure
+
+
+def head_map(ax, scores, threshold: float, vmax: float = 1.0):
+    """Draw a layer x head score map on `ax` (layer 0 at the bottom), heads at or above the
+    threshold outlined in red; returns the image (for a colour bar)."""
+    image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, origin="lower")
+    for layer, head in zip(*np.nonzero(np.asarray(scores) >= threshold)):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    return image
 
 
 def _layer_head_axes(ax, n_layers: int, n_heads: int) -> None:

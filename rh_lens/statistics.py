@@ -54,7 +54,7 @@ class Bootstrap:
         return self.low[i], self.high[i]
 
 
-def _top_k(scores: Float[Tensor, "... head"], k: int) -> Tensor:
+def top_k_indices(scores: Float[Tensor, "... head"], k: int) -> Tensor:
     """Indices of the k best heads (ties: lower index first, as `DetectionResult.ranking`)."""
     order = torch.argsort(-scores, dim=-1, stable=True)
     return order[..., :k]
@@ -79,14 +79,14 @@ def bootstrap(
     high = torch.quantile(resampled, 1 - tail, dim=0)
     names = [str(h) for h in all_heads(result.n_layers, result.n_heads)]
     k = min(top_k, len(names))
-    point_top = set(_top_k(point, k).tolist())
-    resample_tops = _top_k(resampled, k)
+    point_top = set(top_k_indices(point, k).tolist())
+    resample_tops = top_k_indices(resampled, k)
     counts = torch.zeros(len(names))
     jaccards = []
     for row in resample_tops.tolist():
         counts[row] += 1
         jaccards.append(len(point_top & set(row)) / len(point_top | set(row)))
-    order = [i for i in _top_k(point, len(names)).tolist() if point[i] > 0]
+    order = [i for i in top_k_indices(point, len(names)).tolist() if point[i] > 0]
     return Bootstrap(
         model=result.model,
         n_trials=len(trials),
@@ -98,7 +98,7 @@ def bootstrap(
         score=[float(point[i]) for i in order],
         low=[float(low[i]) for i in order],
         high=[float(high[i]) for i in order],
-        top_k_heads=[names[i] for i in _top_k(point, k).tolist()],
+        top_k_heads=[names[i] for i in top_k_indices(point, k).tolist()],
         top_k_frequency={names[i]: float(counts[i]) / n_resamples for i in counts.nonzero().flatten().tolist()},
         top_k_jaccard=float(np.mean(jaccards)),
     )
