@@ -39,7 +39,7 @@ def worker(impl: str, model_name: str, length: int, new_tokens: int | None) -> d
     import torch
 
     from rh_lens import BUILTIN_NEEDLES, load_model, run_trial, trial_grid
-    from rh_lens.models import hf_directory
+    from rh_lens.model.loading import hf_directory
 
     model = load_model(model_name, device="cpu")
     (trial,) = trial_grid(model.tokenizer, BUILTIN_NEEDLES[1:2], [length], [50], max_tokens=model.cfg.n_ctx)

@@ -19,8 +19,8 @@ import torch
 from transformer_lens import patching
 
 from rh_lens import BUILTIN_NEEDLES, load_model
-from rh_lens.niah import load_haystack, tokenize_haystack
-from rh_lens.patching import cache_run, head_patches, patching_pair, resid_patches, run_patches
+from rh_lens.interventions.patching import cache_run, head_patches, patching_pair, resid_patches, run_patches
+from rh_lens.tasks.niah import load_haystack, tokenize_haystack
 
 
 def timed(function):
@@ -69,7 +69,9 @@ def main() -> None:
         for name, (groups, tl_function, index_df) in jobs.items():
             ours, ours_s = timed(lambda: run_patches(model, pair, corrupted, clean, groups, args.batch_size, progress=False))
             theirs, theirs_s = timed(
-                lambda: tl_function(model, pair.corrupted_ids[None], clean_cache, metric, index_axis_names=None, index_df=index_df)
+                lambda: tl_function(
+                    model, pair.corrupted_ids[None], clean_cache, metric, index_axis_names=None, index_df=index_df
+                )
             )
             rows.append((length, n, name, len(groups), ours_s, theirs_s, float((ours - theirs.cpu()).abs().max())))
         print(f"context {length}: caching both runs took {cache_s:.1f} s (rh_lens, once per pair)", flush=True)

@@ -4,7 +4,7 @@ The model is a HookedTransformer built from the shape of a real model (Llama-2-7
 Llama-3-8B, ...) with random weights: no download, so it runs anywhere, and on a GPU the
 same command measures the real thing's time and memory. One trial = chunked prefill of a
 prompt of the given length + 50 greedy decode steps recording every head's attention argmax
-(`rh_lens.generation.greedy_decode`, exactly what detection runs). Each length runs in a
+(`rh_lens.model.generation.greedy_decode`, exactly what detection runs). Each length runs in a
 fresh process. For each it prints seconds, tokens/s, peak memory (CUDA max_memory_allocated
 on a GPU; peak RSS over the process's start on a CPU) and the memory model's prediction:
 
@@ -30,10 +30,18 @@ import time
 from pathlib import Path
 
 SHAPES = {  # from each model's config.json
-    "llama-2-7b": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=None, d_head=128, d_mlp=11008, d_vocab=32000, rotary_base=10000),
-    "llama-2-13b": dict(d_model=5120, n_layers=40, n_heads=40, n_key_value_heads=None, d_head=128, d_mlp=13824, d_vocab=32000, rotary_base=10000),
-    "llama-3-8b": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336, d_vocab=128256, rotary_base=500000),
-    "qwen2.5-7b": dict(d_model=3584, n_layers=28, n_heads=28, n_key_value_heads=4, d_head=128, d_mlp=18944, d_vocab=152064, rotary_base=1000000),
+    "llama-2-7b": dict(
+        d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=None, d_head=128, d_mlp=11008, d_vocab=32000, rotary_base=10000
+    ),
+    "llama-2-13b": dict(
+        d_model=5120, n_layers=40, n_heads=40, n_key_value_heads=None, d_head=128, d_mlp=13824, d_vocab=32000, rotary_base=10000
+    ),
+    "llama-3-8b": dict(
+        d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336, d_vocab=128256, rotary_base=500000
+    ),
+    "qwen2.5-7b": dict(
+        d_model=3584, n_layers=28, n_heads=28, n_key_value_heads=4, d_head=128, d_mlp=18944, d_vocab=152064, rotary_base=1000000
+    ),
 }
 GIB = 1 << 30
 
@@ -53,9 +61,9 @@ def n_params(s: dict) -> int:
 
 
 def predict(s: dict, tokens: int, dtype_bytes: int) -> dict:
-    """The memory model, with rh_lens's own chunk budgets (rh_lens.generation.fused_chunks)."""
-    from rh_lens.generation import ACTIVATION_BUDGET, MASK_BUDGET
-    from rh_lens.tl_internals import CACHE_GROWTH
+    """The memory model, with rh_lens's own chunk budgets (rh_lens.model.generation.fused_chunk)."""
+    from rh_lens.model.generation import ACTIVATION_BUDGET, MASK_BUDGET
+    from rh_lens.model.tl_internals import CACHE_GROWTH
 
     kv_heads = s["n_key_value_heads"] or s["n_heads"]
     weights = n_params(s) * dtype_bytes
@@ -78,8 +86,8 @@ def worker(args) -> dict:
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from rh_lens.generation import greedy_decode
-    from rh_lens.tl_internals import use_linear_layout
+    from rh_lens.model.generation import greedy_decode
+    from rh_lens.model.tl_internals import use_linear_layout
 
     torch.set_grad_enabled(False)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
@@ -89,9 +97,18 @@ def worker(args) -> dict:
     s = shape(args.shape, args.layers)
     length = args.lengths[0]
     cfg = HookedTransformerConfig(
-        **s, n_ctx=length + args.new_tokens + 1, act_fn="silu", gated_mlp=True, normalization_type="RMS",
-        positional_embedding_type="rotary", rotary_dim=s["d_head"], final_rms=True, init_weights=False, device=device, dtype=dtype,
-    )  # fmt: skip
+        **s,
+        n_ctx=length + args.new_tokens + 1,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=s["d_head"],
+        final_rms=True,
+        init_weights=False,
+        device=device,
+        dtype=dtype,
+    )
     model = HookedTransformer(cfg)
     for param in model.parameters():  # random weights, small enough that activations stay finite
         param.normal_(0, 0.02)
@@ -108,9 +125,14 @@ def worker(args) -> dict:
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM") - before
     return {
-        "length": length, "new_tokens": len(generation.tokens), "seconds": seconds, "peak": peak, "device": device,
-        "layers": s["n_layers"], "threads": torch.get_num_threads(),
-    }  # fmt: skip
+        "length": length,
+        "new_tokens": len(generation.tokens),
+        "seconds": seconds,
+        "peak": peak,
+        "device": device,
+        "layers": s["n_layers"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -122,7 +144,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--predict-only", action="store_true", help="print the memory model for these lengths and stop")
-    parser.add_argument("--gpu-memory", nargs="*", type=float, default=[80, 141], help="GPU sizes (GiB) the prediction is set against")
+    parser.add_argument(
+        "--gpu-memory", nargs="*", type=float, default=[80, 141], help="GPU sizes (GiB) the prediction is set against"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -132,25 +156,49 @@ def main() -> None:
     s = shape(args.shape, args.layers)
     print(f"{args.shape} shape, {s['n_layers']} layers, {args.dtype}, {n_params(s) / 1e9:.2f}B parameters")
     if args.predict_only:
-        print("| prompt tokens | weights GiB | KV cache GiB | transient GiB | predicted GiB | " + " | ".join(f"fits {g:g} GiB" for g in args.gpu_memory) + " |")
+        print(
+            "| prompt tokens | weights GiB | KV cache GiB | transient GiB | predicted GiB | "
+            + " | ".join(f"fits {g:g} GiB" for g in args.gpu_memory)
+            + " |"
+        )
         print("|---|---|---|---|---|" + "---|" * len(args.gpu_memory))
         for length in args.lengths:
             p = predict(s, length, dtype_bytes)
             fits = " | ".join("yes" if p["total"] / GIB < g else "no" for g in args.gpu_memory)
-            print(f"| {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.1f} | {p['transient'] / GIB:.2f} | {p['total'] / GIB:.1f} | {fits} |")
+            print(
+                f"| {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.1f} | {p['transient'] / GIB:.2f} | {p['total'] / GIB:.1f} | {fits} |"
+            )
         return
     rows = []
     for length in args.lengths:
-        command = [sys.executable, __file__, "--worker", "--shape", args.shape, "--lengths", str(length), "--dtype", args.dtype,
-                   "--new-tokens", str(args.new_tokens)] + (["--layers", str(args.layers)] if args.layers else []) + (
-                   ["--device", args.device] if args.device else [])  # fmt: skip
+        command = (
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--shape",
+                args.shape,
+                "--lengths",
+                str(length),
+                "--dtype",
+                args.dtype,
+                "--new-tokens",
+                str(args.new_tokens),
+            ]
+            + (["--layers", str(args.layers)] if args.layers else [])
+            + (["--device", args.device] if args.device else [])
+        )
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"done {length}", file=sys.stderr, flush=True)
     device = rows[0]["device"]
     memory = "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS added by the worker"
-    print(f"device {device}, {rows[0]['threads']} torch threads; one trial = prefill + {args.new_tokens} decode steps; measured = {memory}")
-    print("| prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |")
+    print(
+        f"device {device}, {rows[0]['threads']} torch threads; one trial = prefill + {args.new_tokens} decode steps; measured = {memory}"
+    )
+    print(
+        "| prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         p = predict(s, row["length"], dtype_bytes)

@@ -19,8 +19,10 @@ import random
 from pathlib import Path
 
 import numpy as np
-from rh_lens.models import load_model_spec
-from rh_lens.results import load_results, write_json
+
+from rh_lens.detection.records import load_results
+from rh_lens.execution.files import write_json
+from rh_lens.model.loading import load_model_spec
 
 
 def group_sharing(scores: np.ndarray, n_kv_heads: int, threshold: float = 0.1, seed: int = 0) -> dict:
@@ -33,21 +35,41 @@ def group_sharing(scores: np.ndarray, n_kv_heads: int, threshold: float = 0.1, s
     shuffled = [flat[rng.sample(range(len(flat)), size)] for _ in range(2000)]
     across = float(np.mean([g.max() - g.min() for g in shuffled]))
     above = groups >= threshold
-    mates = [bool(above[layer, kv].all()) for layer in range(n_layers) for kv in range(n_kv_heads) for h in range(size) if above[layer, kv, h]]
-    return {"group_size": size, "within_spread": within, "random_spread": across, "all_mates_above": float(np.mean(mates)) if mates else None}
+    mates = [
+        bool(above[layer, kv].all())
+        for layer in range(n_layers)
+        for kv in range(n_kv_heads)
+        for h in range(size)
+        if above[layer, kv, h]
+    ]
+    return {
+        "group_size": size,
+        "within_spread": within,
+        "random_spread": across,
+        "all_mates_above": float(np.mean(mates)) if mates else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="MODEL=short.json,long.json,reference.json")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="only the trials of these context lengths (to compare runs of different grids)")
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=None,
+        help="only the trials of these context lengths (to compare runs of different grids)",
+    )
     args = parser.parse_args(argv)
-    rows, lines = [], [
-        "| model | query heads per KV head | heads >= 0.1: short answers | long answers | reference needles | "
-        "within-group score spread (random groups) | heads >= 0.1 whose group-mates all are |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows, lines = (
+        [],
+        [
+            "| model | query heads per KV head | heads >= 0.1: short answers | long answers | reference needles | "
+            "within-group score spread (random groups) | heads >= 0.1 whose group-mates all are |",
+            "|---|---|---|---|---|---|---|",
+        ],
+    )
     for run in args.runs:
         model, paths = run.split("=", 1)
         results = [load_results(p) for p in paths.split(",")]
@@ -61,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"model": model, "fractions": fractions, "trials": [len(r.successful) for r in results], "sharing": sharing})
         cells = " | ".join(f"{100 * f:.1f}% ({len(r.successful)} trials)" for f, r in zip(fractions, results))
         mates = "-" if sharing["all_mates_above"] is None else f"{100 * sharing['all_mates_above']:.0f}%"
-        lines.append(f"| {model} | {sharing['group_size']} | {cells} | {sharing['within_spread']:.3f} ({sharing['random_spread']:.3f}) | {mates} |")
+        lines.append(
+            f"| {model} | {sharing['group_size']} | {cells} | {sharing['within_spread']:.3f} ({sharing['random_spread']:.3f}) | {mates} |"
+        )
     write_json(args.results_dir / "answer_length.json", rows)
     (args.results_dir / "answer_length.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

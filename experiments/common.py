@@ -16,9 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # the scripts write figures to files
 
-from rh_lens.options import add_grid_arguments as add_niah_arguments
-from rh_lens.options import add_model_arguments, add_parallel_arguments
-from rh_lens.results import load_results
+from rh_lens.app.options import add_grid_arguments as add_niah_arguments
+from rh_lens.app.options import add_model_arguments, add_parallel_arguments
+from rh_lens.detection.records import load_results
 
 CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

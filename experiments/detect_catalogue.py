@@ -10,9 +10,11 @@ import argparse
 import time
 
 from common import add_grid_arguments, model_dir
-from rh_lens.options import grid_from_args
-from rh_lens.reports import format_ranking
-from rh_lens.workflows import detect_grid
+
+from rh_lens.app.options import grid_from_args
+from rh_lens.app.reports import format_ranking
+from rh_lens.app.workflows import detect_grid
+from rh_lens.execution.options import RunOptions
 
 
 def detect_model(args: argparse.Namespace, model_name: str) -> float:
@@ -20,8 +22,10 @@ def detect_model(args: argparse.Namespace, model_name: str) -> float:
     started = time.perf_counter()
     out = model_dir(args.results_dir, model_name)
     result, _ = detect_grid(
-        model_name, grid_from_args(args), out, device=args.device, dtype=args.dtype, resume=True, workers=args.workers,
-        ray_address=args.ray_address,
+        model_name,
+        grid_from_args(args),
+        out,
+        options=RunOptions(device=args.device, dtype=args.dtype, resume=True, workers=args.workers, ray_address=args.ray_address),
     )
     print(format_ranking(result, 10), flush=True)
     seconds = time.perf_counter() - started

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 
 from common import add_grid_arguments, load_model_results, model_dir
-from rh_lens.analysis import ACTIVATION_THRESHOLD, coverage, dynamic_activation
-from rh_lens.plots import activation_frequency_chart, activation_matrix_heatmap, coverage_curves, save_figures
-from rh_lens.results import write_json
+
+from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, coverage, dynamic_activation
+from rh_lens.app.plots import activation_frequency_chart, activation_matrix_heatmap, coverage_curves, save_figures
+from rh_lens.execution.files import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out / "dynamic_activation.json", activation.to_json())
         write_json(out / "coverage.json", heads_needed.to_json())
         save_figures(
-            {"activation_frequency": activation_frequency_chart(activation), "activation_matrix": activation_matrix_heatmap(activation)},
+            {
+                "activation_frequency": activation_frequency_chart(activation),
+                "activation_matrix": activation_matrix_heatmap(activation),
+            },
             out / "figures",
         )
         needed = sorted(heads_needed.heads_needed.values())

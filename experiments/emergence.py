@@ -2,10 +2,10 @@
 
 Small HookedTransformers (2 layers x 4 heads, d_model 64, rotary positions; attention-only,
 and with MLPs) are trained from scratch on the synthetic retrieval task of
-`rh_lens.synthetic` (a key-value needle in filler sentences, asked about at the end, the
+`rh_lens.tasks.synthetic` (a key-value needle in filler sentences, asked about at the end, the
 NIAH prompt form), several seeds each, and a control run on the same sequences whose
 answers are drawn afresh (no retrieval demand). At every checkpoint: training loss, loss on the answer tokens, NIAH
-accuracy on held-out trials and rh_lens's detection on them (`rh_lens.detection.detect`,
+accuracy on held-out trials and rh_lens's detection on them (`rh_lens.detection.run`,
 the paper's scoring rule), plus each head's induction score on a repeated random sequence.
 At the end, per run: masking the detected retrieval heads vs random heads (the `ablate`
 machinery), head-output patching (the `patch` machinery), masking the heads patching ranks
@@ -35,17 +35,18 @@ import torch
 from common import RESULTS_DIR
 from tqdm.auto import tqdm
 
-from rh_lens.ablation import ablation_experiment, evaluate_niah
-from rh_lens.compression import repeat_attention
-from rh_lens.detection import detect
+from rh_lens.app.plots import head_map
+from rh_lens.detection.probes import repeat_attention
+from rh_lens.detection.run import detect
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD, retrieval_scores
 from rh_lens.errors import PairError
-from rh_lens.generation import greedy_decode
+from rh_lens.execution.files import write_json
+from rh_lens.execution.options import RunOptions
 from rh_lens.heads import Head
-from rh_lens.patching import activation_patching, patching_pair
-from rh_lens.plots import head_map
-from rh_lens.results import write_json
-from rh_lens.scoring import DEFAULT_THRESHOLD, retrieval_scores
-from rh_lens.synthetic import Batches, SyntheticTask, tiny_model, train_step
+from rh_lens.interventions.masking import ablation_experiment, evaluate_niah
+from rh_lens.interventions.patching import activation_patching, patching_pair
+from rh_lens.model.generation import greedy_decode
+from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
 
 VARIANTS = {  # name -> (MLPs?, retrieval demand?)
     "attn-only": (False, True),
@@ -58,7 +59,7 @@ def head_maps(model, trials) -> dict:
     """Detection on held-out trials: NIAH accuracy, the paper's scores (successful trials),
     the same rule over every trial (meaningful when nothing succeeds, e.g. the control), and
     the induction scores."""
-    result = detect(model, trials, progress=False, max_new_tokens=task_answer_budget(trials))
+    result = detect(model, trials, options=RunOptions(progress=False, max_new_tokens=task_answer_budget(trials)))
     trial_scores = torch.tensor([r.head_scores for r in result.trials])
     _, induction = repeat_attention(model, length=60)
     return {
@@ -100,18 +101,29 @@ def copy_offsets(model, trials) -> dict[str, list]:
 def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
     """Masking the detected heads vs random ones, head-output patching, masking the heads
     patching ranks first, and copy offsets, on the trained model."""
-    detection = detect(model, trials, progress=False, max_new_tokens=task_answer_budget(trials))
+    detection = detect(model, trials, options=RunOptions(progress=False, max_new_tokens=task_answer_budget(trials)))
     heads = detection.retrieval_heads()
     out: dict = {
-        "retrieval_heads": [str(Head(layer, head)) for layer, head, _ in heads], "niah": float(np.mean([r.success for r in detection.trials])),
-        "scores": detection.scores().tolist(), "copy_offsets": copy_offsets(model, trials),
-    }  # fmt: skip
+        "retrieval_heads": [str(Head(layer, head)) for layer, head, _ in heads],
+        "niah": float(np.mean([r.success for r in detection.trials])),
+        "scores": detection.scores().tolist(),
+        "copy_offsets": copy_offsets(model, trials),
+    }
     # Random heads are drawn from outside every head >= the threshold: in an 8-head model
     # with 5 such heads, the top 3 are masked against the other 3.
     k = min(len(heads), model.cfg.n_layers * model.cfg.n_heads - len(heads))
     if k > 0:
-        ablation = ablation_experiment(model, trials, detection, ks=[k], seeds=(0, 1, 2), progress=False, max_new_tokens=task_answer_budget(trials))
-        out["masking"] = {f"{c.kind}" + (f"-seed{c.seed}" if c.seed is not None else ""): c.mean_recall() for c in ablation.conditions}
+        ablation = ablation_experiment(
+            model,
+            trials,
+            detection,
+            ks=[k],
+            seeds=(0, 1, 2),
+            options=RunOptions(progress=False, max_new_tokens=task_answer_budget(trials)),
+        )
+        out["masking"] = {
+            c.metadata["kind"] + (f"-seed{c.seed}" if c.seed is not None else ""): c.mean_recall() for c in ablation.conditions
+        }
         out["masking"]["k"] = k
     # Patching: the same trial with another value sequence (same length, other tokens).
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -120,12 +132,24 @@ def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
     corrupted = " ".join(f"f{(int(w[1:]) + task.n_filler // 2) % task.n_filler:02d}" for w in needle.real_needle.split())
     haystack_ids = tokenizer(task.haystack(60, generator), add_special_tokens=False)["input_ids"]
     try:
-        pair = patching_pair(model, needle, haystack_ids, trials[-1].context_length, 50, corrupted, chat=False, haystack="synthetic", max_new_tokens=task_answer_budget(trials))
+        pair = patching_pair(
+            model,
+            needle,
+            haystack_ids,
+            trials[-1].context_length,
+            50,
+            corrupted,
+            chat=False,
+            haystack="synthetic",
+            max_new_tokens=task_answer_budget(trials),
+        )
         patched = activation_patching(model, pair, kinds=("head_out",), directions=("denoise",), progress=False)
         out["patching"] = {"ranking": [[str(Head(layer, head)), effect] for layer, head, effect in patched.ranking()]}
         # The same masking for the heads patching ranks first (as many as above, at least one).
         best = [Head(layer, head) for layer, head, _ in patched.ranking()[: max(1, k)]]
-        records = evaluate_niah(model, trials, best, progress=False, max_new_tokens=task_answer_budget(trials))
+        records = evaluate_niah(
+            model, trials, best, options=RunOptions(progress=False, max_new_tokens=task_answer_budget(trials))
+        )
         out["masking_patched"] = {"heads": [str(h) for h in best], "recall": float(np.mean([r.rouge_recall for r in records]))}
     except PairError as e:  # a model that cannot tell the answers apart has nothing to patch
         out["patching"] = {"error": str(e)}
@@ -135,7 +159,9 @@ def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
 def train_run(task: SyntheticTask, variant: str, seed: int, args) -> tuple[dict, object]:
     mlp, retrieval = VARIANTS[variant]
     torch.manual_seed(seed)
-    model = tiny_model(task, n_layers=args.layers, n_heads=args.heads, d_model=args.d_model, attn_only=not mlp, n_ctx=args.n_ctx, seed=seed)
+    model = tiny_model(
+        task, n_layers=args.layers, n_heads=args.heads, d_model=args.d_model, attn_only=not mlp, n_ctx=args.n_ctx, seed=seed
+    )
     batches = Batches(task, model.tokenizer, args.min_filler, args.max_filler, retrieval=retrieval)
     trials = task.trials(model.tokenizer, args.eval_trials, tuple(args.lengths), seed=1_000 + seed, n_ctx=args.n_ctx)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -147,13 +173,24 @@ def train_run(task: SyntheticTask, variant: str, seed: int, args) -> tuple[dict,
             if step % args.every == 0:
                 loss, answer_loss = np.mean(losses, axis=0) if losses else (float("nan"), float("nan"))
                 history.append({"step": step, "loss": float(loss), "answer_loss": float(answer_loss), **head_maps(model, trials)})
-                bar.set_postfix(answer_loss=f"{answer_loss:.2f}", niah=f"{history[-1]['niah']:.2f}", best=f"{np.max(history[-1]['scores']):.2f}")
+                bar.set_postfix(
+                    answer_loss=f"{answer_loss:.2f}",
+                    niah=f"{history[-1]['niah']:.2f}",
+                    best=f"{np.max(history[-1]['scores']):.2f}",
+                )
                 losses = []
             if step < args.steps:
-                losses.append(train_step(model, optimizer, *batches(args.batch_size, generator), answer_weight=args.answer_weight))
+                losses.append(
+                    train_step(model, optimizer, *batches(args.batch_size, generator), answer_weight=args.answer_weight)
+                )
                 schedule.step()
                 bar.update()
-    final = final_tests(model, task, task.trials(model.tokenizer, args.final_trials, tuple(args.lengths), seed=2_000 + seed, n_ctx=args.n_ctx), seed)
+    final = final_tests(
+        model,
+        task,
+        task.trials(model.tokenizer, args.final_trials, tuple(args.lengths), seed=2_000 + seed, n_ctx=args.n_ctx),
+        seed,
+    )
     return {"variant": variant, "seed": seed, "history": history, "final": final, "seconds": time.perf_counter() - started}, model
 
 
@@ -181,20 +218,26 @@ def summary(run: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
     randoms = [v for name, v in masking.items() if name.startswith("random")]
     ranking = run["final"]["patching"].get("ranking", [])
     return {
-        "variant": run["variant"], "seed": run["seed"],
+        "variant": run["variant"],
+        "seed": run["seed"],
         "head_step": first_step(history, lambda h: np.max(h["scores"]) >= threshold),
         "niah_step": first_step(history, lambda h: h["niah"] >= 0.5),
         "loss_step": first_step(history[1:], lambda h: h["answer_loss"] < floor - 0.5),
-        "final_niah": last["niah"], "answer_loss": last["answer_loss"],
+        "final_niah": last["niah"],
+        "answer_loss": last["answer_loss"],
         "retrieval_heads": run["final"]["retrieval_heads"],
-        "best_head": str(Head(int(best[0]), int(best[1]))), "best_all_trial_score": float(np.max(last["all_trial_scores"])),
-        "best_head_induction": float(induction[best]), "max_induction": float(induction.max()),
-        "recall_none": masking.get("none"), "recall_top": masking.get("top"), "recall_random": float(np.mean(randoms)) if randoms else None,
+        "best_head": str(Head(int(best[0]), int(best[1]))),
+        "best_all_trial_score": float(np.max(last["all_trial_scores"])),
+        "best_head_induction": float(induction[best]),
+        "max_induction": float(induction.max()),
+        "recall_none": masking.get("none"),
+        "recall_top": masking.get("top"),
+        "recall_random": float(np.mean(randoms)) if randoms else None,
         "patching_top": ranking[0] if ranking else None,
         "recall_patched_masked": run["final"].get("masking_patched", {}).get("recall"),
         "patching_top_offset": run["final"]["copy_offsets"].get(ranking[0][0]) if ranking else None,
         "offsets": {head: o for head, o in run["final"]["copy_offsets"].items() if o and o[2] >= 0.5},
-    }  # fmt: skip
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -224,7 +267,9 @@ def plot_emergence(runs: list[dict], path: Path) -> None:
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    fig, axes = plt.subplots(len(variants), len(seeds), figsize=(3.2 * len(seeds), 2.6 * len(variants)), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(variants), len(seeds), figsize=(3.2 * len(seeds), 2.6 * len(variants)), squeeze=False, sharex=True, sharey=True
+    )
     for run in runs:
         ax = axes[variants.index(run["variant"])][seeds.index(run["seed"])]
         steps = [h["step"] for h in run["history"]]
@@ -252,7 +297,9 @@ def plot_emergence(runs: list[dict], path: Path) -> None:
         row[0].set_ylabel("retrieval score")
     handles, labels = axes[0][0].get_legend_handles_labels()
     extra, extra_labels = axes[0][0].figure.axes[-1].get_legend_handles_labels()
-    fig.legend(handles + extra, labels + extra_labels, loc="lower center", ncol=min(12, len(labels) + 2), fontsize=8, frameon=False)
+    fig.legend(
+        handles + extra, labels + extra_labels, loc="lower center", ncol=min(12, len(labels) + 2), fontsize=8, frameon=False
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -264,7 +311,13 @@ def plot_final_heads(runs: list[dict], path: Path) -> None:
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    fig, axes = plt.subplots(len(variants), len(seeds), figsize=(1.8 * len(seeds) + 1, 2.0 * len(variants) + 0.5), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(variants),
+        len(seeds),
+        figsize=(1.8 * len(seeds) + 1, 2.0 * len(variants) + 0.5),
+        squeeze=False,
+        constrained_layout=True,
+    )
     for run in runs:
         ax = axes[variants.index(run["variant"])][seeds.index(run["seed"])]
         scores = np.array(run["history"][-1]["scores"])
@@ -287,14 +340,26 @@ def plot_final_heads(runs: list[dict], path: Path) -> None:
 
 def pythia_sweep(args) -> None:
     """The same detection on a model's published training checkpoints."""
-    from rh_lens.niah import Grid
-    from rh_lens.workflows import detect_grid
+    from rh_lens.app.workflows import detect_grid
+    from rh_lens.tasks.niah import Grid
 
     out = Path(args.out) / "pythia"
     rows = []
     for step in args.checkpoints:
-        result, _ = detect_grid(args.pythia, Grid(lengths=tuple(args.pythia_lengths)), out / f"step{step}", checkpoint=step, resume=True, device=args.device)
-        rows.append({"step": step, "scores": result.scores().tolist(), "retrieval_heads": [str(Head(l, h)) for l, h, _ in result.retrieval_heads()]})
+        result, _ = detect_grid(
+            args.pythia,
+            Grid(lengths=tuple(args.pythia_lengths)),
+            out / f"step{step}",
+            checkpoint=step,
+            options=RunOptions(resume=True, device=args.device),
+        )
+        rows.append(
+            {
+                "step": step,
+                "scores": result.scores().tolist(),
+                "retrieval_heads": [str(Head(l, h)) for l, h, _ in result.retrieval_heads()],
+            }
+        )
         print(f"step {step}: {len(rows[-1]['retrieval_heads'])} heads >= 0.1", flush=True)
     write_json(out / "checkpoints.json", rows)
 
@@ -308,8 +373,11 @@ def run_or_load(variant: str, seed: int, args) -> dict:
     torch.save(model.state_dict(), path.with_suffix(".pt"))  # the trained weights, for a closer look
     write_json(path, run)
     s = summary(run)
-    print(f"{variant} seed {seed}: {run['seconds']:.0f} s; head >= 0.1 at step {s['head_step']}, NIAH >= 50% at step {s['niah_step']}, "
-          f"final NIAH {s['final_niah']:.2f}, heads {s['retrieval_heads']}", flush=True)  # fmt: skip
+    print(
+        f"{variant} seed {seed}: {run['seconds']:.0f} s; head >= 0.1 at step {s['head_step']}, NIAH >= 50% at step {s['niah_step']}, "
+        f"final NIAH {s['final_niah']:.2f}, heads {s['retrieval_heads']}",
+        flush=True,
+    )
     return run
 
 
@@ -322,18 +390,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--answer-weight", type=float, default=3.0, help="extra weight of the answer tokens' loss (they are a few percent of the tokens; with weight 0, 2000-3000 steps learned nothing)")
+    parser.add_argument(
+        "--answer-weight",
+        type=float,
+        default=3.0,
+        help="extra weight of the answer tokens' loss (they are a few percent of the tokens; with weight 0, 2000-3000 steps learned nothing)",
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-ctx", type=int, default=256)
     parser.add_argument("--min-filler", type=int, default=10, help="filler tokens per training sequence, at least")
     parser.add_argument("--max-filler", type=int, default=100)
-    parser.add_argument("--lengths", nargs="+", type=int, default=[240, 270, 300], help="held-out trial lengths (a trial's length counts 200 tokens for the question, as rh-lens's do)")
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[240, 270, 300],
+        help="held-out trial lengths (a trial's length counts 200 tokens for the question, as rh-lens's do)",
+    )
     parser.add_argument("--eval-trials", type=int, default=4, help="held-out trials per length at each checkpoint")
     parser.add_argument("--final-trials", type=int, default=8, help="held-out trials per length for the final masking")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "emergence")
-    parser.add_argument("--pythia", help="a TransformerLens name with training checkpoints, e.g. EleutherAI/pythia-70m (needs hub access)")
+    parser.add_argument(
+        "--pythia", help="a TransformerLens name with training checkpoints, e.g. EleutherAI/pythia-70m (needs hub access)"
+    )
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[1000, 4000, 16000, 64000, 143000])
     parser.add_argument("--pythia-lengths", nargs="+", type=int, default=[500, 1000, 1500])
     parser.add_argument("--device", default=None)
@@ -351,7 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         runs = [run_or_load(variant, seed, args) for variant, seed in todo]
     rows = [summary(run) for run in runs]
-    write_json(args.out / "emergence.json", {"settings": {k: str(v) for k, v in vars(args).items()}, "summary": rows, "seconds": time.perf_counter() - started})
+    write_json(
+        args.out / "emergence.json",
+        {"settings": {k: str(v) for k, v in vars(args).items()}, "summary": rows, "seconds": time.perf_counter() - started},
+    )
     (args.out / "emergence.md").write_text(table(rows))
     plot_emergence(runs, args.out / "emergence.png")
     plot_final_heads(runs, args.out / "final_heads.png")

@@ -14,9 +14,11 @@ import dataclasses
 from pathlib import Path
 
 from common import add_grid_arguments, load_model_results
-from rh_lens.analysis import TOP_K, compare
-from rh_lens.plots import save_figures, score_scatter
-from rh_lens.results import load_results, write_json
+
+from rh_lens.analysis.analyses import TOP_K, compare
+from rh_lens.app.plots import save_figures, score_scatter
+from rh_lens.detection.records import load_results
+from rh_lens.execution.files import write_json
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "niah" / "official_head_scores"
 PUBLISHED_PAIRS = [
@@ -49,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pairs = []
     if args.published_dir.exists():
-        pairs += [(load_results(args.published_dir / f"{a}.json"), load_results(args.published_dir / f"{b}.json")) for a, b in PUBLISHED_PAIRS]
+        pairs += [
+            (load_results(args.published_dir / f"{a}.json"), load_results(args.published_dir / f"{b}.json"))
+            for a, b in PUBLISHED_PAIRS
+        ]
     else:
         print(f"{args.published_dir} not found: published pairs skipped", flush=True)
     for result in load_model_results(args):
@@ -59,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     write_json(Path(args.results_dir) / "intrinsic.json", [c.to_json() for c in comparisons])
     table = markdown_table(comparisons)
     (Path(args.results_dir) / "intrinsic.md").write_text(table)
-    figures = {f"scatter_{c.model_a}_vs_{c.model_b}".replace(" @", "_at").replace(" ", "_"): score_scatter(c) for c in comparisons}
+    figures = {
+        f"scatter_{c.model_a}_vs_{c.model_b}".replace(" @", "_at").replace(" ", "_"): score_scatter(c) for c in comparisons
+    }
     save_figures(figures, Path(args.results_dir) / "intrinsic")
     print(table, flush=True)
 

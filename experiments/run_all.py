@@ -15,12 +15,16 @@ import intrinsic
 import stability
 import universality
 from common import add_grid_arguments
-from rh_lens.results import write_json
+
+from rh_lens.execution.files import write_json
 
 STEPS = {
-    "detect": detect_catalogue, "universality": universality, "dynamic_activation": dynamic_activation, "intrinsic": intrinsic,
+    "detect": detect_catalogue,
+    "universality": universality,
+    "dynamic_activation": dynamic_activation,
+    "intrinsic": intrinsic,
     "stability": stability,
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> None:

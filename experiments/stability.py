@@ -3,7 +3,7 @@
 For each model's detection result (`detect_catalogue.py` first): the bootstrap's top-K
 stability and the intervals of its best heads; and what adaptive detection
 (`rh-lens detect --until-stable K`) would have done on the same grid: the grid's trials in
-the seeded random order it uses, stopped by the same rule (`rh_lens.statistics.stable_after`),
+the seeded random order it uses, stopped by the same rule (`rh_lens.detection.adaptive.stable_after`),
 so the number of trials it needs and how its top K agrees with the full run's. Trials are
 deterministic, so this replays the stored trials instead of decoding them again.
 Writes `<results>/stability.json` and `stability.md`.
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from common import add_grid_arguments, load_model_results
-from rh_lens.detection import top_k_set
-from rh_lens.results import write_json
-from rh_lens.statistics import bootstrap, shuffled, stable_after
+
+from rh_lens.analysis.statistics import bootstrap
+from rh_lens.detection.adaptive import shuffled, stable_after, top_k_set
+from rh_lens.execution.files import write_json
 
 
 def adaptive(result, k: int, seed: int, patience: int | None = None) -> dict:
@@ -28,7 +29,12 @@ def adaptive(result, k: int, seed: int, patience: int | None = None) -> dict:
     patience = patience or max(5, math.ceil(0.2 * len(order)))
     stop = stable_after([top_k_set(order[: i + 1], k) for i in range(len(order))], patience) or len(order)
     early, full = top_k_set(order[:stop], k), top_k_set(result.trials, k)
-    return {"seed": seed, "trials": stop, "of": len(order), "jaccard": len(early & full) / len(early | full) if early | full else 1.0}
+    return {
+        "seed": seed,
+        "trials": stop,
+        "of": len(order),
+        "jaccard": len(early & full) / len(early | full) if early | full else 1.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--seeds", type=int, default=5, help="trial orders per K (seeds 0..N-1)")
     args = parser.parse_args(argv)
-    rows, lines = [], ["| model | top-K | bootstrap: mean Jaccard of top K | adaptive: trials needed (mean, range) of the grid | adaptive: top-K Jaccard with the full run (mean, min) |", "|---|---|---|---|---|"]
+    rows, lines = (
+        [],
+        [
+            "| model | top-K | bootstrap: mean Jaccard of top K | adaptive: trials needed (mean, range) of the grid | adaptive: top-K Jaccard with the full run (mean, min) |",
+            "|---|---|---|---|---|",
+        ],
+    )
     for result in load_model_results(args):
         for k in args.top_k:
             b = bootstrap(result, top_k=k)

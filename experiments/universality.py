@@ -8,11 +8,12 @@ import argparse
 from pathlib import Path
 
 from common import add_grid_arguments, load_model_results
-from rh_lens.analysis import universality
+
+from rh_lens.analysis.analyses import universality
+from rh_lens.app.plots import layer_profiles, save_figures, score_histograms
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD
+from rh_lens.execution.files import write_json
 from rh_lens.heads import Head
-from rh_lens.plots import layer_profiles, save_figures, score_histograms
-from rh_lens.results import write_json
-from rh_lens.scoring import DEFAULT_THRESHOLD
 
 
 def markdown_table(rows) -> str:

@@ -1,4 +1,4 @@
-"""Attention heads: one type, one text form.
+"""Attention heads: one type (and one for key-value heads), one text form.
 
 A head is `Head(layer, head)`, a named tuple (so `(12, 3)` works wherever a head is
 expected), written "12-3" everywhere: command-line arguments, JSON keys and values, figure
@@ -9,9 +9,10 @@ published score files, so those read as they are.
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
-from .errors import InputError
+from rh_lens.errors import InputError
 
 _HEAD_TEXT = re.compile(r"\s*(\d+)\s*[-.]\s*(\d+)\s*")  # "12-3"; "12.3" (older rh_lens) is read too
 
@@ -24,7 +25,7 @@ class Head(NamedTuple):
         return f"{self.layer}-{self.head}"
 
     @classmethod
-    def parse(cls, text: str) -> "Head":
+    def parse(cls, text: str) -> Head:
         """'12-3' -> Head(12, 3)."""
         match = _HEAD_TEXT.fullmatch(str(text))
         if not match:
@@ -32,12 +33,22 @@ class Head(NamedTuple):
         return cls(int(match[1]), int(match[2]))
 
     @classmethod
-    def coerce(cls, value: "Head | str | Iterable[int]") -> "Head":
+    def coerce(cls, value: Head | str | Iterable[int]) -> Head:
         """A head from its text form or a (layer, head) pair (JSON stores either)."""
         if isinstance(value, str):
             return cls.parse(value)
         layer, head = value
         return cls(int(layer), int(head))
+
+
+class KVHead(NamedTuple):
+    """A key-value head: under grouped-query attention several query heads read one."""
+
+    layer: int
+    kv_head: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}-{self.kv_head}"
 
 
 def heads_of(values: Iterable) -> list[Head]:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rh_lens.models import load_model
+from rh_lens.model.loading import load_model
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import rh_lens.cli as cli  # noqa: E402
-import rh_lens.detection as detection  # noqa: E402
 from planted import build_planted_model  # noqa: E402
 
-# The module that loads models for the command line (rh_lens.workflows; rh_lens.cli before it).
-loader = sys.modules.get("rh_lens.workflows", cli)
+import rh_lens.app.cli as cli  # noqa: E402
+import rh_lens.detection.run as detection  # noqa: E402
+
+# The module that loads models for the command line (rh_lens.app.workflows; rh_lens.cli before it).
+loader = sys.modules.get("rh_lens.app.workflows", cli)
 loader.load_model = lambda name, **kwargs: build_planted_model()
 
 delay = float(os.environ.get("PLANTED_TRIAL_DELAY", "0"))

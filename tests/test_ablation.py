@@ -3,10 +3,11 @@ and on the planted-head model masking the planted head destroys retrieval."""
 
 import pytest
 import torch
-
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
-from rh_lens.ablation import (
-    Condition,
+
+from rh_lens.detection.records import DetectionResult, TrialRecord
+from rh_lens.execution.options import RunOptions
+from rh_lens.interventions.masking import (
     ablation_conditions,
     ablation_experiment,
     default_ks,
@@ -15,8 +16,7 @@ from rh_lens.ablation import (
     mask_heads,
     random_heads,
 )
-from rh_lens.niah import build_trial, tokenize_haystack
-from rh_lens.results import DetectionResult, TrialRecord
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 model = build_planted_model()
 haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
@@ -79,7 +79,15 @@ def test_head_means_are_means_over_positions():
 def test_masking_the_planted_head_destroys_retrieval_and_no_other_head_does(method, decode_only):
     mean_z = head_means(model, [t.prompt_ids for t in trials]) if method == "mean" else None
     for head in HEADS:
-        records = evaluate_niah(model, trials, [head], method, decode_only, mean_z, max_new_tokens=6, progress=False)
+        records = evaluate_niah(
+            model,
+            trials,
+            [head],
+            method=method,
+            decode_only=decode_only,
+            mean_z=mean_z,
+            options=RunOptions(max_new_tokens=6, progress=False),
+        )
         recall = sum(r.rouge_recall for r in records) / len(records)
         # The planted head breaks retrieval; so does the previous-token head L0H0 it reads,
         # but only when masked over the prompt too: at decode time its work is already
@@ -103,9 +111,19 @@ def test_random_heads_are_seeded_and_avoid_the_excluded():
 def fake_detection():
     scores = [[0.0, 0.0, 0.0, 0.0], [0.0, 0.05, 0.9, 0.0]]
     record = TrialRecord(
-        key="t", context_length=300, depth=50, needle_id="n", haystack="h", answer=None, generated_ids=[], response=None,
-        rouge_recall=1.0, success=True, answer_span=None, head_scores=scores,
-    )  # fmt: skip
+        key="t",
+        context_length=300,
+        depth=50,
+        needle_id="n",
+        haystack="h",
+        answer=None,
+        generated_ids=[],
+        response=None,
+        rouge_recall=1.0,
+        success=True,
+        answer_span=None,
+        head_scores=scores,
+    )
     return DetectionResult("planted", 2, 4, [record])
 
 
@@ -113,21 +131,39 @@ def test_conditions_top_and_random():
     conditions = ablation_conditions(fake_detection(), ks=[1, 2], seeds=[0, 1])
     names = [c.name for c in conditions]
     assert names == ["none", "top-1", "random-1-seed0", "random-1-seed1", "top-2", "random-2-seed0", "random-2-seed1"]
-    assert conditions[1].heads == [PLANTED]
+    assert conditions[0].intervention is None
+    assert conditions[1].intervention.heads == (PLANTED,)
+    assert [c.group for c in conditions[1:4]] == ["top-1", "random-1", "random-1"]
     for c in conditions:
-        if c.kind == "random":  # never the top-2 heads (1,2), (1,1)
-            assert not {PLANTED, (1, 1)} & set(c.heads)
+        if c.metadata["kind"] == "random":  # never the top-2 heads (1,2), (1,1)
+            assert not {PLANTED, (1, 1)} & set(c.intervention.heads)
 
 
 def test_experiment_on_planted_model(tmp_path):
-    result = ablation_experiment(model, trials, fake_detection(), ks=[1], seeds=[0, 1], out_dir=tmp_path, max_new_tokens=6, progress=False)
+    result = ablation_experiment(
+        model,
+        trials,
+        fake_detection(),
+        ks=[1],
+        seeds=[0, 1],
+        out_dir=tmp_path,
+        options=RunOptions(max_new_tokens=6, progress=False),
+    )
     rows = {row["condition"]: row for row in result.summary()}
     assert rows["none"]["mean_recall"] == 1.0
     assert rows["top-1"]["mean_recall"] < 0.5 and rows["top-1"]["absent_rate"] > 0
     assert rows["random-1"]["n_seeds"] == 2
     assert (tmp_path / "ablation.json").exists()
     assert len(list((tmp_path / "conditions" / "top-1" / "trials").glob("*.json"))) == 3
-    lengths, depths, grid = result.recall_grid("top", 1)
+    lengths, depths, grid = result.recall_grid("top-1")
     assert lengths == [300] and depths == [0, 50, 100] and grid.shape == (3, 1)
-    resumed = ablation_experiment(model, trials, fake_detection(), ks=[1], seeds=[0, 1], out_dir=tmp_path, resume=True, max_new_tokens=6, progress=False)
+    resumed = ablation_experiment(
+        model,
+        trials,
+        fake_detection(),
+        ks=[1],
+        seeds=[0, 1],
+        out_dir=tmp_path,
+        options=RunOptions(resume=True, max_new_tokens=6, progress=False),
+    )
     assert resumed.summary() == result.summary()

@@ -5,18 +5,29 @@ from pathlib import Path
 
 import pytest
 
-import rh_lens.cli as cli
-from rh_lens.analysis import MissingCopiesError, analyze, compare, coverage, dynamic_activation, jaccard, universality
-from rh_lens.results import DetectionResult, TrialRecord, load_results, save_results
+import rh_lens.app.cli as cli
+from rh_lens.analysis.analyses import MissingCopiesError, analyze, compare, coverage, dynamic_activation, jaccard, universality
+from rh_lens.detection.records import DetectionResult, TrialRecord, load_results, save_results
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "niah" / "official_head_scores"
 
 
 def record(key, scores, length=500, depth=0, success=True, copied=None):
     return TrialRecord(
-        key=key, context_length=length, depth=depth, needle_id="n1", haystack="pydoc", answer_span=(10, 13), answer="a b c",
-        generated_ids=[], response="a b c", rouge_recall=1.0, success=success, head_scores=scores, copied=copied,
-    )  # fmt: skip
+        key=key,
+        context_length=length,
+        depth=depth,
+        needle_id="n1",
+        haystack="pydoc",
+        answer_span=(10, 13),
+        answer="a b c",
+        generated_ids=[],
+        response="a b c",
+        rouge_recall=1.0,
+        success=success,
+        head_scores=scores,
+        copied=copied,
+    )
 
 
 def four_trials() -> DetectionResult:
@@ -48,10 +59,24 @@ def test_activation_grouped_by_length_and_depth():
     activation = dynamic_activation(four_trials())
     assert [row["value"] for row in activation.groups["context_length"]] == [500, 1000]  # numeric order
     by_length = {row["value"]: row for row in activation.groups["context_length"]}
-    assert by_length[500] == {"value": 500, "n_trials": 2, "mean_active_heads": 2.0, "heads_active_in_any": 2, "heads_active_in_all": 2}
-    assert by_length[1000] == {"value": 1000, "n_trials": 2, "mean_active_heads": 2.0, "heads_active_in_any": 3, "heads_active_in_all": 1}
+    assert by_length[500] == {
+        "value": 500,
+        "n_trials": 2,
+        "mean_active_heads": 2.0,
+        "heads_active_in_any": 2,
+        "heads_active_in_all": 2,
+    }
+    assert by_length[1000] == {
+        "value": 1000,
+        "n_trials": 2,
+        "mean_active_heads": 2.0,
+        "heads_active_in_any": 3,
+        "heads_active_in_all": 1,
+    }
     assert [row["n_trials"] for row in activation.groups["depth"]] == [2, 2]
-    assert activation.groups["needle_id"] == [{"value": "n1", "n_trials": 4, "mean_active_heads": 2.0, "heads_active_in_any": 3, "heads_active_in_all": 1}]
+    assert activation.groups["needle_id"] == [
+        {"value": "n1", "n_trials": 4, "mean_active_heads": 2.0, "heads_active_in_any": 3, "heads_active_in_all": 1}
+    ]
 
 
 def test_jaccard_between_active_sets():
@@ -172,7 +197,20 @@ def test_cli_compare_reads_ours_and_published(tmp_path, capsys):
     result = four_trials()
     save_results(result, tmp_path / "ours.json")
     (tmp_path / "published.json").write_text(json.dumps(result.to_published()))
-    assert cli.main(["compare", str(tmp_path / "ours.json"), str(tmp_path / "published.json"), "--top-k", "2", "--out", str(tmp_path / "cmp")]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                str(tmp_path / "ours.json"),
+                str(tmp_path / "published.json"),
+                "--top-k",
+                "2",
+                "--out",
+                str(tmp_path / "cmp"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Pearson 1.000   Spearman 1.000" in printed
     assert "top-2 overlap: 2/2 = 1.00" in printed

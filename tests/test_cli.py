@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
-import rh_lens.cli as cli
-import rh_lens.workflows as workflows
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+
+import rh_lens.app.cli as cli
+import rh_lens.app.workflows as workflows
 
 
 @pytest.fixture
@@ -17,8 +17,23 @@ def inputs(tmp_path, monkeypatch):
     needles = tmp_path / "needles.jsonl"
     needles.write_text(json.dumps(NEEDLE.__dict__) + "\n")
     return tmp_path, [
-        "detect", "--model", "planted", "--haystack", str(tmp_path / "hay"), "--needles", str(needles),
-        "--lengths", "260", "300", "--depths", "0", "100", "--max-new-tokens", "8", "--top", "3",
+        "detect",
+        "--model",
+        "planted",
+        "--haystack",
+        str(tmp_path / "hay"),
+        "--needles",
+        str(needles),
+        "--lengths",
+        "260",
+        "300",
+        "--depths",
+        "0",
+        "100",
+        "--max-new-tokens",
+        "8",
+        "--top",
+        "3",
     ]
 
 
@@ -71,10 +86,28 @@ def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
     assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
     needles, hay = argv[argv.index("--needles") + 1], argv[argv.index("--haystack") + 1]
     out = tmp_path / "patch"
-    common = ["patch", "--model", "planted", "--needles", needles, "--haystack", hay, "--context-length", "300",
-              "--corrupted-answer", "echo delta charlie bravo alpha", "--prompt", "plain", "--max-new-tokens", "4"]  # fmt: skip
+    common = [
+        "patch",
+        "--model",
+        "planted",
+        "--needles",
+        needles,
+        "--haystack",
+        hay,
+        "--context-length",
+        "300",
+        "--corrupted-answer",
+        "echo delta charlie bravo alpha",
+        "--prompt",
+        "plain",
+        "--max-new-tokens",
+        "4",
+    ]
     capsys.readouterr()
-    assert cli.main(common + ["--all-heads", "--scores", str(tmp_path / "det" / "results.json"), "--tail", "3", "--out", str(out)]) == 0
+    assert (
+        cli.main(common + ["--all-heads", "--scores", str(tmp_path / "det" / "results.json"), "--tail", "3", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "head_out denoise (final position), top 8: 1-2 1.000" in printed
     assert "head_out noise (final position), top 8: 1-2 1.000" in printed
@@ -97,8 +130,20 @@ def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, 
     assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
     argv = [a if a != "detect" else "compress" for a in argv if a not in ("--top", "3")]
     out = tmp_path / "kv"
-    args = argv + ["--scores", str(tmp_path / "det" / "results.json"), "--full-fraction", "0.125", "--sink", "4", "--window", "8",
-                   "--random-seeds", "1", "--out", str(out)]  # fmt: skip
+    args = argv + [
+        "--scores",
+        str(tmp_path / "det" / "results.json"),
+        "--full-fraction",
+        "0.125",
+        "--sink",
+        "4",
+        "--window",
+        "8",
+        "--random-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
     capsys.readouterr()
     assert cli.main(args) == 0
     rows = {tuple(line.split()[:2]): line.split() for line in capsys.readouterr().out.splitlines()[2:7]}
@@ -112,7 +157,17 @@ def test_ablate_by_thresholds(inputs, capsys):
     assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
     argv = [a if a != "detect" else "ablate" for a in argv if a not in ("--top", "3")]
     out = tmp_path / "thr"
-    args = argv + ["--scores", str(tmp_path / "det" / "results.json"), "--thresholds", "0.05", "0.5", "--random-seeds", "1", "--out", str(out)]
+    args = argv + [
+        "--scores",
+        str(tmp_path / "det" / "results.json"),
+        "--thresholds",
+        "0.05",
+        "0.5",
+        "--random-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
     capsys.readouterr()
     assert cli.main(args) == 0
     printed = capsys.readouterr().out

@@ -10,20 +10,21 @@ import torch
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, build_tokenizer, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rh_lens.compression import (
+from rh_lens.detection.probes import razor_scores
+from rh_lens.detection.run import detect
+from rh_lens.execution.options import RunOptions
+from rh_lens.interventions.compression import (
     KVPolicy,
     compression_experiment,
     compression_hooks,
     export_duo_attention,
     kv_bytes,
     kv_head_scores,
-    razor_scores,
     rank_kv_heads,
     retrieval_policy,
     streaming_policy,
 )
-from rh_lens.detection import detect
-from rh_lens.niah import build_trial, tokenize_haystack
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 planted = build_planted_model()
 haystack = tokenize_haystack(planted.tokenizer, haystack_text(), 300)
@@ -34,9 +35,20 @@ def gqa_model() -> HookedTransformer:
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=96, d_vocab=len(tokenizer), n_ctx=256,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", init_weights=True, device="cpu",
-    )  # fmt: skip
+        n_layers=2,
+        d_model=64,
+        d_head=16,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=96,
+        d_vocab=len(tokenizer),
+        n_ctx=256,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        init_weights=True,
+        device="cpu",
+    )
     return HookedTransformer(cfg, tokenizer=tokenizer).eval()
 
 
@@ -72,7 +84,7 @@ def test_byte_account_by_hand_with_grouped_query_attention():
 
 def test_streaming_llm_keeps_the_bytes_of_the_policy_it_matches():
     model = gqa_model()
-    detection = detect(planted, far[:1], max_new_tokens=2, progress=False)
+    detection = detect(planted, far[:1], options=RunOptions(max_new_tokens=2, progress=False))
     detection.n_layers, detection.n_heads = 2, 4
     policy = retrieval_policy(model, detection, 0.5, sink=4, window=8)
     stream = streaming_policy(model, 0.5, sink=4, window=8)
@@ -97,23 +109,35 @@ def test_razor_finds_the_induction_and_echo_heads_of_the_planted_model():
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_the_planted_head_alone_needs_the_full_cache(decode_only):
     keep_planted = KVPolicy("planted", 2, 4, 4, frozenset({PLANTED}), sink=4, window=8)
-    drop_planted = KVPolicy("others", 2, 4, 4, frozenset(h for h in [(l, k) for l in range(2) for k in range(4)] if h != PLANTED), 4, 8)
-    from rh_lens.compression import compressed_niah_trial
+    drop_planted = KVPolicy(
+        "others", 2, 4, 4, frozenset(h for h in [(l, k) for l in range(2) for k in range(4)] if h != PLANTED), 4, 8
+    )
+    from rh_lens.interventions.base import answer_under
+    from rh_lens.interventions.compression import KVCompression
 
     for trial in far:
         assert trial.answer_span[1] < len(trial.prompt_ids) - 8 - 8  # the answer is outside every window
-        kept = compressed_niah_trial(keep_planted, decode_only, 8, planted, trial)
-        dropped = compressed_niah_trial(drop_planted, decode_only, 8, planted, trial)
+        kept = answer_under(KVCompression(keep_planted, decode_only), 8, None, planted, trial)
+        dropped = answer_under(KVCompression(drop_planted, decode_only), 8, None, planted, trial)
         assert kept.rouge_recall == 1.0, kept.response
         assert dropped.rouge_recall < 0.5, dropped.response
 
 
 def test_compression_experiment_and_duo_attention_export(tmp_path):
-    from rh_lens.reports import format_compression, save_compression
+    from rh_lens.app.reports import format_compression, save_compression
 
-    detection = detect(planted, far, max_new_tokens=8, progress=False)
-    result = compression_experiment(planted, far, detection, fractions=[0.125], sink=4, window=8, seeds=[0, 1], max_new_tokens=8,
-                                    out_dir=tmp_path / "run", progress=False)  # fmt: skip
+    detection = detect(planted, far, options=RunOptions(max_new_tokens=8, progress=False))
+    result = compression_experiment(
+        planted,
+        far,
+        detection,
+        fractions=[0.125],
+        sink=4,
+        window=8,
+        seeds=[0, 1],
+        out_dir=tmp_path / "run",
+        options=RunOptions(max_new_tokens=8, progress=False),
+    )
     rows = {(r["method"], r["full_fraction"]): r for r in result.summary()}
     assert rows[("full", 1.0)]["mean_recall"] == 1.0 and rows[("full", 1.0)]["kv_kept"] == 1.0
     assert rows[("retrieval", 0.125)]["mean_recall"] == 1.0  # one of 8 heads full: the planted one
@@ -124,10 +148,22 @@ def test_compression_experiment_and_duo_attention_export(tmp_path):
     written = save_compression(result, tmp_path / "run")
     tsv = (tmp_path / "run" / "duo_attention" / "0.125" / "full_attention_heads.tsv").read_text().splitlines()
     assert tsv == ["0\t0\t0\t0", "0\t0\t1\t0"]  # layer rows, KV-head columns: only 1-2 full
-    assert json.loads((tmp_path / "run" / "duo_attention" / "0.125" / "config.json").read_text()) == {"sink_size": 4, "recent_size": 8}
+    assert json.loads((tmp_path / "run" / "duo_attention" / "0.125" / "config.json").read_text()) == {
+        "sink_size": 4,
+        "recent_size": 8,
+    }
     assert all(p.exists() for p in written)
-    again = compression_experiment(planted, far, detection, fractions=[0.125], sink=4, window=8, seeds=[0, 1], max_new_tokens=8,
-                                   out_dir=tmp_path / "run", resume=True, progress=False)  # fmt: skip
+    again = compression_experiment(
+        planted,
+        far,
+        detection,
+        fractions=[0.125],
+        sink=4,
+        window=8,
+        seeds=[0, 1],
+        out_dir=tmp_path / "run",
+        options=RunOptions(max_new_tokens=8, resume=True, progress=False),
+    )
     assert again.summary() == result.summary()
 
 

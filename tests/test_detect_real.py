@@ -3,6 +3,7 @@
 import pytest
 
 from rh_lens import BUILTIN_NEEDLES, detect, load_model, trial_grid
+from rh_lens.execution.options import RunOptions
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +16,8 @@ def smollm2():
 def test_detection_on_smollm2_finds_retrieval_heads_deterministically(smollm2, tmp_path):
     trials = trial_grid(smollm2.tokenizer, BUILTIN_NEEDLES[1:], [600, 1800], [20, 80], max_tokens=smollm2.cfg.n_ctx)
     assert max(len(t.prompt_ids) for t in trials) <= 2000
-    first = detect(smollm2, trials, tmp_path / "a", progress=False)
-    second = detect(smollm2, trials, tmp_path / "b", progress=False)
+    first = detect(smollm2, trials, tmp_path / "a", options=RunOptions(progress=False))
+    second = detect(smollm2, trials, tmp_path / "b", options=RunOptions(progress=False))
 
     assert len(first.successful) >= 1, [t.response for t in first.trials]
     assert len(first.retrieval_heads(0.1)) >= 1
@@ -25,4 +26,3 @@ def test_detection_on_smollm2_finds_retrieval_heads_deterministically(smollm2, t
     assert first.ranking(20) == second.ranking(20)
     # Sparsity, as in the paper: far from every head copies.
     assert first.fraction_above(0.1) < 0.25
-

@@ -1,13 +1,13 @@
 """Detection runs: every finished trial on disk, resume after a crash without redoing work."""
 
 import pytest
-
-import rh_lens.detection as detection
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+
+import rh_lens.detection.run as detection
+from rh_lens.analysis.analyses import coverage
 from rh_lens.errors import RunDirectoryError
-from rh_lens.niah import build_trial, tokenize_haystack
-from rh_lens.analysis import coverage
-from rh_lens.results import load_results
+from rh_lens.execution.options import RunOptions
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +32,32 @@ def test_interrupted_run_resumes_without_redoing_trials(planted, tmp_path, monke
 
     monkeypatch.setattr(detection, "run_trial", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
+        detection.detect(model, trials, tmp_path, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
     assert len(list((tmp_path / "trials").glob("*.json"))) == 2
 
     with pytest.raises(RunDirectoryError, match="resume"):
-        detection.detect(model, trials, tmp_path, settings=settings, max_new_tokens=8, progress=False)
+        detection.detect(model, trials, tmp_path, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
     with pytest.raises(RunDirectoryError, match="settings differ"):
-        detection.detect(model, trials, tmp_path, resume=True, settings={"grid": "other"}, max_new_tokens=8, progress=False)
+        detection.detect(
+            model, trials, tmp_path, settings={"grid": "other"}, options=RunOptions(resume=True, max_new_tokens=8, progress=False)
+        )
 
     calls.clear()
-    monkeypatch.setattr(detection, "run_trial", lambda model, trial, *a: calls.append(trial.key) or real_run_trial(model, trial, *a))
-    resumed = detection.detect(model, trials, tmp_path, resume=True, settings=settings, max_new_tokens=8, progress=False)
+    monkeypatch.setattr(
+        detection, "run_trial", lambda model, trial, *a: calls.append(trial.key) or real_run_trial(model, trial, *a)
+    )
+    resumed = detection.detect(
+        model, trials, tmp_path, settings=settings, options=RunOptions(resume=True, max_new_tokens=8, progress=False)
+    )
     assert calls == [trials[2].key]
-    fresh = detection.detect(model, trials, None, settings=settings, max_new_tokens=8, progress=False)
+    fresh = detection.detect(model, trials, None, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
     assert [t.head_scores for t in resumed.trials] == [t.head_scores for t in fresh.trials]
     assert resumed.ranking(1)[0][:2] == PLANTED
 
 
 def test_trial_records_are_complete(planted, tmp_path):
     model, trials = planted
-    result = detection.detect(model, trials[:1], tmp_path, max_new_tokens=8, progress=False)
+    result = detection.detect(model, trials[:1], tmp_path, options=RunOptions(max_new_tokens=8, progress=False))
     trial = result.trials[0]
     assert trial.response.startswith(NEEDLE.real_needle)
     assert trial.success and trial.rouge_recall == 1.0
@@ -62,7 +68,7 @@ def test_trial_records_are_complete(planted, tmp_path):
 
 def test_copied_offsets_agree_with_head_scores(planted):
     model, trials = planted
-    result = detection.detect(model, trials, max_new_tokens=8, progress=False)
+    result = detection.detect(model, trials, options=RunOptions(max_new_tokens=8, progress=False))
     for trial in result.trials:
         start, end = trial.answer_span
         assert set(trial.copied) == {"1-2"}  # only the planted head copies

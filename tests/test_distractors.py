@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 
-from rh_lens.detection import response_class, run_trial
+from rh_lens.detection.run import run_trial
 from rh_lens.errors import TrialError
-from rh_lens.niah import BUILTIN_NEEDLES, DISTRACTOR_ANSWERS, Needle, build_trial, distractors_for, tokenize_haystack
-from rh_lens.scoring import rouge1_recall
+from rh_lens.tasks.grading import response_class, rouge1_recall
+from rh_lens.tasks.niah import BUILTIN_NEEDLES, DISTRACTOR_ANSWERS, Needle, build_trial, distractors_for, tokenize_haystack
 
 model = build_planted_model()
 haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
@@ -54,10 +54,14 @@ def test_distractor_sets_for_the_built_in_needles():
 
 @pytest.mark.parametrize(
     "response, expected",
-    [("alpha bravo charlie delta echo", "correct"), ("river stone cloud maple window", "distractor"),
-     ("garden lamp violin paper", "other-context"), ("purple elephants dancing wildly", "invented"),
-     ("What is the secret code?", "other-context")],
-)  # fmt: skip
+    [
+        ("alpha bravo charlie delta echo", "correct"),
+        ("river stone cloud maple window", "distractor"),
+        ("garden lamp violin paper", "other-context"),
+        ("purple elephants dancing wildly", "invented"),
+        ("What is the secret code?", "other-context"),
+    ],
+)
 def test_response_classes(response, expected):
     trial = build_trial(model.tokenizer, haystack, NEEDLE, 300, 50, chat=False, distractors=[(OTHER, 0)])
     recall = rouge1_recall(response, NEEDLE.real_needle)

@@ -16,12 +16,14 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import planted  # noqa: E402
-import rh_lens.detection as detection  # noqa: E402
 from planted import NEEDLE, build_planted_model, haystack_text  # noqa: E402
-from rh_lens.ablation import evaluate_niah  # noqa: E402
-from rh_lens.detection import detect  # noqa: E402
-from rh_lens.distributed import RayPool  # noqa: E402
-from rh_lens.niah import build_trial, tokenize_haystack  # noqa: E402
+
+import rh_lens.detection.run as detection  # noqa: E402
+from rh_lens.detection.run import detect  # noqa: E402
+from rh_lens.execution.distributed import RayPool  # noqa: E402
+from rh_lens.execution.options import RunOptions  # noqa: E402
+from rh_lens.interventions.masking import evaluate_niah  # noqa: E402
+from rh_lens.tasks.niah import build_trial, tokenize_haystack  # noqa: E402
 
 model = build_planted_model()
 haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
@@ -37,17 +39,19 @@ def pool():
 
 
 def test_two_workers_give_the_sequential_scores(pool):
-    sequential = detect(model, trials, max_new_tokens=8, progress=False)
-    sharded = detect(model, trials, max_new_tokens=8, progress=False, executor=pool)
+    sequential = detect(model, trials, options=RunOptions(max_new_tokens=8, progress=False))
+    sharded = detect(model, trials, executor=pool, options=RunOptions(max_new_tokens=8, progress=False))
     assert [t.key for t in sharded.trials] == [t.key for t in trials]  # trial order, whatever finished first
     assert [t.head_scores for t in sharded.trials] == [t.head_scores for t in sequential.trials]
     assert [t.generated_ids for t in sharded.trials] == [t.generated_ids for t in sequential.trials]
-    masked = evaluate_niah(model, trials, heads=[(1, 2)], max_new_tokens=8, progress=False, executor=pool)
-    assert [r.response for r in masked] == [r.response for r in evaluate_niah(model, trials, heads=[(1, 2)], max_new_tokens=8, progress=False)]
+    masked = evaluate_niah(model, trials, heads=[(1, 2)], executor=pool, options=RunOptions(max_new_tokens=8, progress=False))
+    assert [r.response for r in masked] == [
+        r.response for r in evaluate_niah(model, trials, heads=[(1, 2)], options=RunOptions(max_new_tokens=8, progress=False))
+    ]
 
 
 def test_a_run_killed_half_way_resumes_under_the_other_executor(pool, tmp_path, monkeypatch):
-    full = detect(model, trials, max_new_tokens=8, progress=False)
+    full = detect(model, trials, options=RunOptions(max_new_tokens=8, progress=False))
     real, calls = detection.run_trial, []
 
     def killed_after_three(*args, **kwargs):
@@ -58,15 +62,17 @@ def test_a_run_killed_half_way_resumes_under_the_other_executor(pool, tmp_path, 
 
     monkeypatch.setattr(detection, "run_trial", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
-        detect(model, trials, tmp_path / "a", max_new_tokens=8, progress=False)
+        detect(model, trials, tmp_path / "a", options=RunOptions(max_new_tokens=8, progress=False))
     monkeypatch.setattr(detection, "run_trial", real)
     assert len(list((tmp_path / "a" / "trials").glob("*.json"))) == 3
-    on_ray = detect(model, trials, tmp_path / "a", resume=True, max_new_tokens=8, progress=False, executor=pool)
+    on_ray = detect(
+        model, trials, tmp_path / "a", executor=pool, options=RunOptions(resume=True, max_new_tokens=8, progress=False)
+    )
     assert [t.head_scores for t in on_ray.trials] == [t.head_scores for t in full.trials]
 
     # and the other way: half a run on Ray, the rest in this process
-    detect(model, trials[:3], tmp_path / "b", max_new_tokens=8, progress=False, executor=pool)
-    here = detect(model, trials, tmp_path / "b", resume=True, max_new_tokens=8, progress=False)
+    detect(model, trials[:3], tmp_path / "b", executor=pool, options=RunOptions(max_new_tokens=8, progress=False))
+    here = detect(model, trials, tmp_path / "b", options=RunOptions(resume=True, max_new_tokens=8, progress=False))
     assert [t.head_scores for t in here.trials] == [t.head_scores for t in full.trials]
 
 
@@ -79,18 +85,44 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_a_real_cluster_runs_a_smollm2_grid(tmp_path, capsys):
     """`ray start --head` on 127.0.0.1, then `rh-lens detect --ray-address` with one worker."""
-    import rh_lens.cli as cli
+    import rh_lens.app.cli as cli
 
     ray.shutdown()  # any local instance of the tests above; the command below connects to the cluster
     port = free_port()
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     env_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    start = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={env_dir}"]  # fmt: skip
+    start = [
+        ray_cli,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={env_dir}",
+    ]
     subprocess.run(start, check=True, capture_output=True, timeout=180)
     try:
-        argv = ["detect", "--model", "smollm2-135m", "--needles", str(needles_file(tmp_path)), "--lengths", "600", "--depths", "50",
-                "--max-new-tokens", "20", "--workers", "1", "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "run")]  # fmt: skip
+        argv = [
+            "detect",
+            "--model",
+            "smollm2-135m",
+            "--needles",
+            str(needles_file(tmp_path)),
+            "--lengths",
+            "600",
+            "--depths",
+            "50",
+            "--max-new-tokens",
+            "20",
+            "--workers",
+            "1",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "run"),
+        ]
         assert cli.main(argv) == 0
         out = capsys.readouterr().out
         assert "1/1 trials retrieved the answer" in out
@@ -102,7 +134,7 @@ def test_a_real_cluster_runs_a_smollm2_grid(tmp_path, capsys):
 
 
 def needles_file(tmp_path: Path) -> Path:
-    from rh_lens.niah import BUILTIN_NEEDLES
+    from rh_lens.tasks.niah import BUILTIN_NEEDLES
 
     path = tmp_path / "needles.jsonl"
     path.write_text(json.dumps(BUILTIN_NEEDLES[1].__dict__) + "\n")

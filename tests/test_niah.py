@@ -4,12 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from planted import NEEDLE, build_tokenizer, haystack_text
-from rh_lens.niah import (
+
+from rh_lens.errors import TrialError
+from rh_lens.tasks.niah import (
     BUILTIN_NEEDLES,
     Needle,
-    TrialError,
     build_trial,
     linear_grid,
     load_haystack,
@@ -141,7 +141,7 @@ def test_trial_grid_pairs_haystacks_with_needles(tokenizer, tmp_path):
 
 
 def test_long_answer_needles_are_a_named_set():
-    from rh_lens.niah import BUILTIN_LONG_NEEDLES, answer_chars, load_needles
+    from rh_lens.tasks.niah import BUILTIN_LONG_NEEDLES, answer_chars, load_needles
 
     assert load_needles("long") == list(BUILTIN_LONG_NEEDLES)
     for needle in BUILTIN_LONG_NEEDLES:

@@ -7,13 +7,12 @@ import torch
 from planted import NEEDLE, PLANTED, build_planted_model, build_tokenizer, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
 
-from rh_lens.niah import Needle, tokenize_haystack
-from rh_lens.patching import (
-    PairError,
+from rh_lens.detection.records import DetectionResult, TrialRecord
+from rh_lens.errors import PairError
+from rh_lens.interventions.patching import (
     PatchingResult,
     activation_patching,
     cache_run,
-    corrupt_needle,
     head_patches,
     logit_diff_metric,
     mlp_patches,
@@ -22,7 +21,7 @@ from rh_lens.patching import (
     resid_patches,
     run_patches,
 )
-from rh_lens.results import DetectionResult, TrialRecord
+from rh_lens.tasks.niah import Needle, corrupt_needle, tokenize_haystack
 
 CORRUPTED = "echo delta charlie bravo alpha"  # same five words, another order: first token differs
 
@@ -38,10 +37,20 @@ def random_model(n_key_value_heads=None) -> HookedTransformer:
     """A small model with MLPs, LayerNorm, rotary and (optionally) grouped-query attention."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=64, d_head=16, n_heads=4, d_mlp=128, d_vocab=len(planted.tokenizer), n_ctx=256,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", n_key_value_heads=n_key_value_heads,
-        init_weights=True, device="cpu",
-    )  # fmt: skip
+        n_layers=3,
+        d_model=64,
+        d_head=16,
+        n_heads=4,
+        d_mlp=128,
+        d_vocab=len(planted.tokenizer),
+        n_ctx=256,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        n_key_value_heads=n_key_value_heads,
+        init_weights=True,
+        device="cpu",
+    )
     model = HookedTransformer(cfg, tokenizer=build_tokenizer())
     with torch.no_grad():
         model.unembed.W_U.mul_(20)  # random logits far apart, so the pair's gap is not tiny
@@ -193,7 +202,9 @@ def test_residual_stream_shows_where_the_answer_lives():
 
 def test_subset_of_heads_and_json_round_trip(tmp_path):
     pair = planted_pair()
-    result = activation_patching(planted, pair, heads=[(1, 2), (0, 0)], kinds=("head_out",), directions=("denoise",), progress=False)
+    result = activation_patching(
+        planted, pair, heads=[(1, 2), (0, 0)], kinds=("head_out",), directions=("denoise",), progress=False
+    )
     grid = result.effect()
     assert torch.isnan(grid).sum() == 8 - 2
     assert grid[1, 2] == pytest.approx(1.0, abs=1e-3)
@@ -210,16 +221,26 @@ def test_bad_heads_and_kinds_are_refused():
 
 
 def test_effect_vs_score_is_the_spearman_correlation():
-    from rh_lens.patching import effect_vs_score
+    from rh_lens.interventions.patching import effect_vs_score
 
     pair = planted_pair()
     result = activation_patching(planted, pair, kinds=("head_out",), directions=("denoise",), progress=False)
     scores = [[0.0] * 4 for _ in range(2)]
     scores[1][2], scores[1][1] = 0.9, 0.5  # planted head first, a decoy second
     trial = TrialRecord(
-        key="t", context_length=None, depth=None, needle_id=None, haystack=None, answer=None, generated_ids=[],
-        response=None, rouge_recall=1.0, success=True, answer_span=None, head_scores=scores,
-    )  # fmt: skip
+        key="t",
+        context_length=None,
+        depth=None,
+        needle_id=None,
+        haystack=None,
+        answer=None,
+        generated_ids=[],
+        response=None,
+        rouge_recall=1.0,
+        success=True,
+        answer_span=None,
+        head_scores=scores,
+    )
     detection = DetectionResult("planted", 2, 4, [trial])
     found = effect_vs_score(result, detection)
     assert found["n_heads"] == 8

@@ -5,17 +5,28 @@ from pathlib import Path
 
 import pytest
 
-from rh_lens.results import DetectionResult, TrialRecord, load_results, save_results
+from rh_lens.detection.records import DetectionResult, TrialRecord, load_results, save_results
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "niah" / "official_head_scores"
 
 
 def record(key, scores, success=True):
     return TrialRecord(
-        key=key, context_length=1000, depth=50, needle_id="n", haystack="h", prompt_sha256="sha", prompt_length=990,
-        answer_span=(10, 14), answer="a b c d", generated_ids=[1, 2], response="a b", rouge_recall=0.5, success=success,
+        key=key,
+        context_length=1000,
+        depth=50,
+        needle_id="n",
+        haystack="h",
+        prompt_sha256="sha",
+        prompt_length=990,
+        answer_span=(10, 14),
+        answer="a b c d",
+        generated_ids=[1, 2],
+        response="a b",
+        rouge_recall=0.5,
+        success=success,
         head_scores=scores,
-    )  # fmt: skip
+    )
 
 
 def small_result():

@@ -2,7 +2,7 @@
 or stops with one line on stderr and a non-zero exit status; no file outside --out is
 touched, no user file inside it is replaced, nothing is silently wrong.
 
-The command-line cases go through `rh_lens.cli.main` (and, for concurrency, two real
+The command-line cases go through `rh_lens.app.cli.main` (and, for concurrency, two real
 processes) on the planted-head model; the model-cache cases use a tiny random model.
 """
 
@@ -21,10 +21,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-import rh_lens.cli as cli
-import rh_lens.detection as detection
 from planted import NEEDLE, build_planted_model, haystack_text
+
+import rh_lens.app.cli as cli
+import rh_lens.detection.run as detection
 
 HERE = Path(__file__).resolve().parent
 planted = build_planted_model()
@@ -33,15 +33,30 @@ planted = build_planted_model()
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     """A haystack directory, a one-needle file and the detect arguments (4 short trials)."""
-    loader = sys.modules.get("rh_lens.workflows", cli)
+    loader = sys.modules.get("rh_lens.app.workflows", cli)
     calls = []
     monkeypatch.setattr(loader, "load_model", lambda name, **kwargs: calls.append(name) or planted)
     (tmp_path / "hay").mkdir()
     (tmp_path / "hay" / "text.txt").write_text(haystack_text())
     needles = tmp_path / "needles.jsonl"
     needles.write_text(json.dumps(NEEDLE.__dict__) + "\n")
-    argv = ["detect", "--model", "planted", "--haystack", str(tmp_path / "hay"), "--needles", str(needles),
-            "--lengths", "260", "300", "--depths", "0", "100", "--max-new-tokens", "8"]  # fmt: skip
+    argv = [
+        "detect",
+        "--model",
+        "planted",
+        "--haystack",
+        str(tmp_path / "hay"),
+        "--needles",
+        str(needles),
+        "--lengths",
+        "260",
+        "300",
+        "--depths",
+        "0",
+        "100",
+        "--max-new-tokens",
+        "8",
+    ]
     return tmp_path, argv, calls
 
 
@@ -70,8 +85,27 @@ def test_two_processes_into_one_directory_the_second_is_refused(tmp_path):
     needles = tmp_path / "needles.jsonl"
     needles.write_text(json.dumps(NEEDLE.__dict__) + "\n")
     out = tmp_path / "o"
-    argv = [sys.executable, str(HERE / "planted_cli.py"), "detect", "--model", "planted", "--haystack", str(tmp_path / "hay"),
-            "--needles", str(needles), "--lengths", "260", "300", "--depths", "0", "100", "--max-new-tokens", "8", "--out", str(out)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(HERE / "planted_cli.py"),
+        "detect",
+        "--model",
+        "planted",
+        "--haystack",
+        str(tmp_path / "hay"),
+        "--needles",
+        str(needles),
+        "--lengths",
+        "260",
+        "300",
+        "--depths",
+        "0",
+        "100",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PLANTED_TRIAL_DELAY": "3", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(argv + ["--prompt", "auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -89,10 +123,22 @@ def test_two_processes_into_one_directory_the_second_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--chunk-size", "-5"), ("--chunk-size", "0"), ("--max-new-tokens", "0"), ("--threshold", "nan"), ("--threshold", "1.5"),
-     ("--threshold", "-0.1"), ("--threshold", "inf"), ("--lengths", "0"), ("--lengths", "-100"), ("--depths", "-5"), ("--depths", "150"),
-     ("--depths", "50.5"), ("--top", "0")],
-)  # fmt: skip
+    [
+        ("--chunk-size", "-5"),
+        ("--chunk-size", "0"),
+        ("--max-new-tokens", "0"),
+        ("--threshold", "nan"),
+        ("--threshold", "1.5"),
+        ("--threshold", "-0.1"),
+        ("--threshold", "inf"),
+        ("--lengths", "0"),
+        ("--lengths", "-100"),
+        ("--depths", "-5"),
+        ("--depths", "150"),
+        ("--depths", "50.5"),
+        ("--top", "0"),
+    ],
+)
 def test_bad_numbers_fail_at_parse_time(setup, capsys, option, value):
     tmp_path, argv, calls = setup
     code, _, err = run(argv + [option, value, "--out", tmp_path / "o"], capsys)
@@ -173,13 +219,16 @@ def test_outputs_have_normal_file_modes(setup, capsys):
 
 @pytest.mark.parametrize(
     "line, expected",
-    [("[1, 2, 3]", "a JSON list, expected an object"), ('"needle"', "a JSON str, expected an object"),
-     ('{"needle": 5, "question": "q?", "real_needle": "x"}', "needle must be non-empty text"),
-     ('{"needle": "a b c.", "question": ["q"], "real_needle": "b"}', "question must be non-empty text"),
-     ('{"needle": "a b c.", "question": "q?"}', "missing real_needle"),
-     ('{"needle": "a b c.", "question": "q?", "real_needle": "zzz"}', "is not part of needle"),
-     ('{"needle": "a b c.", "question": "q?", "real_needle": "b"', "not JSON")],
-)  # fmt: skip
+    [
+        ("[1, 2, 3]", "a JSON list, expected an object"),
+        ('"needle"', "a JSON str, expected an object"),
+        ('{"needle": 5, "question": "q?", "real_needle": "x"}', "needle must be non-empty text"),
+        ('{"needle": "a b c.", "question": ["q"], "real_needle": "b"}', "question must be non-empty text"),
+        ('{"needle": "a b c.", "question": "q?"}', "missing real_needle"),
+        ('{"needle": "a b c.", "question": "q?", "real_needle": "zzz"}', "is not part of needle"),
+        ('{"needle": "a b c.", "question": "q?", "real_needle": "b"', "not JSON"),
+    ],
+)
 def test_bad_needle_lines_name_the_file_and_line(setup, capsys, line, expected):
     tmp_path, argv, calls = setup
     bad = tmp_path / "bad.jsonl"
@@ -192,17 +241,31 @@ def test_bad_needle_lines_name_the_file_and_line(setup, capsys, line, expected):
 
 @pytest.mark.parametrize(
     "content, expected",
-    [('{"format": "rh_lens.detection/1", "model": "m"}', "damaged results file"),
-     ('{"format": "rh_lens.detection/1", "model": "m", "n_layers": 1, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x"}]}', "damaged results file"),
-     ('{"format": "rh_lens.detection/1", "model": "m", "n_layers": 1, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x", '
-      '"context_length": 1, "depth": 1, "needle_id": "n", "haystack": "h", "answer": "a", "generated_ids": [], "response": "a", '
-      '"rouge_recall": 1.0, "success": true, "answer_span": [0, 1], "head_scores": [[1.0]], "surprise": 1}]}', "damaged results file"),
-     ('{"format": "rh_lens.detection/1", "model": "m", "n_layers": 2, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x", '
-      '"context_length": 1, "depth": 1, "needle_id": "n", "haystack": "h", "answer": "a", "generated_ids": [], "response": "a", '
-      '"rouge_recall": 1.0, "success": true, "answer_span": [0, 1], "head_scores": [[1.0]]}]}', "another shape"),
-     ('{"format": "rh_lens.detection/1", "model": "m", "n_la', "not valid JSON"),
-     ("", "not valid JSON"), ("[1, 2]", "neither an rh_lens results file"), (None, "is a directory"), ("missing", "no such file")],
-)  # fmt: skip
+    [
+        ('{"format": "rh_lens.detection/1", "model": "m"}', "damaged results file"),
+        (
+            '{"format": "rh_lens.detection/1", "model": "m", "n_layers": 1, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x"}]}',
+            "damaged results file",
+        ),
+        (
+            '{"format": "rh_lens.detection/1", "model": "m", "n_layers": 1, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x", '
+            '"context_length": 1, "depth": 1, "needle_id": "n", "haystack": "h", "answer": "a", "generated_ids": [], "response": "a", '
+            '"rouge_recall": 1.0, "success": true, "answer_span": [0, 1], "head_scores": [[1.0]], "surprise": 1}]}',
+            "damaged results file",
+        ),
+        (
+            '{"format": "rh_lens.detection/1", "model": "m", "n_layers": 2, "n_heads": 1, "threshold": 0.1, "trials": [{"key": "x", '
+            '"context_length": 1, "depth": 1, "needle_id": "n", "haystack": "h", "answer": "a", "generated_ids": [], "response": "a", '
+            '"rouge_recall": 1.0, "success": true, "answer_span": [0, 1], "head_scores": [[1.0]]}]}',
+            "another shape",
+        ),
+        ('{"format": "rh_lens.detection/1", "model": "m", "n_la', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[1, 2]", "neither an rh_lens results file"),
+        (None, "is a directory"),
+        ("missing", "no such file"),
+    ],
+)
 @pytest.mark.parametrize("command", ["show", "analyze", "compare"])
 def test_bad_results_files_name_the_file(tmp_path, capsys, command, content, expected):
     path = tmp_path / "results.json"
@@ -210,8 +273,11 @@ def test_bad_results_files_name_the_file(tmp_path, capsys, command, content, exp
         path.mkdir()
     elif content != "missing":
         path.write_text(content)
-    argv = {"show": ["show", path], "analyze": ["analyze", path, "--out", tmp_path / "o"],
-            "compare": ["compare", path, path, "--out", tmp_path / "o"]}[command]  # fmt: skip
+    argv = {
+        "show": ["show", path],
+        "analyze": ["analyze", path, "--out", tmp_path / "o"],
+        "compare": ["compare", path, path, "--out", tmp_path / "o"],
+    }[command]
     code, _, err = run(argv, capsys)
     one_line_error(code, err)
     assert str(path) in err and expected in err
@@ -293,15 +359,23 @@ def test_bad_haystack_fails_before_the_model_loads(setup, capsys):
 @pytest.fixture
 def cached_tiny(tmp_path, monkeypatch):
     """A tiny random Llama placed in the cache as if it were the catalogue's smollm2-135m."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
-    from rh_lens.models import load_model
+    from rh_lens.model.loading import load_model
 
     monkeypatch.setenv("RH_LENS_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "cache" / "models" / "smollm2-135m"
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(target)
     backend = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(32)}, unk_token="w0"))
@@ -314,7 +388,7 @@ def cached_tiny(tmp_path, monkeypatch):
 
 def test_truncated_cached_weights_are_damage_with_the_fix(cached_tiny):
     from rh_lens.errors import ModelLoadError
-    from rh_lens.models import load_model
+    from rh_lens.model.loading import load_model
 
     weights = cached_tiny / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -328,7 +402,7 @@ def test_truncated_cached_weights_are_damage_with_the_fix(cached_tiny):
 
 def test_overwritten_cached_weights_are_caught_by_verify_cache(cached_tiny):
     from rh_lens.errors import ModelLoadError
-    from rh_lens.models import load_model
+    from rh_lens.model.loading import load_model
 
     weights = cached_tiny / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -341,7 +415,7 @@ def test_overwritten_cached_weights_are_caught_by_verify_cache(cached_tiny):
 
 def test_gguf_with_a_truncated_header_is_one_line(tmp_path, monkeypatch):
     from rh_lens.errors import ModelLoadError
-    from rh_lens.models import load_model
+    from rh_lens.model.loading import load_model
 
     monkeypatch.setenv("RH_LENS_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "model.gguf"
@@ -354,11 +428,13 @@ def test_gguf_with_a_truncated_header_is_one_line(tmp_path, monkeypatch):
 
 # --- property: any needle file and numbers either run or fail in one line -------------------
 
-text = st.text(st.sampled_from("alpha bravo charlie delta echo river stone .?\"\\{}[]:,é\n"), max_size=40)
+text = st.text(st.sampled_from('alpha bravo charlie delta echo river stone .?"\\{}[]:,é\n'), max_size=40)
 needle_line = st.one_of(
     st.just(json.dumps(NEEDLE.__dict__)),
     st.fixed_dictionaries({"needle": text, "question": text, "real_needle": text}).map(json.dumps),
-    st.dictionaries(st.sampled_from(["needle", "question", "real_needle", "x"]), st.one_of(text, st.integers(), st.none())).map(json.dumps),
+    st.dictionaries(st.sampled_from(["needle", "question", "real_needle", "x"]), st.one_of(text, st.integers(), st.none())).map(
+        json.dumps
+    ),
     st.lists(st.integers(), max_size=3).map(json.dumps),
     text,
 )
@@ -378,13 +454,25 @@ def mostly(valid, invalid=number):
     chunk=mostly(st.integers(16, 64).map(str)),
     tokens=mostly(st.integers(1, 6).map(str), st.one_of(st.integers(-2, 0).map(str), text)),
     threshold=mostly(st.floats(0, 1).map(repr)),
-)  # fmt: skip
+)
 def test_any_needle_file_and_numbers_run_or_fail_in_one_line(setup, capsys, lines, length, depth, chunk, tokens, threshold):
     tmp_path, argv, _ = setup
     needles = tmp_path / "fuzz.jsonl"
     needles.write_text("\n".join(lines))
-    argv = argv[: argv.index("--needles") + 1] + [str(needles), "--lengths", length, "--depths", depth, "--chunk-size", chunk,
-                                                 "--max-new-tokens", tokens, "--threshold", threshold, "--overwrite"]  # fmt: skip
+    argv = argv[: argv.index("--needles") + 1] + [
+        str(needles),
+        "--lengths",
+        length,
+        "--depths",
+        depth,
+        "--chunk-size",
+        chunk,
+        "--max-new-tokens",
+        tokens,
+        "--threshold",
+        threshold,
+        "--overwrite",
+    ]
     code, out, err = run(argv + ["--out", tmp_path / "fuzz"], capsys)
     event(f"exit status {code}")
     if code == 0:

@@ -6,12 +6,14 @@ The planted-head tests are run against deliberately broken variants of the rule 
 
 import pytest
 import torch
-
-import rh_lens.detection as detection
-import rh_lens.generation as generation
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
-from rh_lens.niah import build_trial, tokenize_haystack
-from rh_lens.scoring import copied_offsets, copy_events, copy_scores, retrieval_scores, rouge1_recall
+
+import rh_lens.detection.run as detection
+import rh_lens.model.generation as generation
+from rh_lens.detection.scoring import copied_offsets, copy_events, copy_scores, retrieval_scores
+from rh_lens.execution.options import RunOptions
+from rh_lens.tasks.grading import rouge1_recall
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 
 def test_worked_example_ten_token_answer_eight_copies():
@@ -88,7 +90,7 @@ def planted():
 
 def planted_head_is_found(model, trials) -> tuple[bool, str]:
     """The check of the planted model: (passed, why not)."""
-    result = detection.detect(model, trials, progress=False, max_new_tokens=8, chunk_size=16)
+    result = detection.detect(model, trials, options=RunOptions(progress=False, max_new_tokens=8, chunk_size=16))
     scores = result.scores()
     if not all(t.success for t in result.trials):
         return False, "not every trial retrieved the answer"

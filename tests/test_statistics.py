@@ -7,19 +7,33 @@ import numpy as np
 import pytest
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 
-from rh_lens.detection import detect
-from rh_lens.niah import build_trial, tokenize_haystack
-from rh_lens.results import DetectionResult, TrialRecord
-from rh_lens.statistics import bootstrap, stable_after
+from rh_lens.analysis.statistics import bootstrap
+from rh_lens.detection.adaptive import stable_after
+from rh_lens.detection.records import DetectionResult, TrialRecord
+from rh_lens.detection.run import detect
+from rh_lens.execution.options import RunOptions
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 
 def result_of(scores: np.ndarray) -> DetectionResult:
     """Successful trials with the given [trial, layer, head] scores."""
     trials = [
-        TrialRecord(key=f"t{i}", context_length=None, depth=None, needle_id=None, haystack=None, answer=None, generated_ids=[],
-                    response=None, rouge_recall=1.0, success=True, answer_span=None, head_scores=s.tolist())
+        TrialRecord(
+            key=f"t{i}",
+            context_length=None,
+            depth=None,
+            needle_id=None,
+            haystack=None,
+            answer=None,
+            generated_ids=[],
+            response=None,
+            rouge_recall=1.0,
+            success=True,
+            answer_span=None,
+            head_scores=s.tolist(),
+        )
         for i, s in enumerate(scores)
-    ]  # fmt: skip
+    ]
     return DetectionResult("synthetic", scores.shape[1], scores.shape[2], trials)
 
 
@@ -73,10 +87,19 @@ def test_adaptive_detection_stops_early_and_resumes(tmp_path):
     model = build_planted_model()
     haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
     trials = [build_trial(model.tokenizer, haystack, NEEDLE, n, d) for n in (260, 280, 300) for d in (0, 50, 100)]
-    result = detect(model, trials, tmp_path / "a", max_new_tokens=8, progress=False, until_stable=1, patience=2)
+    result = detect(
+        model, trials, tmp_path / "a", until_stable=1, patience=2, options=RunOptions(max_new_tokens=8, progress=False)
+    )
     assert len(result.trials) == 3  # the planted head leads from the first trial on
     assert result.ranking(1)[0][:2] == PLANTED
     assert result.settings["until_stable"] == 1 and result.settings["patience"] == 2
-    again = detect(model, trials, tmp_path / "a", resume=True, max_new_tokens=8, progress=False, until_stable=1, patience=2)
+    again = detect(
+        model,
+        trials,
+        tmp_path / "a",
+        until_stable=1,
+        patience=2,
+        options=RunOptions(resume=True, max_new_tokens=8, progress=False),
+    )
     assert [t.key for t in again.trials] == [t.key for t in result.trials]
     assert bootstrap(result).interval("1-2") == (1.0, 1.0)

@@ -5,12 +5,12 @@ import pytest
 import torch
 from planted import DECOY, PLANTED, build_planted_model
 
-from rh_lens import tl_internals
-from rh_lens.compression import repeat_attention
+from rh_lens.detection.probes import repeat_attention
 from rh_lens.errors import InputError
-from rh_lens.models import load_model
-from rh_lens.niah import QUESTION_BUDGET, build_trial
-from rh_lens.synthetic import Batches, SyntheticTask, sequence_ids, tiny_model, train_step
+from rh_lens.model import tl_internals
+from rh_lens.model.loading import load_model
+from rh_lens.tasks.niah import QUESTION_BUDGET, build_trial
+from rh_lens.tasks.synthetic import Batches, SyntheticTask, sequence_ids, tiny_model, train_step
 
 task = SyntheticTask()
 tokenizer = task.tokenizer()
@@ -26,7 +26,9 @@ def test_trials_carry_exact_answer_spans():
         assert answer_ids == [vocab[w] for w in trial.needle.real_needle.split()]
         assert len(answer_ids) == task.answer_tokens
         # The span is inside the needle sentence: "... k07 is" comes right before it.
-        assert trial.prompt_ids[start - 1] == vocab["is"] and trial.prompt_ids[start - 2] == vocab[trial.needle.question.split()[-2]]
+        assert (
+            trial.prompt_ids[start - 1] == vocab["is"] and trial.prompt_ids[start - 2] == vocab[trial.needle.question.split()[-2]]
+        )
         assert trial.prompt_ids[-1] == vocab[":"] and len(trial.prompt_ids) <= trial.context_length - QUESTION_BUDGET + 40
 
 
@@ -96,7 +98,7 @@ def test_checkpoint_reaches_the_loader(monkeypatch):
 
 
 def test_checkpoint_on_the_command_line(capsys):
-    from rh_lens.cli import main
+    from rh_lens.app.cli import main
 
     assert main(["detect", "--model", "EleutherAI/pythia-70m", "--checkpoint", "-3", "--out", "x"]) == 2
     assert "--checkpoint" in capsys.readouterr().err

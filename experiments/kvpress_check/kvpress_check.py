@@ -32,15 +32,20 @@ from pathlib import Path
 
 def prompts(args) -> None:
     """Write the grid's prompts (token ids, answers) and the model's HF directory."""
-    from rh_lens.models import hf_directory, load_model_spec
-    from rh_lens.niah import Grid, load_needles
+    from rh_lens.model.loading import hf_directory, load_model_spec
+    from rh_lens.tasks.niah import Grid, load_needles
 
     run = json.loads(Path(args.compression).read_text())
     settings = run["settings"]
     spec = load_model_spec(args.model, device="cpu")
     needles = load_needles(args.needles) if args.needles else None
-    grid = Grid(lengths=tuple(settings["lengths"]), depths=tuple(settings["depths"]), haystacks=tuple(settings["haystack"]),
-                prompt=settings["prompt"], **({"needles": tuple(needles)} if needles else {}))  # fmt: skip
+    grid = Grid(
+        lengths=tuple(settings["lengths"]),
+        depths=tuple(settings["depths"]),
+        haystacks=tuple(settings["haystack"]),
+        prompt=settings["prompt"],
+        **({"needles": tuple(needles)} if needles else {}),
+    )
     trials = grid.trials(spec.tokenizer, spec.cfg.n_ctx)
     out = {
         "model_dir": str(hf_directory(args.model)),
@@ -71,7 +76,9 @@ def run(args) -> None:
     press = SplitPress(head_compression_ratio=float((split == 0).mean()))
     model = AutoModelForCausalLM.from_pretrained(data["model_dir"], dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(data["model_dir"])
-    stops = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>")}
+    stops = {tokenizer.eos_token_id} | {
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>")
+    }
     answers = {}
     with torch.inference_mode(), press(model):
         for trial in data["trials"]:
@@ -84,9 +91,14 @@ def run(args) -> None:
                 if tokens[-1] in stops or "\n" in tokenizer.decode(tokens[-1:]):
                     break
                 token = torch.tensor([tokens[-1:]])
-            answers[trial["key"]] = {"generated_ids": tokens, "response": tokenizer.decode(tokens, skip_special_tokens=True).strip()}
+            answers[trial["key"]] = {
+                "generated_ids": tokens,
+                "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            }
             print(trial["key"], repr(answers[trial["key"]]["response"]), flush=True)
-    Path(args.out).write_text(json.dumps({"split": str(args.split), "sink": config["sink_size"], "recent": config["recent_size"], "answers": answers}))
+    Path(args.out).write_text(
+        json.dumps({"split": str(args.split), "sink": config["sink_size"], "recent": config["recent_size"], "answers": answers})
+    )
 
 
 def compare(args) -> None:
@@ -94,7 +106,12 @@ def compare(args) -> None:
     ours = json.loads(Path(args.compression).read_text())
     theirs = json.loads(Path(args.kvpress).read_text())
     fraction = float(Path(theirs["split"]).name)
-    (condition,) = [c for c in ours["conditions"] if c["method"] == "retrieval" and c["full_fraction"] == fraction]
+    # rh_lens.compression/2 keeps what a condition is under "metadata" (/1 had it at the top level)
+    (condition,) = [
+        c
+        for c in ours["conditions"]
+        if c.get("metadata", c)["method"] == "retrieval" and c.get("metadata", c)["full_fraction"] == fraction
+    ]
     same_text = same_tokens = 0
     for record in condition["records"]:
         other = theirs["answers"][record["key"]]
@@ -103,7 +120,9 @@ def compare(args) -> None:
         if record["response"] != other["response"]:
             print(f"{record['key']}: rh_lens {record['response']!r} | kvpress {other['response']!r}")
     n = len(condition["records"])
-    print(f"same response in {same_text}/{n} trials, same tokens in {same_tokens}/{n} (retrieval policy, {fraction:g} of KV heads full)")
+    print(
+        f"same response in {same_text}/{n} trials, same tokens in {same_tokens}/{n} (retrieval policy, {fraction:g} of KV heads full)"
+    )
 
 
 def main() -> None:

@@ -11,18 +11,16 @@ run stops once the top-K set has stayed the same for `patience` trials in a row.
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
-from .errors import InputError
-from .heads import Head, all_heads
-from .results import DetectionResult
+from rh_lens.detection.adaptive import top_k_indices
+from rh_lens.detection.records import DetectionResult
+from rh_lens.errors import InputError
+from rh_lens.heads import Head, all_heads
 
 
 @dataclass
@@ -52,12 +50,6 @@ class Bootstrap:
     def interval(self, head: Head | str) -> tuple[float, float]:
         i = self.heads.index(str(Head.coerce(head)))
         return self.low[i], self.high[i]
-
-
-def top_k_indices(scores: Float[Tensor, "... head"], k: int) -> Tensor:
-    """Indices of the k best heads (ties: lower index first, as `DetectionResult.ranking`)."""
-    order = torch.argsort(-scores, dim=-1, stable=True)
-    return order[..., :k]
 
 
 def bootstrap(
@@ -105,24 +97,3 @@ def bootstrap(
 
 
 # --- adaptive detection ---------------------------------------------------------------------
-
-
-def shuffled(items: Sequence, seed: int) -> list:
-    """A seeded random order (adaptive detection runs the grid in it)."""
-    order = list(items)
-    random.Random(seed).shuffle(order)
-    return order
-
-
-def stable_after(top_sets: Sequence[frozenset], patience: int) -> int | None:
-    """The number of trials after which to stop: the first point where the last `patience`
-    trials all left the same (non-empty) top-K set as the one before them; None if never.
-    `top_sets[i]` is the top-K set after i + 1 trials."""
-    if patience < 1:
-        raise InputError(f"patience {patience}: must be at least 1")
-    unchanged = 0
-    for i in range(1, len(top_sets)):
-        unchanged = unchanged + 1 if top_sets[i] == top_sets[i - 1] and top_sets[i] else 0
-        if unchanged >= patience:
-            return i + 1
-    return None

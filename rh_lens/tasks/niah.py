@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import InputError, TrialError
+from rh_lens.errors import InputError, TrialError
 
 # Room left for the question and answer, as in the reference implementation.
 QUESTION_BUDGET = 200
@@ -110,7 +110,7 @@ def load_needles(path: str | Path) -> list[Needle]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{n}: not JSON ({err.msg}); expected {{\"needle\", \"question\", \"real_needle\"}}") from None
+            raise InputError(f'{path}:{n}: not JSON ({err.msg}); expected {{"needle", "question", "real_needle"}}') from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{n}: a JSON {type(row).__name__}, expected an object with keys {', '.join(NEEDLE_FIELDS)}")
         missing = [k for k in NEEDLE_FIELDS if k not in row]
@@ -239,7 +239,9 @@ def insert_sentences(tokenizer, haystack_ids: Sequence[int], sentences: Sequence
     if len(haystack_ids) < budget:
         raise TrialError(f"haystack has {len(haystack_ids)} tokens, {budget} needed for length {context_length}")
     ids = list(haystack_ids[:budget])
-    points = [len(ids) if depth >= 100 else _sentence_end_before(tokenizer, ids, int(len(ids) * depth / 100)) for _, depth in sentences]
+    points = [
+        len(ids) if depth >= 100 else _sentence_end_before(tokenizer, ids, int(len(ids) * depth / 100)) for _, depth in sentences
+    ]
     order = sorted(range(len(sentences)), key=lambda i: (points[i], i))
     parts, start = [], 0
     for rank, i in enumerate(order):
@@ -288,7 +290,9 @@ def distractors_for(needle: Needle, needles: Sequence[Needle], depth: int, kind:
         return []
     if kind == "same-form":
         if needle.real_needle not in DISTRACTOR_ANSWERS:
-            raise TrialError(f"no built-in distractor answer for {needle.real_needle!r}: same-form distractors need the built-in needles")
+            raise TrialError(
+                f"no built-in distractor answer for {needle.real_needle!r}: same-form distractors need the built-in needles"
+            )
         return [(corrupt_needle(needle, DISTRACTOR_ANSWERS[needle.real_needle]), (depth + 50) % 100)]
     if kind == "multi-key":
         others = [n for n in needles if n != needle]
@@ -355,9 +359,7 @@ def build_trial(
     context = insert_sentences(tokenizer, haystack_ids, sentences, context_length)
     if chat:
         message = CHAT_TEMPLATE.format(context=context, question=needle.question)
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
         special = False  # the template already carries its BOS
     else:
         prompt = context + QUESTION_TEMPLATE.format(question=needle.question)
@@ -384,9 +386,18 @@ def build_trial(
     if max_tokens is not None and len(prompt_ids) > max_tokens:
         raise TrialError(f"trial of {len(prompt_ids)} tokens is longer than the model's context of {max_tokens} tokens")
     return Trial(
-        context_length, depth, needle, haystack, prompt, prompt_ids, span, chat,
-        tuple(o for o, _ in distractors), tuple(d for _, d in distractors), tuple(other_spans),
-    )  # fmt: skip
+        context_length,
+        depth,
+        needle,
+        haystack,
+        prompt,
+        prompt_ids,
+        span,
+        chat,
+        tuple(o for o, _ in distractors),
+        tuple(d for _, d in distractors),
+        tuple(other_spans),
+    )
 
 
 def tokenize_haystack(tokenizer, text: str, min_tokens: int) -> list[int]:

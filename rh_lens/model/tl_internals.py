@@ -45,9 +45,13 @@ from packaging.specifiers import SpecifierSet
 from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.hook_points import HookFunction
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from .errors import ModelLoadError
+from rh_lens.errors import ModelLoadError
+
+# A TransformerLens forward hook as `model.hooks(fwd_hooks=...)` takes it: (hook point name, function).
+Hook = tuple[str, HookFunction]
 
 VERIFIED_RANGE = ">=3.9,<3.10"  # TransformerLens versions the fast paths and loading were verified with
 VERIFIED_VERSIONS = SpecifierSet(VERIFIED_RANGE)
@@ -65,13 +69,10 @@ def version_verified() -> bool:
     return VERIFIED_VERSIONS.contains(transformer_lens_version(), prereleases=True)
 
 
-_warned = False
-
-
 def fast_paths_enabled() -> bool:
-    """Whether the fast paths run: on for verified TransformerLens versions, off (with one
-    warning) for others; RH_LENS_FAST_PATHS=0/1 overrides."""
-    global _warned
+    """Whether the fast paths run: on for verified TransformerLens versions, off (with a
+    warning, which Python's default filter shows once) for others; RH_LENS_FAST_PATHS=0/1
+    overrides."""
     setting = os.environ.get("RH_LENS_FAST_PATHS", "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
         return False
@@ -79,15 +80,14 @@ def fast_paths_enabled() -> bool:
         return True
     if version_verified():
         return True
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"rh_lens's fast paths were verified with transformer-lens {VERIFIED_RANGE}, not "
-            f"{transformer_lens_version()}: using TransformerLens's own computation (slower, same "
-            f"results); RH_LENS_FAST_PATHS=1 forces them on",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    # stacklevel 1: one place of warning, so the default filter shows it once per process
+    warnings.warn(
+        f"rh_lens's fast paths were verified with transformer-lens {VERIFIED_RANGE}, not "
+        f"{transformer_lens_version()}: using TransformerLens's own computation (slower, same "
+        f"results); RH_LENS_FAST_PATHS=1 forces them on",
+        RuntimeWarning,
+        stacklevel=1,
+    )
     return False
 
 
@@ -203,13 +203,14 @@ def _gemma_mismatches(tl_cfg: dict, hf_config) -> list[str]:
     floats = [
         ("rotary_base", tl_cfg.get("rotary_base", 10000), global_rope[0]),
         ("rotary_scaling_factor", tl_cfg.get("rotary_scaling_factor", 1.0), global_rope[1]),
-        ("attn_scale", tl_cfg.get("attn_scale", head_dim**0.5),
-         (_hf_value(hf_config, "query_pre_attn_scalar") or head_dim) ** 0.5),
-        ("attn_scores_soft_cap", tl_cfg.get("attn_scores_soft_cap", -1.0),
-         _hf_value(hf_config, "attn_logit_softcapping")),
-        ("output_logits_soft_cap", tl_cfg.get("output_logits_soft_cap", -1.0),
-         _hf_value(hf_config, "final_logit_softcapping")),
-    ]  # fmt: skip
+        (
+            "attn_scale",
+            tl_cfg.get("attn_scale", head_dim**0.5),
+            (_hf_value(hf_config, "query_pre_attn_scalar") or head_dim) ** 0.5,
+        ),
+        ("attn_scores_soft_cap", tl_cfg.get("attn_scores_soft_cap", -1.0), _hf_value(hf_config, "attn_logit_softcapping")),
+        ("output_logits_soft_cap", tl_cfg.get("output_logits_soft_cap", -1.0), _hf_value(hf_config, "final_logit_softcapping")),
+    ]
     if tl_cfg.get("rotary_base_local") is not None:
         floats.append(("rotary_base_local", tl_cfg["rotary_base_local"], local_rope[0]))
     for key, tl_value, hf_value in floats:
@@ -323,9 +324,13 @@ def _tl_config(tl_name: str, hf_config, device: str, dtype: torch.dtype, model_n
     n_ctx = _hf_value(hf_config, "max_position_embeddings")
     with _quiet_context_warning():
         cfg = tl_loading.get_pretrained_model_config(
-            tl_name, hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype,
+            tl_name,
+            hf_cfg=hf_config.to_dict(),
+            fold_ln=False,
+            device=device,
+            dtype=dtype,
             n_ctx=n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
-        )  # fmt: skip
+        )
     cfg.model_name = model_name
     cfg.tokenizer_name = str(hf_dir)
     return cfg
@@ -467,7 +472,16 @@ def _listened(attn) -> bool:
     return attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()
 
 
-def _attention_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None, position_bias=None):
+def _attention_forward(
+    attn,
+    query_input,
+    key_input,
+    value_input,
+    past_kv_cache_entry=None,
+    additive_attention_mask=None,
+    attention_mask=None,
+    position_bias=None,
+):
     """TransformerLens's attention forward, computed faster where that changes nothing:
     - with a rotated-key cache (see `new_kv_cache`): keys are rotated once, when cached,
       instead of all of them at every call; grouped-query heads read their key-value head
@@ -475,11 +489,15 @@ def _attention_forward(attn, query_input, key_input, value_input, past_kv_cache_
     - otherwise, fused SDPA when nobody listens, else TransformerLens's own forward."""
     entry = past_kv_cache_entry
     if additive_attention_mask is not None or position_bias is not None:
-        return attn._tl_forward(query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias)
+        return attn._tl_forward(
+            query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias
+        )
     if entry is not None and getattr(entry, "rh_rotated", False):
         return _rotated_cache_forward(attn, query_input, key_input, value_input, entry, attention_mask)
     if _listened(attn):
-        return attn._tl_forward(query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias)
+        return attn._tl_forward(
+            query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias
+        )
     return _sdpa_forward(attn, query_input, key_input, value_input, entry, attention_mask)
 
 
@@ -533,8 +551,13 @@ def _sdpa(attn, q, k, v, offset: int, attention_mask) -> Tensor:
 
 def _fused(q, k, v, scale: float, mask, causal: bool) -> Tensor:
     z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.size(2) != k.size(2),
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.size(2) != k.size(2),
     )  # [batch, head, query, d_head]
     return z.transpose(1, 2)
 
@@ -553,9 +576,14 @@ def _prefix_then_chunk(q, k, v, offset: int, scale: float) -> Tensor:
     r = h // g
     heads_first = q.transpose(1, 2)  # [batch, head, query, d]
     prefix, prefix_lse = _CPU_LSE(
-        heads_first.reshape(b, g, r * c, d), k[:, :offset].transpose(1, 2), v[:, :offset].transpose(1, 2),
-        0.0, False, attn_mask=None, scale=scale,
-    )[:2]  # fmt: skip
+        heads_first.reshape(b, g, r * c, d),
+        k[:, :offset].transpose(1, 2),
+        v[:, :offset].transpose(1, 2),
+        0.0,
+        False,
+        attn_mask=None,
+        scale=scale,
+    )[:2]
     own_k = k[:, offset:].transpose(1, 2).repeat_interleave(r, dim=1)  # the chunk's own keys only: small
     own_v = v[:, offset:].transpose(1, 2).repeat_interleave(r, dim=1)
     own, own_lse = _CPU_LSE(heads_first, own_k, own_v, 0.0, True, attn_mask=None, scale=scale)[:2]
@@ -674,7 +702,7 @@ def new_kv_cache(model: HookedTransformer, batch_size: int = 1, rotated: bool = 
 def _refuse_rotated(*args, **kwargs):
     raise RuntimeError(
         "this key-value cache holds rotated keys (rh_lens's fast decoding): continue it inside "
-        "rh_lens.tl_internals.fused_attention(model), or make it with new_kv_cache(model)"
+        "rh_lens.model.tl_internals.fused_attention(model), or make it with new_kv_cache(model)"
     )
 
 

@@ -1,7 +1,7 @@
 """Command line: `rh-lens detect`, `show`, `ablate`, `compress`, `patch`, `analyze` and `compare`.
 
-Thin: each command parses its options, calls one library function (`rh_lens.workflows`,
-or `load_results` for `show`) and prints the table `rh_lens.reports` formats. User errors
+Thin: each command parses its options, calls one library function (`rh_lens.app.workflows`,
+or `load_results` for `show`) and prints the table `rh_lens.app.reports` formats. User errors
 (`RhLensError`) become one line on stderr and exit status 1; anything else is a bug and
 keeps its traceback.
 """
@@ -9,29 +9,28 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 
-from . import __version__, workflows
-from .ablation import METHODS
-from .analysis import ACTIVATION_THRESHOLD, TOP_K
-from .errors import RhLensError
-from .generation import MAX_NEW_TOKENS
-from .heads import Head
-from .options import (
+from rh_lens import __version__
+from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K
+from rh_lens.analysis.statistics import bootstrap
+from rh_lens.app import workflows
+from rh_lens.app.options import (
     add_grid_arguments,
-    add_parallel_arguments,
     add_model_arguments,
+    add_parallel_arguments,
     add_text_arguments,
     grid_from_args,
     needle_from_args,
     non_negative_int,
     percent,
     positive_int,
+    run_options_from_args,
     unit_interval,
 )
-from .patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
-from .reports import (
+from rh_lens.app.reports import (
     format_ablation,
     format_analysis,
     format_bootstrap,
@@ -41,22 +40,33 @@ from .reports import (
     format_ranking,
     format_written,
 )
-from .results import load_results
-from .runs import saved_trials
-from .scoring import DEFAULT_THRESHOLD
-from .statistics import bootstrap
+from rh_lens.detection.records import load_results
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD
+from rh_lens.errors import RhLensError
+from rh_lens.execution.runs import saved_trials
+from rh_lens.heads import Head
+from rh_lens.interventions.masking import METHODS
+from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
+from rh_lens.model.generation import MAX_NEW_TOKENS
 
 
 def run_detect(args: argparse.Namespace) -> None:
     result, written = workflows.detect_grid(
-        args.model, grid_from_args(args), args.out, device=args.device, dtype=args.dtype, verify_cache=args.verify_cache,
-        resume=args.resume, overwrite=args.overwrite, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-        chunk_size=args.chunk_size, workers=args.workers, ray_address=args.ray_address, until_stable=args.until_stable,
-        patience=args.patience, order_seed=args.order_seed, checkpoint=args.checkpoint,
-    )  # fmt: skip
+        args.model,
+        grid_from_args(args),
+        args.out,
+        options=run_options_from_args(args),
+        threshold=args.threshold,
+        until_stable=args.until_stable,
+        patience=args.patience,
+        order_seed=args.order_seed,
+        checkpoint=args.checkpoint,
+    )
     if args.until_stable:
-        print(f"stopped after {len(result.trials)} trials: the top {args.until_stable} heads stayed the same for "
-              f"{result.settings['patience']} trials (order seed {args.order_seed})")  # fmt: skip
+        print(
+            f"stopped after {len(result.trials)} trials: the top {args.until_stable} heads stayed the same for "
+            f"{result.settings['patience']} trials (order seed {args.order_seed})"
+        )
     print(format_ranking(result, args.top, args.threshold))
     print(format_written(written))
 
@@ -71,34 +81,58 @@ def run_show(args: argparse.Namespace) -> None:
 
 def run_ablate(args: argparse.Namespace) -> None:
     result, written = workflows.ablate_grid(
-        args.model, args.scores, grid_from_args(args), args.out, ks=args.top_k, thresholds=args.thresholds, random_seeds=args.random_seeds,
-        method=args.method, decode_only=args.decode_only, device=args.device, dtype=args.dtype,
-        verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
-        workers=args.workers, ray_address=args.ray_address,
-    )  # fmt: skip
+        args.model,
+        args.scores,
+        grid_from_args(args),
+        args.out,
+        ks=args.top_k,
+        thresholds=args.thresholds,
+        random_seeds=args.random_seeds,
+        method=args.method,
+        decode_only=args.decode_only,
+        options=run_options_from_args(args),
+    )
     print(format_ablation(result))
     print(format_written(written))
 
 
 def run_compress(args: argparse.Namespace) -> None:
     result, written = workflows.compress_grid(
-        args.model, args.scores, grid_from_args(args), args.out, fractions=args.full_fraction, sink=args.sink,
-        window=args.window, random_seeds=args.random_seeds, decode_only=args.decode_only, device=args.device,
-        dtype=args.dtype, verify_cache=args.verify_cache, resume=args.resume, overwrite=args.overwrite,
-        max_new_tokens=args.max_new_tokens, workers=args.workers, ray_address=args.ray_address,
-    )  # fmt: skip
+        args.model,
+        args.scores,
+        grid_from_args(args),
+        args.out,
+        fractions=args.full_fraction,
+        sink=args.sink,
+        window=args.window,
+        random_seeds=args.random_seeds,
+        decode_only=args.decode_only,
+        options=run_options_from_args(args),
+    )
     print(format_compression(result))
     print(format_written(written))
 
 
 def run_patch(args: argparse.Namespace) -> None:
     result, correlation, written = workflows.patch_needle(
-        args.model, args.out, needle=needle_from_args(args), haystack=args.haystack, context_length=args.context_length,
-        depth=args.depth, corrupted_answer=args.corrupted_answer, prompt=args.prompt, heads=args.heads, kinds=args.kinds,
-        directions=args.directions, positions=args.positions, metric=args.metric, tail=args.tail,
-        batch_size=args.batch_size, scores=args.scores, device=args.device, dtype=args.dtype,
-        verify_cache=args.verify_cache, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
-    )  # fmt: skip
+        args.model,
+        args.out,
+        needle=needle_from_args(args),
+        haystack=args.haystack,
+        context_length=args.context_length,
+        depth=args.depth,
+        corrupted_answer=args.corrupted_answer,
+        prompt=args.prompt,
+        heads=args.heads,
+        kinds=args.kinds,
+        directions=args.directions,
+        positions=args.positions,
+        metric=args.metric,
+        tail=args.tail,
+        batch_size=args.batch_size,
+        scores=args.scores,
+        options=run_options_from_args(args),
+    )
     print(format_patching(result, args.top, correlation))
     print(format_written(written))
 
@@ -160,12 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(d)
     run_arguments(d)
     d.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD, help="retrieval-head threshold (default 0.1)")
-    d.add_argument("--chunk-size", type=positive_int, default=None, help="prefill chunk in tokens (bounds memory; default 512, or 4096 with fused attention)")
+    d.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=None,
+        help="prefill chunk in tokens (bounds memory; default 512, or 4096 with fused attention)",
+    )
     d.add_argument("--top", type=positive_int, default=20, help="heads to print")
-    d.add_argument("--until-stable", type=positive_int, default=None, metavar="K", help="adaptive: run the grid in a random order, stop once the top K heads stop changing")
-    d.add_argument("--patience", type=positive_int, default=None, help="with --until-stable: trials the top K must stay the same (default: max(5, 20%% of the grid))")
+    d.add_argument(
+        "--until-stable",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="adaptive: run the grid in a random order, stop once the top K heads stop changing",
+    )
+    d.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="with --until-stable: trials the top K must stay the same (default: max(5, 20%% of the grid))",
+    )
     d.add_argument("--order-seed", type=non_negative_int, default=0, help="with --until-stable: seed of the trial order")
-    d.add_argument("--checkpoint", type=non_negative_int, default=None, metavar="STEP", help="a training step of a TransformerLens model published with checkpoints, e.g. --model EleutherAI/pythia-70m --checkpoint 4000 (needs the hub)")
+    d.add_argument(
+        "--checkpoint",
+        type=non_negative_int,
+        default=None,
+        metavar="STEP",
+        help="a training step of a TransformerLens model published with checkpoints, e.g. --model EleutherAI/pythia-70m --checkpoint 4000 (needs the hub)",
+    )
     d.set_defaults(run=run_detect)
 
     a = commands.add_parser("ablate", help="mask top-K retrieval heads vs K random heads and rerun NIAH")
@@ -174,8 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_arguments(a)
     a.add_argument("--scores", required=True, help="detection results (ours or the reference's format)")
     how_many = a.add_mutually_exclusive_group()
-    how_many.add_argument("--top-k", nargs="+", type=positive_int, default=None, help="K values (default: ~2%%, 5%%, 10%% of all heads)")
-    how_many.add_argument("--thresholds", nargs="+", type=unit_interval, default=None, help="mask the heads at or above each threshold (e.g. 0.05 0.1 0.2 0.3 0.5) instead")
+    how_many.add_argument(
+        "--top-k", nargs="+", type=positive_int, default=None, help="K values (default: ~2%%, 5%%, 10%% of all heads)"
+    )
+    how_many.add_argument(
+        "--thresholds",
+        nargs="+",
+        type=unit_interval,
+        default=None,
+        help="mask the heads at or above each threshold (e.g. 0.05 0.1 0.2 0.3 0.5) instead",
+    )
     a.add_argument("--random-seeds", type=non_negative_int, default=3, help="random-K draws per K (seeds 0..N-1)")
     a.add_argument("--method", choices=METHODS, default="uniform", help="uniform attention (the paper), zero or mean output")
     a.add_argument("--decode-only", action="store_true", help="mask at decode steps only, not over the prompt")
@@ -186,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(k)
     run_arguments(k)
     k.add_argument("--scores", required=True, help="detection results ranking the heads (ours or the reference's format)")
-    k.add_argument("--full-fraction", nargs="+", type=unit_interval, default=[0.1, 0.25, 0.5], help="fractions of KV heads kept full")
+    k.add_argument(
+        "--full-fraction", nargs="+", type=unit_interval, default=[0.1, 0.25, 0.5], help="fractions of KV heads kept full"
+    )
     k.add_argument("--sink", type=non_negative_int, default=4, help="first tokens every streaming head keeps (default 4)")
     k.add_argument("--window", type=positive_int, default=256, help="recent tokens every streaming head keeps (default 256)")
     k.add_argument("--random-seeds", type=non_negative_int, default=2, help="random KV-head draws per fraction (seeds 0..N-1)")
@@ -203,10 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=percent, default=50, help="needle depth in percent (default 50)")
     p.add_argument("--needle", type=non_negative_int, default=0, help="which needle (index, default 0)")
     p.add_argument("--corrupted-answer", help="the corrupted prompt's answer, same token length (default: built-in alternatives)")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(DEFAULT_KINDS), help="what to patch (default: head_out pattern resid; mlp_out too on request)")
-    p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS), help="denoise (clean into corrupted), noise (reverse)")
-    p.add_argument("--positions", choices=POSITIONS, default="final", help="patch heads at the answer position only, or at all positions")
-    p.add_argument("--metric", choices=list(METRICS), default="logit_diff", help="function of the answer-position logits (default: logit difference, normalised)")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(DEFAULT_KINDS),
+        help="what to patch (default: head_out pattern resid; mlp_out too on request)",
+    )
+    p.add_argument(
+        "--directions",
+        nargs="+",
+        choices=DIRECTIONS,
+        default=list(DIRECTIONS),
+        help="denoise (clean into corrupted), noise (reverse)",
+    )
+    p.add_argument(
+        "--positions", choices=POSITIONS, default="final", help="patch heads at the answer position only, or at all positions"
+    )
+    p.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        default="logit_diff",
+        help="function of the answer-position logits (default: logit difference, normalised)",
+    )
     p.add_argument("--tail", type=non_negative_int, default=24, help="prompt-end tokens shown one by one in the residual map")
     p.add_argument("--batch-size", type=positive_int, default=8, help="patched runs per forward pass")
     p.add_argument("--scores", help="detection results: adds effect vs retrieval score (Spearman, scatter)")
@@ -220,16 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=positive_int, default=20)
     s.add_argument("--threshold", type=unit_interval, default=None, help="retrieval-head threshold (default: the file's)")
     s.add_argument("--ci", action="store_true", help="bootstrap intervals of the scores and the stability of the top K")
-    s.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples of the successful trials (default 1000)")
+    s.add_argument(
+        "--resamples", type=positive_int, default=1000, help="bootstrap resamples of the successful trials (default 1000)"
+    )
     s.add_argument("--confidence", type=unit_interval, default=0.95, help="interval coverage (default 0.95)")
-    s.add_argument("--ci-top-k", type=positive_int, default=10, help="size of the top set whose stability is measured (default 10)")
+    s.add_argument(
+        "--ci-top-k", type=positive_int, default=10, help="size of the top set whose stability is measured (default 10)"
+    )
     s.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed")
     s.set_defaults(run=run_show)
 
     n = commands.add_parser("analyze", help="dynamic activation, coverage and sparsity of a results file, with figures")
     n.add_argument("results", help="results file (ours; published files give no per-trial details nor coverage)")
     n.add_argument("--threshold", type=unit_interval, default=None, help="retrieval-head threshold (default: the file's)")
-    n.add_argument("--activation-threshold", type=unit_interval, default=ACTIVATION_THRESHOLD, help="a head is active in a trial above this trial score (default 0.1)")
+    n.add_argument(
+        "--activation-threshold",
+        type=unit_interval,
+        default=ACTIVATION_THRESHOLD,
+        help="a head is active in a trial above this trial score (default 0.1)",
+    )
     n.add_argument("--top", type=positive_int, default=10, help="heads to print")
     out_arguments(n)
     n.set_defaults(run=run_analyze)
@@ -248,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command line only writes figures to files
+    _show_progress_messages()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -262,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rh-lens: interrupted; {interrupted_note(args, argv)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _show_progress_messages() -> None:
+    """rh_lens's INFO messages (model downloads, dequantization) on stderr, as "rh_lens: ..."."""
+    logger = logging.getLogger("rh_lens")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rh_lens: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:

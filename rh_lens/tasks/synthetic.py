@@ -26,7 +26,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .niah import QUESTION_TEMPLATE, Needle, Trial, build_trial
+from rh_lens.tasks.niah import QUESTION_TEMPLATE, Needle, Trial, build_trial
 
 # The words of QUESTION_TEMPLATE and of the needle sentence.
 TEMPLATE_WORDS = "Based on the content of book , Question : What is code ? Answer The .".split()
@@ -42,8 +42,12 @@ class SyntheticTask:
     sentence_words: int = 5  # filler words per haystack sentence (then ".")
 
     def words(self) -> list[str]:
-        return (["[UNK]", "[EOS]"] + TEMPLATE_WORDS + [f"f{i:02d}" for i in range(self.n_filler)]
-                + [f"k{i:02d}" for i in range(self.n_keys)])  # fmt: skip
+        return (
+            ["[UNK]", "[EOS]"]
+            + TEMPLATE_WORDS
+            + [f"f{i:02d}" for i in range(self.n_filler)]
+            + [f"k{i:02d}" for i in range(self.n_keys)]
+        )
 
     def tokenizer(self):
         """A word-level fast tokenizer (whitespace and punctuation split) with EOS."""
@@ -70,21 +74,34 @@ class SyntheticTask:
         generator = torch.Generator().manual_seed(seed)
         trials = []
         for length in context_lengths:
-            haystack_ids = tokenizer(self.haystack(length // self.sentence_words + 1, generator), add_special_tokens=False)["input_ids"]
+            haystack_ids = tokenizer(self.haystack(length // self.sentence_words + 1, generator), add_special_tokens=False)[
+                "input_ids"
+            ]
             for i in range(n):
                 depth = round(100 * i / max(1, n - 1))
-                trials.append(build_trial(tokenizer, haystack_ids, self.needle(generator), length, depth, chat=False, max_tokens=n_ctx, haystack="synthetic"))
+                trials.append(
+                    build_trial(
+                        tokenizer,
+                        haystack_ids,
+                        self.needle(generator),
+                        length,
+                        depth,
+                        chat=False,
+                        max_tokens=n_ctx,
+                        haystack="synthetic",
+                    )
+                )
         return trials
 
 
-def sequence_ids(
-    tokenizer, filler_ids: list[int], needle: Needle, at: int, answer: str | None = None
-) -> tuple[list[int], int]:
+def sequence_ids(tokenizer, filler_ids: list[int], needle: Needle, at: int, answer: str | None = None) -> tuple[list[int], int]:
     """The token ids of a training sequence: filler with the needle inserted after token `at`
     (a sentence end), the question, the answer (the needle's, or `answer`) and EOS; and the
     position of the first answer token. The prompt part equals `build_trial`'s."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt = filler_ids[:at] + encode(needle.needle) + filler_ids[at:] + encode(QUESTION_TEMPLATE.format(question=needle.question))
+    prompt = (
+        filler_ids[:at] + encode(needle.needle) + filler_ids[at:] + encode(QUESTION_TEMPLATE.format(question=needle.question))
+    )
     return prompt + encode(answer if answer is not None else needle.real_needle) + [tokenizer.eos_token_id], len(prompt)
 
 
@@ -136,10 +153,22 @@ def tiny_model(
     tokenizer it is given)."""
     tokenizer = task.tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads, d_mlp=None if attn_only else 4 * d_model,
-        attn_only=attn_only, act_fn=None if attn_only else "gelu", normalization_type="LN", n_ctx=n_ctx,
-        d_vocab=len(tokenizer), positional_embedding_type=positions, rotary_dim=d_model // n_heads, seed=seed, model_name="synthetic", device="cpu",
-    )  # fmt: skip
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=None if attn_only else 4 * d_model,
+        attn_only=attn_only,
+        act_fn=None if attn_only else "gelu",
+        normalization_type="LN",
+        n_ctx=n_ctx,
+        d_vocab=len(tokenizer),
+        positional_embedding_type=positions,
+        rotary_dim=d_model // n_heads,
+        seed=seed,
+        model_name="synthetic",
+        device="cpu",
+    )
     return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
@@ -156,7 +185,9 @@ def train_step(
     only retrieval can lower)."""
     model.train()
     logits = model(ids, return_type="logits")[:, :-1]
-    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        ids.shape[0], -1
+    )
     answer = answer_mask[:, :-1]
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
@@ -165,4 +196,3 @@ def train_step(
     optimizer.step()
     model.eval()
     return float(loss.detach()), float(losses.detach()[answer].mean())
-

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 
-from .errors import InputError
-from .models import CATALOGUE, DTYPES
-from .niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid, Needle, load_needles
+from rh_lens.errors import InputError
+from rh_lens.execution.options import RunOptions
+from rh_lens.model.loading import CATALOGUE, DTYPES
+from rh_lens.tasks.niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid, Needle, load_needles
 
 MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
 
@@ -67,32 +68,67 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     else:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="precision of weights and computation (default: float32 on the CPU, bfloat16 on a GPU)")
-    parser.add_argument("--verify-cache", action="store_true", help="check every cached model file against its recorded sha256 before loading")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="precision of weights and computation (default: float32 on the CPU, bfloat16 on a GPU)",
+    )
+    parser.add_argument(
+        "--verify-cache", action="store_true", help="check every cached model file against its recorded sha256 before loading"
+    )
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = False) -> None:
     """--haystack, --needles and --prompt: what the prompts are made of."""
     if one_haystack:
-        parser.add_argument("--haystack", default="pydoc", help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'")
+        parser.add_argument(
+            "--haystack", default="pydoc", help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'"
+        )
     else:
-        parser.add_argument("--haystack", nargs="+", default=["pydoc"], help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'; one, or one per needle")
-    parser.add_argument("--needles", help="JSONL file of {needle, question, real_needle}, or 'long' (built-in needles with answers of 10+ tokens); default: the built-in short-answer needles")
-    parser.add_argument("--prompt", choices=list(PROMPTS), default="auto", help="chat template if the tokenizer has one (auto), always (chat) or never (plain)")
+        parser.add_argument(
+            "--haystack",
+            nargs="+",
+            default=["pydoc"],
+            help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'; one, or one per needle",
+        )
+    parser.add_argument(
+        "--needles",
+        help="JSONL file of {needle, question, real_needle}, or 'long' (built-in needles with answers of 10+ tokens); default: the built-in short-answer needles",
+    )
+    parser.add_argument(
+        "--prompt",
+        choices=list(PROMPTS),
+        default="auto",
+        help="chat template if the tokenizer has one (auto), always (chat) or never (plain)",
+    )
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     """The NIAH grid: text options plus --lengths and --depths."""
     add_text_arguments(parser)
-    parser.add_argument("--lengths", nargs="+", type=positive_int, default=list(DEFAULT_LENGTHS), help="context lengths in tokens")
-    parser.add_argument("--depths", nargs="+", type=percent, default=list(DEFAULT_DEPTHS), help="needle depths in percent (0-100)")
-    parser.add_argument("--distractor", choices=DISTRACTORS, default=None, help="also insert the needle with another answer (same-form) or the other needles (multi-key)")
+    parser.add_argument(
+        "--lengths", nargs="+", type=positive_int, default=list(DEFAULT_LENGTHS), help="context lengths in tokens"
+    )
+    parser.add_argument(
+        "--depths", nargs="+", type=percent, default=list(DEFAULT_DEPTHS), help="needle depths in percent (0-100)"
+    )
+    parser.add_argument(
+        "--distractor",
+        choices=DISTRACTORS,
+        default=None,
+        help="also insert the needle with another answer (same-form) or the other needles (multi-key)",
+    )
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     """--workers and --ray-address: trials sharded on Ray (pip install 'rh-lens[ray]')."""
-    parser.add_argument("--workers", type=positive_int, default=None, help="run the trials on this many Ray workers, each holding the model")
-    parser.add_argument("--ray-address", default=None, help="a Ray cluster to run the workers on (default: start a local Ray instance)")
+    parser.add_argument(
+        "--workers", type=positive_int, default=None, help="run the trials on this many Ray workers, each holding the model"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="a Ray cluster to run the workers on (default: start a local Ray instance)"
+    )
 
 
 # --- values ------------------------------------------------------------------------------
@@ -104,7 +140,11 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
     return Grid(
-        tuple(needles_from_args(args)), tuple(args.lengths), tuple(args.depths), tuple(args.haystack), args.prompt,
+        tuple(needles_from_args(args)),
+        tuple(args.lengths),
+        tuple(args.depths),
+        tuple(args.haystack),
+        args.prompt,
         getattr(args, "distractor", None),
     )
 
@@ -115,3 +155,9 @@ def needle_from_args(args: argparse.Namespace) -> Needle:
     if not 0 <= args.needle < len(needles):
         raise InputError(f"--needle {args.needle}: there are {len(needles)} needles (0 to {len(needles) - 1})")
     return needles[args.needle]
+
+
+def run_options_from_args(args: argparse.Namespace) -> RunOptions:
+    """The `RunOptions` of a command's parsed arguments (options a command lacks keep their defaults)."""
+    given = {name: getattr(args, name) for name in RunOptions.__dataclass_fields__ if hasattr(args, name)}
+    return RunOptions(**given)

@@ -1,7 +1,7 @@
 """Trials on Ray: a grid of trials sharded over workers that each hold the model once.
 
 Detection grids, ablation conditions and experiment sweeps are embarrassingly parallel.
-`RayPool` is an executor for `rh_lens.runs.run_trials`: Ray actors each load the model once
+`RayPool` is an executor for `rh_lens.execution.runs.run_trials`: Ray actors each load the model once
 (one GPU each on CUDA; on a CPU the cores are split between them), trials are dispatched to
 whichever actor is free, and the driver writes every finished trial into the run's
 per-trial store as it arrives, exactly as a run in one process does: `--resume` works
@@ -15,12 +15,13 @@ instance is started; with one (`ray start --head` on a cluster's head node, then
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-from .errors import InputError
-from .models import load_model
-from .niah import Trial
+from rh_lens.errors import InputError
+from rh_lens.model.loading import load_model
+from rh_lens.tasks.niah import Trial
 
 
 def _ray():
@@ -75,17 +76,10 @@ class RayPool:
 
     def map(self, task: Callable[[Any, Trial], Any], trials: Sequence[Trial]) -> Iterator[tuple[int, Any]]:
         """(index, record) as each trial finishes, on whichever actor is free."""
-        ray, pending, queue = self.ray, {}, list(enumerate(trials))
-        idle = list(self.actors)
-        while queue or pending:
-            while queue and idle:
-                i, trial = queue.pop(0)
-                actor = idle.pop()
-                pending[actor.run.remote(task, trial)] = (i, actor)
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i, actor = pending.pop(ref)
-            idle.append(actor)
-            yield i, ray.get(ref)
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        yield from pool.map_unordered(lambda actor, item: actor.run.remote(task, *item), list(enumerate(trials)))
 
     def call(self, function: Callable[[Any], Any]) -> Any:
         """`function(model)` on one actor."""
@@ -97,7 +91,7 @@ class RayPool:
                 self.ray.kill(actor)
         self.actors = []
 
-    def __enter__(self) -> "RayPool":
+    def __enter__(self) -> RayPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,8 +112,8 @@ class _Worker:
     def ready(self) -> bool:
         return True
 
-    def run(self, task: Callable[[Any, Trial], Any], trial: Trial) -> Any:
-        return task(self.model, trial)
+    def run(self, task: Callable[[Any, Trial], Any], index: int, trial: Trial) -> tuple[int, Any]:
+        return index, task(self.model, trial)
 
     def call(self, function: Callable[[Any], Any]) -> Any:
         return function(self.model)

@@ -10,12 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .ablation import AblationResult
-from .analysis import Analysis, Comparison
-from .compression import CompressionResult, export_duo_attention
-from .heads import Head
-from .patching import PatchingResult
-from .plots import (
+from rh_lens.analysis.analyses import Analysis, Comparison
+from rh_lens.analysis.statistics import Bootstrap
+from rh_lens.app.plots import (
     analysis_figures,
     compression_heatmaps,
     effect_vs_score_scatter,
@@ -24,15 +21,19 @@ from .plots import (
     patching_heatmaps,
     recall_vs_k,
     recall_vs_kv,
-    threshold_sensitivity,
     resid_heatmap,
     save_figure,
     save_figures,
     score_heatmap,
     score_scatter,
+    threshold_sensitivity,
 )
-from .results import DetectionResult, save_results, write_json
-from .statistics import Bootstrap
+from rh_lens.detection.records import DetectionResult, save_results
+from rh_lens.execution.files import write_json
+from rh_lens.heads import Head
+from rh_lens.interventions.compression import CompressionResult, export_duo_attention
+from rh_lens.interventions.masking import AblationResult
+from rh_lens.interventions.patching import PatchingResult
 
 # --- files -----------------------------------------------------------------------------
 
@@ -69,8 +70,10 @@ def save_compression(result: CompressionResult, out: str | Path) -> list[Path]:
     save_figure(recall_vs_kv(result), paths[1])
     save_figure(compression_heatmaps(result), paths[2])
     for condition in result.conditions:
-        if condition.method == "retrieval":
-            paths += export_duo_attention(condition.policy, out / "duo_attention" / f"{condition.full_fraction:g}")
+        if condition.metadata["method"] == "retrieval":
+            paths += export_duo_attention(
+                condition.intervention.policy, out / "duo_attention" / f"{condition.metadata['full_fraction']:g}"
+            )
     return paths
 
 
@@ -164,7 +167,9 @@ def format_ablation(result: AblationResult) -> str:
     for row in result.threshold_rows():
         random = f"{row['random_recall']:.3f}" if row["random_recall"] is not None else "-"
         top = f"{row['top_recall']:.3f}" if row["top_recall"] is not None else "-"
-        lines.append(f"threshold {row['threshold']:g}: {row['n_heads']} heads; recall with them masked {top}, with as many random heads {random}")
+        lines.append(
+            f"threshold {row['threshold']:g}: {row['n_heads']} heads; recall with them masked {top}, with as many random heads {random}"
+        )
     return "\n".join(lines)
 
 
@@ -176,7 +181,7 @@ def format_compression(result: CompressionResult) -> str:
         f"{'method':<10} {'full':>5}  {'KV kept':>7}  {'ratio':>5}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}",
     ]
     for row in result.summary():
-        spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] > 1 else ""
+        spread = f"+/- {row['std_over_seeds']:.3f}" if (row["n_seeds"] or 1) > 1 else ""
         fraction = f"{row['full_fraction']:g}" if row["method"] != "full" else "all"
         lines.append(
             f"{row['method']:<10} {fraction:>5}  {100 * row['kv_kept']:>6.1f}%  {row['compression_ratio']:>5.2f}  "
@@ -188,7 +193,11 @@ def format_compression(result: CompressionResult) -> str:
 def format_patching(result: PatchingResult, top: int = 10, correlation: dict[str, Any] | None = None) -> str:
     """The pair, the metric, the top heads per kind and direction, and the correlation."""
     clean, corrupted = result.clean_token.strip(), result.corrupted_token.strip()
-    metric = f"logit difference '{clean}' - '{corrupted}'" if result.metric == "logit_diff" else f"{result.metric} ('{clean}' vs '{corrupted}')"
+    metric = (
+        f"logit difference '{clean}' - '{corrupted}'"
+        if result.metric == "logit_diff"
+        else f"{result.metric} ('{clean}' vs '{corrupted}')"
+    )
     lines = [
         f"{result.model}: {result.settings['prompt_tokens']} tokens, answer {result.settings['answer']!r} vs "
         f"{result.settings['corrupted_answer']!r}; {metric}: clean {result.clean_metric:.2f}, corrupted {result.corrupted_metric:.2f}",
@@ -196,13 +205,17 @@ def format_patching(result: PatchingResult, top: int = 10, correlation: dict[str
     for kind in ("head_out", "pattern"):
         for direction in result.effects.get(kind, {}):
             ranking = result.ranking(kind, direction)[:top]
-            lines.append(f"{kind} {direction} ({result.settings['positions']} position), top {len(ranking)}: "
-                         + ", ".join(f"{Head(l, h)} {e:.3f}" for l, h, e in ranking))  # fmt: skip
+            lines.append(
+                f"{kind} {direction} ({result.settings['positions']} position), top {len(ranking)}: "
+                + ", ".join(f"{Head(l, h)} {e:.3f}" for l, h, e in ranking)
+            )
     for direction in result.effects.get("mlp_out", {}):
         grid = result.effect("mlp_out", direction)[:, 0].tolist()
         best = sorted(range(len(grid)), key=lambda layer: -grid[layer])[:top]
-        lines.append(f"mlp_out {direction} ({result.settings['positions']} position), top {len(best)} layers: "
-                     + ", ".join(f"{layer} {grid[layer]:.3f}" for layer in best))  # fmt: skip
+        lines.append(
+            f"mlp_out {direction} ({result.settings['positions']} position), top {len(best)} layers: "
+            + ", ".join(f"{layer} {grid[layer]:.3f}" for layer in best)
+        )
     if correlation is not None:
         lines.append(
             f"Spearman rho between {correlation['kind']} {correlation['direction']} effect and retrieval score: "
@@ -235,7 +248,9 @@ def format_analysis(analysis: Analysis) -> str:
             )
     if heads_needed is not None and heads_needed.heads_needed:
         needed = sorted(heads_needed.heads_needed.values())
-        curve = ", ".join(f"top-{n}: {c:.2f}" for n, c in enumerate(heads_needed.mean_coverage, start=1) if n in (1, 2, 3, 5, 10, 20))
+        curve = ", ".join(
+            f"top-{n}: {c:.2f}" for n, c in enumerate(heads_needed.mean_coverage, start=1) if n in (1, 2, 3, 5, 10, 20)
+        )
         lines.append(f"coverage of copied answer tokens (mean over {len(needed)} trials): {curve}")
         lines.append(f"heads needed for full coverage: median {needed[len(needed) // 2]}, max {needed[-1]}")
     if analysis.bootstrap is not None:
@@ -247,9 +262,15 @@ def format_analysis(analysis: Analysis) -> str:
     if analysis.distractors is not None:
         d = analysis.distractors
         lines.append(f"distractors ({d.n_trials} trials): answers " + ", ".join(f"{k} {v}" for k, v in d.given.items()))
-        lines.append("heads copying the distractor when the model gives it (distractor score, true score then, true score when right): "
-                     + ", ".join(f"{h} {a:.2f}/{b:.2f}/{c:.2f}" for h, a, b, c in list(zip(d.heads, d.distractor_score_when_wrong,
-                                 d.true_score_when_wrong, d.true_score_when_right))[:8]))  # fmt: skip
+        lines.append(
+            "heads copying the distractor when the model gives it (distractor score, true score then, true score when right): "
+            + ", ".join(
+                f"{h} {a:.2f}/{b:.2f}/{c:.2f}"
+                for h, a, b, c in list(
+                    zip(d.heads, d.distractor_score_when_wrong, d.true_score_when_wrong, d.true_score_when_right)
+                )[:8]
+            )
+        )
     lines += analysis.notes
     return "\n".join(lines)
 

@@ -13,9 +13,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch, Rectangle
 
-from .ablation import AblationResult
-from .heads import Head
-from .results import DetectionResult, write_atomic
+from rh_lens.detection.records import DetectionResult
+from rh_lens.execution.files import write_atomic
+from rh_lens.heads import Head
+from rh_lens.interventions.masking import AblationResult
 
 
 def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=None):
@@ -56,17 +57,12 @@ def _layer_head_axes(ax, n_layers: int, n_heads: int) -> None:
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
 
 
-def _panels(result: AblationResult) -> list[tuple[str, str, int]]:
-    """(title, kind, k) per panel: no masking, then top-K and random-K side by side per K."""
-    panels, seen = [], set()
-    for c in result.conditions:
-        if (c.kind, c.k) in seen:
-            continue
-        seen.add((c.kind, c.k))
-        n_seeds = sum(1 for d in result.conditions if (d.kind, d.k) == (c.kind, c.k))
-        title = {"none": "no masking", "top": f"top-{c.k} retrieval heads", "random": f"{c.k} random heads ({n_seeds} seeds)"}[c.kind]
-        panels.append((title, c.kind, c.k))
-    return panels
+def _panel_title(row: dict) -> str:
+    """A masking condition's panel title (a summary row): no masking, top-K, K random heads."""
+    k = row["k"]
+    return {"none": "no masking", "top": f"top-{k} retrieval heads", "random": f"{k} random heads ({row['n_seeds']} seeds)"}[
+        row["kind"]
+    ]
 
 
 def niah_panels(panels: list[tuple[str, tuple]], title: str):
@@ -93,21 +89,30 @@ def niah_panels(panels: list[tuple[str, tuple]], title: str):
 def niah_heatmaps(result: AblationResult):
     """The paper's NIAH maps, one per masking condition (mean over needles and seeds)."""
     mode = "decode steps only" if result.decode_only else "all positions"
-    panels = [(title, result.recall_grid(kind, k)) for title, kind, k in _panels(result)]
+    panels = [(_panel_title(row), result.recall_grid(row["condition"])) for row in result.summary()]
     return niah_panels(panels, f"{result.model}: NIAH under {result.method} masking ({mode})")
 
 
-METHOD_TITLES = {"full": "full cache", "retrieval": "retrieval heads full", "random": "random KV heads full",
-                 "streaming": "StreamingLLM (same bytes)", "razor": "RazorAttention heads full"}  # fmt: skip
+METHOD_TITLES = {
+    "full": "full cache",
+    "retrieval": "retrieval heads full",
+    "random": "random KV heads full",
+    "streaming": "StreamingLLM (same bytes)",
+    "razor": "RazorAttention heads full",
+}
 
 
 def compression_heatmaps(result):
     """NIAH maps per compression condition (random heads: mean over seeds)."""
     panels = [
-        (f"{METHOD_TITLES[row['method']]}" + (f", {row['full_fraction']:g} full" if row["method"] != "full" else "")
-         + f"\n{100 * row['kv_kept']:.0f}% of the KV cache", result.recall_grid(row["method"], row["full_fraction"]))
+        (
+            f"{METHOD_TITLES[row['method']]}"
+            + (f", {row['full_fraction']:g} full" if row["method"] != "full" else "")
+            + f"\n{100 * row['kv_kept']:.0f}% of the KV cache",
+            result.recall_grid(row["condition"]),
+        )
         for row in result.summary()
-    ]  # fmt: skip
+    ]
     mode = "decode steps only" if result.decode_only else "prefill and decode"
     return niah_panels(panels, f"{result.model}: NIAH under KV compression, sink {result.sink} + window {result.window} ({mode})")
 
@@ -119,8 +124,14 @@ def recall_vs_kv(result):
     for method, style in (("retrieval", "o-"), ("random", "s--"), ("streaming", "^-."), ("razor", "d:")):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kv_kept"])
         if points:
-            ax.errorbar([100 * r["kv_kept"] for r in points], [r["mean_recall"] for r in points],
-                        yerr=[r["std_over_seeds"] for r in points], fmt=style, capsize=3, label=METHOD_TITLES[method])  # fmt: skip
+            ax.errorbar(
+                [100 * r["kv_kept"] for r in points],
+                [r["mean_recall"] for r in points],
+                yerr=[r["std_over_seeds"] for r in points],
+                fmt=style,
+                capsize=3,
+                label=METHOD_TITLES[method],
+            )
     for r in rows:
         if r["method"] == "full":
             ax.axhline(r["mean_recall"], color="grey", linestyle=":", label="full cache")
@@ -138,7 +149,14 @@ def recall_vs_k(result: AblationResult):
     figure, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     for kind, label, style in (("top", "top-K retrieval heads", "o-"), ("random", "K random other heads", "s--")):
         points = [r for r in rows if r["kind"] == kind]
-        ax.errorbar([r["k"] for r in points], [r["mean_recall"] for r in points], yerr=[r["std_over_seeds"] for r in points], fmt=style, capsize=3, label=label)
+        ax.errorbar(
+            [r["k"] for r in points],
+            [r["mean_recall"] for r in points],
+            yerr=[r["std_over_seeds"] for r in points],
+            fmt=style,
+            capsize=3,
+            label=label,
+        )
     for r in rows:
         if r["kind"] == "none":
             ax.axhline(r["mean_recall"], color="grey", linestyle=":", label="no masking")
@@ -161,7 +179,14 @@ def threshold_sensitivity(result: AblationResult):
     left.set_xlabel("retrieval-head threshold")
     left.set_ylabel("heads at or above it")
     right.plot(t, [r["top_recall"] for r in rows], "o-", label="those heads masked")
-    right.errorbar(t, [r["random_recall"] for r in rows], yerr=[r["random_std"] or 0 for r in rows], fmt="s--", capsize=3, label="as many random heads")
+    right.errorbar(
+        t,
+        [r["random_recall"] for r in rows],
+        yerr=[r["random_std"] or 0 for r in rows],
+        fmt="s--",
+        capsize=3,
+        label="as many random heads",
+    )
     right.axhline(rows[0]["none_recall"], color="grey", linestyle=":", label="no masking")
     right.set_xlabel("retrieval-head threshold")
     right.set_ylabel("mean ROUGE-1 recall")
@@ -177,7 +202,7 @@ def save_figure(figure, path: str | Path, also: tuple[str, ...] = ()) -> None:
     path = Path(path)
     for target in [path] + [path.with_suffix(f".{suffix}") for suffix in also]:
         fmt = target.suffix.lstrip(".") or "png"
-        write_atomic(target, lambda f: figure.savefig(f, format=fmt, dpi=150), mode="wb")
+        write_atomic(target, lambda f, fmt=fmt: figure.savefig(f, format=fmt, dpi=150), mode="wb")
     plt.close(figure)
 
 
@@ -249,7 +274,9 @@ def activation_matrix_heatmap(activation, top: int | None = 60):
             ax.axvline(boundary - 0.5, color=ALWAYS_ON_COLOUR, linewidth=1)
         starts = [0] + blocks
         ends = blocks + [len(lengths)]
-        ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [f"{lengths[s]} tok" if lengths[s] else "all" for s in starts])
+        ax.set_xticks(
+            [(s + e - 1) / 2 for s, e in zip(starts, ends)], [f"{lengths[s]} tok" if lengths[s] else "all" for s in starts]
+        )
         ax.set_yticks(range(len(heads)), heads, fontsize=6)
         ax.set_xlabel("trials, grouped by context length" if any(lengths) else "trials (context lengths not recorded)")
         ax.set_ylabel("head (most often active first)")
@@ -262,11 +289,21 @@ def score_histograms(universalities):
     with _paper_figure(2.6 * len(universalities) + 0.4, 2.4, ncols=len(universalities)) as (figure, axes):
         for ax, u in zip(axes, universalities):
             edges = np.array(u.histogram_edges)
-            ax.bar(edges[:-1], u.histogram_counts, width=np.diff(edges), align="edge", color=NEUTRAL_COLOUR, edgecolor="white", linewidth=0.4)
+            ax.bar(
+                edges[:-1],
+                u.histogram_counts,
+                width=np.diff(edges),
+                align="edge",
+                color=NEUTRAL_COLOUR,
+                edgecolor="white",
+                linewidth=0.4,
+            )
             ax.axvline(u.threshold, color=ALWAYS_ON_COLOUR, linewidth=1, label=f"threshold {u.threshold:g}")
             ax.set_yscale("log")
             ax.set_xlabel("retrieval score")
-            ax.set_title(f"{u.model}\n{u.n_above}/{u.n_layers * u.n_heads} heads = {100 * u.fraction_above:.1f}% >= {u.threshold:g}")
+            ax.set_title(
+                f"{u.model}\n{u.n_above}/{u.n_layers * u.n_heads} heads = {100 * u.fraction_above:.1f}% >= {u.threshold:g}"
+            )
             ax.legend(frameon=False)
         axes[0].set_ylabel("heads")
     return figure
@@ -293,7 +330,9 @@ def score_scatter(comparison, labels: int = 10):
         for rank, shared in enumerate(comparison.shared_top):
             ax.scatter(shared["score_a"], shared["score_b"], s=12, color=ALWAYS_ON_COLOUR)
             if rank < labels:
-                ax.annotate(shared["head"], (shared["score_a"], shared["score_b"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                ax.annotate(
+                    shared["head"], (shared["score_a"], shared["score_b"]), fontsize=5, xytext=(2, 2), textcoords="offset points"
+                )
         upper = max(comparison.scores_a + comparison.scores_b + [1e-9])
         ax.plot([0, upper], [0, upper], color="black", linewidth=0.5, linestyle=":")
         ax.set_xlabel(f"{comparison.model_a} retrieval score")
@@ -372,8 +411,12 @@ def save_figures(figures: dict, out_dir: str | Path) -> list[Path]:
 
 # --- patching figures ---
 
-PATCHING_TITLES = {"head_out": "head output (hook_z)", "pattern": "attention pattern (hook_pattern)", "resid": "residual stream (hook_resid_pre)",
-                   "mlp_out": "MLP output (hook_mlp_out)"}  # fmt: skip
+PATCHING_TITLES = {
+    "head_out": "head output (hook_z)",
+    "pattern": "attention pattern (hook_pattern)",
+    "resid": "residual stream (hook_resid_pre)",
+    "mlp_out": "MLP output (hook_mlp_out)",
+}
 DIRECTION_TITLES = {"denoise": "denoising: clean into corrupted (restored)", "noise": "noising: corrupted into clean (destroyed)"}
 
 
@@ -415,7 +458,9 @@ def resid_heatmap(result, direction: str = "denoise"):
     grid = result.effect("resid", direction).numpy()
     labels = [c["label"] for c in result.resid_columns]
     limit = _effect_limit([grid])
-    figure, ax = plt.subplots(figsize=(min(18, 2.5 + 0.28 * len(labels)), min(12, 1.8 + 0.2 * result.n_layers)), constrained_layout=True)
+    figure, ax = plt.subplots(
+        figsize=(min(18, 2.5 + 0.28 * len(labels)), min(12, 1.8 + 0.2 * result.n_layers)), constrained_layout=True
+    )
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(0, result.n_layers, max(1, result.n_layers // 16)))
@@ -438,7 +483,13 @@ def mlp_effects(result):
         ax.bar(layers - (width / 2 if width < 0.8 else 0), mlp, width=width, color="#c0392b", label="MLP output (hook_mlp_out)")
         if direction in result.effects.get("head_out", {}):
             heads = np.nan_to_num(result.effect("head_out", direction).numpy(), nan=-np.inf).max(axis=1)
-            ax.bar(layers + width / 2, np.where(np.isfinite(heads), heads, 0), width=width, color="#2e86c1", label="best head output (hook_z)")
+            ax.bar(
+                layers + width / 2,
+                np.where(np.isfinite(heads), heads, 0),
+                width=width,
+                color="#2e86c1",
+                label="best head output (hook_z)",
+            )
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xlabel("layer")
         ax.set_ylabel("patching effect")

@@ -8,51 +8,21 @@ Two file formats are read and written:
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import OutputError, ResultsFileError
-from .heads import Head, all_heads
-from .scoring import DEFAULT_THRESHOLD, retrieval_scores
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD, retrieval_scores
+from rh_lens.errors import ResultsFileError
+from rh_lens.execution.files import read_json, write_json
+from rh_lens.heads import Head, all_heads
+from rh_lens.tasks.grading import Answer
 
 FORMAT = "rh_lens.detection/1"
-
-
-@dataclass(kw_only=True)
-class Answer:
-    """What a model answered to one NIAH trial, graded: the fields every per-trial record
-    shares (detection, ablation). `success`: ROUGE-1 recall of the response > 0.5."""
-
-    key: str
-    context_length: int | None
-    depth: int | None
-    needle_id: str | None
-    haystack: str | None
-    answer: str | None
-    generated_ids: list[int]
-    response: str | None
-    rouge_recall: float | None
-    success: bool
-    prompt_sha256: str | None = None
-    prompt_length: int | None = None
-    seconds: float | None = None
-    # Which answer the response gives: "correct", "distractor" (a distractor's answer),
-    # "other-context" (text from the prompt) or "invented" (mostly words the prompt lacks).
-    response_class: str | None = None
-    distractor_recalls: list[float] | None = None  # ROUGE-1 recall against each distractor's answer
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]):
-        return cls(**data)
 
 
 @dataclass(kw_only=True)
@@ -69,7 +39,7 @@ class TrialRecord(Answer):
     distractor_scores: list[list[list[float]]] | None = None  # per distractor: the rule applied to its span
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
         record = cls(**data)
         if record.answer_span is not None:
             record.answer_span = tuple(record.answer_span)  # JSON has no tuples
@@ -121,7 +91,7 @@ class DetectionResult:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DetectionResult":
+    def from_json(cls, data: dict[str, Any]) -> DetectionResult:
         trials = [TrialRecord.from_json(t) for t in data["trials"]]
         n_layers, n_heads = int(data["n_layers"]), int(data["n_heads"])
         for t in trials:
@@ -132,10 +102,12 @@ class DetectionResult:
     def to_published(self) -> dict[str, list[float]]:
         """The reference's format: per head, its trial scores over the successful trials."""
         good = self.successful
-        return {str(head): [t.head_scores[head.layer][head.head] for t in good] for head in all_heads(self.n_layers, self.n_heads)}
+        return {
+            str(head): [t.head_scores[head.layer][head.head] for t in good] for head in all_heads(self.n_layers, self.n_heads)
+        }
 
     @classmethod
-    def from_published(cls, data: dict[str, list[float]], model: str = "published") -> "DetectionResult":
+    def from_published(cls, data: dict[str, list[float]], model: str = "published") -> DetectionResult:
         """Read `{"layer-head": [scores]}`; list index i becomes successful trial i."""
         heads = {Head.parse(key): values for key, values in data.items()}
         n_layers = max(layer for layer, _ in heads) + 1
@@ -146,71 +118,27 @@ class DetectionResult:
         trials = []
         for i in range(n_trials.pop()):
             matrix = [[heads.get((layer, head), [0.0] * (i + 1))[i] for head in range(n_heads)] for layer in range(n_layers)]
-            trials.append(TrialRecord(
-                key=f"published-{i}", context_length=None, depth=None, needle_id=None, haystack=None, answer=None,
-                generated_ids=[], response=None, rouge_recall=None, success=True, answer_span=None, head_scores=matrix,
-            ))  # fmt: skip
+            trials.append(
+                TrialRecord(
+                    key=f"published-{i}",
+                    context_length=None,
+                    depth=None,
+                    needle_id=None,
+                    haystack=None,
+                    answer=None,
+                    generated_ids=[],
+                    response=None,
+                    rouge_recall=None,
+                    success=True,
+                    answer_span=None,
+                    head_scores=matrix,
+                )
+            )
         return cls(model, n_layers, n_heads, trials)
-
-
-def recall_grid(records) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
-    """Mean ROUGE-1 recall of NIAH records per (depth, context length): the paper's heatmap."""
-    lengths = sorted({r.context_length for r in records})
-    depths = sorted({r.depth for r in records})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for i, depth in enumerate(depths):
-        for j, length in enumerate(lengths):
-            values = [r.rouge_recall for r in records if r.depth == depth and r.context_length == length]
-            grid[i, j] = np.mean(values) if values else np.nan
-    return lengths, depths, grid
-
-
-def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write a file through `write(file object)` atomically: into a temporary file beside it,
-    then renamed over `path`. A run killed mid-write never leaves a truncated file, and a
-    symlink at `path` is replaced, never followed (nothing outside the output directory is
-    written). The file gets the usual mode (0666 less the umask)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (see `write_atomic`)."""
-    write_atomic(path, lambda f: json.dump(data, f))
 
 
 def save_results(result: DetectionResult, path: str | Path) -> None:
     write_json(path, result.to_json())
-
-
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Parse a JSON file; a missing, unreadable or malformed file is a `ResultsFileError`
-    that names it."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ResultsFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ResultsFileError(f"{path} is a directory, not a {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResultsFileError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ResultsFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)") from None
 
 
 def load_results(path: str | Path) -> DetectionResult:

@@ -13,8 +13,9 @@ Only successful trials are analysed: retrieval scores are defined over them alon
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +23,11 @@ from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
-from .errors import InputError, ResultsFileError
-from .heads import Head, all_heads
-from .results import DetectionResult, TrialRecord
-from .scoring import DEFAULT_THRESHOLD
-from .statistics import Bootstrap, bootstrap
+from rh_lens.analysis.statistics import Bootstrap, bootstrap
+from rh_lens.detection.records import DetectionResult, TrialRecord
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD
+from rh_lens.errors import InputError, ResultsFileError
+from rh_lens.heads import Head, all_heads
 
 ACTIVATION_THRESHOLD = 0.1  # a head "fires" in a trial when its trial score exceeds this
 ALWAYS_ON = 0.9  # heads firing in at least this fraction of trials count as always on
@@ -123,13 +124,15 @@ def dynamic_activation(
         rows = []
         for value in sorted(set(values), key=_natural):
             members = [s for s, v in zip(sets, values) if v == value]
-            rows.append({
-                "value": value,
-                "n_trials": len(members),
-                "mean_active_heads": float(np.mean([len(s) for s in members])),
-                "heads_active_in_any": len(set().union(*members)),
-                "heads_active_in_all": len(set.intersection(*members)),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "value": value,
+                    "n_trials": len(members),
+                    "mean_active_heads": float(np.mean([len(s) for s in members])),
+                    "heads_active_in_any": len(set().union(*members)),
+                    "heads_active_in_all": len(set.intersection(*members)),
+                }
+            )
         groups[group] = rows
         same_vs_different[group] = {
             "same": _mean([jaccard(sets[i], sets[j]) for i, j in pairs if values[i] == values[j]]),
@@ -305,10 +308,16 @@ def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshol
     top_a, top_b = top_heads(a, top_k), top_heads(b, top_k)
     index = {str(head): i for i, head in enumerate(all_heads(a.n_layers, a.n_heads))}
     shared = [
-        {"head": h, "rank_a": top_a.index(h) + 1, "rank_b": top_b.index(h) + 1,
-         "score_a": float(scores_a[index[h]]), "score_b": float(scores_b[index[h]])}
-        for h in top_a if h in top_b
-    ]  # fmt: skip
+        {
+            "head": h,
+            "rank_a": top_a.index(h) + 1,
+            "rank_b": top_b.index(h) + 1,
+            "score_a": float(scores_a[index[h]]),
+            "score_b": float(scores_b[index[h]]),
+        }
+        for h in top_a
+        if h in top_b
+    ]
     warnings = []
     if a.model != b.model:
         warnings.append(
@@ -368,14 +377,23 @@ def distractors(result: DetectionResult, top: int = 20) -> Distractors:
 
     # In a wrong trial, the distractor whose answer was given (the best recalled one).
     taken = [t.distractor_scores[int(np.argmax(t.distractor_recalls))] for t in wrong]
-    from_distractor, true_wrong, true_right = mean(taken), mean([t.head_scores for t in wrong]), mean([t.head_scores for t in right])
+    from_distractor, true_wrong, true_right = (
+        mean(taken),
+        mean([t.head_scores for t in wrong]),
+        mean([t.head_scores for t in right]),
+    )
     names = [str(h) for h in all_heads(result.n_layers, result.n_heads)]
     order = sorted(range(len(names)), key=lambda i: (-from_distractor[i], -true_right[i], i))[:top]
     given = {k: sum(t.response_class == k for t in trials) for k in ("correct", "distractor", "other-context", "invented")}
     return Distractors(
-        result.model, len(trials), given, [names[i] for i in order], [float(from_distractor[i]) for i in order],
-        [float(true_wrong[i]) for i in order], [float(true_right[i]) for i in order],
-    )  # fmt: skip
+        result.model,
+        len(trials),
+        given,
+        [names[i] for i in order],
+        [float(from_distractor[i]) for i in order],
+        [float(true_wrong[i]) for i in order],
+        [float(true_right[i]) for i in order],
+    )
 
 
 # --- everything about one results file ---------------------------------------------
@@ -403,6 +421,10 @@ def analyze(
     intervals = bootstrap(result)
     with_distractors = distractors(result) if any(t.distractor_scores for t in result.trials) else None
     return Analysis(
-        universality(result, threshold), dynamic_activation(result, activation_threshold), heads_needed, intervals,
-        with_distractors, notes,
-    )  # fmt: skip
+        universality(result, threshold),
+        dynamic_activation(result, activation_threshold),
+        heads_needed,
+        intervals,
+        with_distractors,
+        notes,
+    )

@@ -5,7 +5,8 @@ the key it attends to most (top-1 of its newest attention row) lies inside the a
 span [s, e) and holds the very token w_t. Each copy event is worth 1 / (e - s).
 A trial counts only if the model retrieved the answer (stemmed ROUGE-1 recall of the
 response, decoded without special tokens and stripped, against the answer > 0.5), and a
-head's retrieval score is the mean of its trial scores over those trials. This rule,
+head's retrieval score is the mean of its trial scores over those trials (the success test is
+`rh_lens.tasks.grading`, where every trial is graded). This rule,
 the success test and the aggregation are the reference's (`retrieval_head_detection.py`).
 
 Where rh_lens differs from the reference code, on purpose:
@@ -30,22 +31,19 @@ Where rh_lens differs from the reference code, on purpose:
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .heads import Head
+from rh_lens.heads import Head
 
 DEFAULT_THRESHOLD = 0.1  # heads scoring at least this are retrieval heads
-SUCCESS_RECALL = 0.5  # a trial counts when ROUGE-1 recall exceeds this
 
 
 def copy_events(
     argmax_keys: Int[Tensor, "step layer head"],
-    emitted: Int[Tensor, "step"],
-    prompt_ids: Int[Tensor, "pos"],
+    emitted: Int[Tensor, " step"],
+    prompt_ids: Int[Tensor, " pos"],
     answer_span: tuple[int, int],
 ) -> Bool[Tensor, "step layer head"]:
     """The rule: did each head copy at each decode step?
@@ -70,8 +68,8 @@ def event_scores(events: Bool[Tensor, "step layer head"], answer_span: tuple[int
 
 def copy_scores(
     argmax_keys: Int[Tensor, "step layer head"],
-    emitted: Int[Tensor, "step"],
-    prompt_ids: Int[Tensor, "pos"],
+    emitted: Int[Tensor, " step"],
+    prompt_ids: Int[Tensor, " pos"],
     answer_span: tuple[int, int],
 ) -> Float[Tensor, "layer head"]:
     """Each head's trial score: copy events from the answer span, each worth 1/|span|."""
@@ -90,20 +88,8 @@ def copied_offsets(
     return copied
 
 
-@lru_cache(maxsize=1)
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-
-
-def rouge1_recall(response: str, answer: str) -> float:
-    """Stemmed ROUGE-1 recall of the response against the answer span, in [0, 1]."""
-    return _rouge_scorer().score(answer, response)["rouge1"].recall
-
-
 def retrieval_scores(
-    trial_scores: Float[Tensor, "trial layer head"], success: Bool[Tensor, "trial"]
+    trial_scores: Float[Tensor, "trial layer head"], success: Bool[Tensor, " trial"]
 ) -> Float[Tensor, "layer head"]:
     """Mean trial score over the successful trials (zeros when no trial succeeded)."""
     if not success.any():

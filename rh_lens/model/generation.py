@@ -3,7 +3,7 @@
 Memory stays linear in the context. The prompt is prefilled in chunks; layers that no
 hook reads run through fused SDPA attention (no score matrix at all), the others through
 explicit attention, whose scores are [heads, chunk, context]. The cache keeps keys
-already rotated (see `rh_lens.tl_internals`), so a decode step does not rotate every cached
+already rotated (see `rh_lens.model.tl_internals`), so a decode step does not rotate every cached
 key again. While decoding, the layers whose pattern is recorded are explicit, and only the
 newest query's attention row is read, reduced to its argmax on the spot, on the model's
 device. Any hooks a caller has put on the model (ablations, patches) stay in force
@@ -12,17 +12,17 @@ throughout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
-from .errors import InputError
-from .tl_internals import fused_attention, new_kv_cache
+from rh_lens.errors import InputError
+from rh_lens.model.tl_internals import Hook, fused_attention, new_kv_cache
 
 MAX_NEW_TOKENS = 50
 # Prefill chunks. Layers with explicit attention hold [heads, chunk, context] scores: at most
@@ -38,7 +38,7 @@ MIN_CHUNK = 64
 
 
 def _bytes(model: HookedTransformer) -> int:
-    return torch.finfo(model.cfg.dtype).bits // 8
+    return model.cfg.dtype.itemsize
 
 
 def explicit_chunk(model: HookedTransformer, context: int) -> int:
@@ -76,7 +76,7 @@ class Generation:
 
 
 def prefill(
-    model: HookedTransformer, tokens: Int[Tensor, "pos"], chunk_size: int | None = None, fused: bool = True
+    model: HookedTransformer, tokens: Int[Tensor, " pos"], chunk_size: int | None = None, fused: bool = True
 ) -> TransformerLensKeyValueCache:
     """Run `tokens` through the model in chunks, filling and returning a key-value cache.
     The prefill records nothing, so it runs with fused attention unless `fused=False`.
@@ -112,7 +112,7 @@ def _eos_ids(model: HookedTransformer) -> set[int]:
     return ids - {None}
 
 
-def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Tensor, "head"]:
+def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Tensor, " head"]:
     """The key each head attends to most from the newest query position (top-1, first on ties)."""
     return pattern[0, :, -1].argmax(dim=-1)
 
@@ -120,11 +120,11 @@ def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Ten
 @torch.inference_mode()
 def greedy_decode(
     model: HookedTransformer,
-    prompt_ids: list[int] | Int[Tensor, "pos"],
+    prompt_ids: list[int] | Int[Tensor, " pos"],
     max_new_tokens: int = MAX_NEW_TOKENS,
     record_attention: bool = True,
     chunk_size: int | None = None,
-    decode_hooks: Sequence[tuple] = (),
+    decode_hooks: Sequence[Hook] = (),
 ) -> Generation:
     """Greedy decoding in the reference's order: prefill the prompt minus its last token,
     then feed one token per step (stopping rule: see the comment below). At step t the model is fed token t-1 and emits w_t; if
@@ -157,7 +157,7 @@ def greedy_decode(
                 argmaxes.append(step_argmax.clone())
             # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
             # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
-            # after which the reference would go on to 50 tokens (see rh_lens.scoring).
+            # after which the reference would go on to 50 tokens (see rh_lens.detection.scoring).
             if token in eos_ids or (model.tokenizer is not None and "\n" in model.tokenizer.decode([token])):
                 break
             fed = torch.tensor([token], device=model.cfg.device)

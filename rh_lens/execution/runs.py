@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from .errors import OutputError, ResultsFileError, RunDirectoryError
-from .niah import Trial
-from .results import read_json, write_json
+from rh_lens.errors import OutputError, ResultsFileError, RunDirectoryError
+from rh_lens.execution.files import read_json, write_json
+from rh_lens.tasks.niah import Trial
 
 R = TypeVar("R")  # a dataclass record (an `Answer`) with `key`, `success`, `rouge_recall`, `prompt_sha256`, `from_json`
 
@@ -62,7 +63,9 @@ def run_directory(out_dir: str | Path, resume: bool = False, overwrite: bool = F
         lock = FileLock(path / LOCK_NAME, timeout=0)
         lock.acquire()
     except Timeout:
-        raise RunDirectoryError(f"{path} is in use by another rh-lens run; wait for it to finish or choose another --out") from None
+        raise RunDirectoryError(
+            f"{path} is in use by another rh-lens run; wait for it to finish or choose another --out"
+        ) from None
     except OSError as e:
         raise OutputError(f"cannot write to {path}: {e.strerror or e}") from None
     try:
@@ -96,7 +99,11 @@ def _check_directory(path: Path, resume: bool, overwrite: bool) -> None:
         return
     if resume:
         raise RunDirectoryError(f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/ or conditions/)")
-    what = "an earlier rh-lens run: --resume continues it" if is_run else f"files ({', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''})"
+    what = (
+        "an earlier rh-lens run: --resume continues it"
+        if is_run
+        else f"files ({', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''})"
+    )
     raise RunDirectoryError(f"{path} is not empty, it holds {what}; --overwrite writes there anyway, or choose a new --out")
 
 
@@ -126,6 +133,7 @@ def run_trials(
     task: Callable[[Any, Trial], R],
     record_type: type[R],
     executor,
+    *,
     out_dir: str | Path | None = None,
     resume: bool = False,
     settings: dict[str, Any] | None = None,
@@ -134,7 +142,7 @@ def run_trials(
     stop: Callable[[list[R]], bool] | None = None,
 ) -> list[R]:
     """`task(model, trial)` on every trial not finished yet, by `executor` (`InProcess(model)`,
-    or `rh_lens.distributed.RayPool` for workers that each hold the model). Each record is
+    or `rh_lens.execution.distributed.RayPool` for workers that each hold the model). Each record is
     saved as soon as it arrives, whatever ran it, so any executor can resume any run.
     Records come back in trial order. `stop(records)`, asked of every finished prefix of
     the trials in order, ends the run early: the records of that prefix come back."""
@@ -168,7 +176,9 @@ def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, 
             if trial_dir is not None:
                 write_json(trial_dir / f"{record.key}.json", asdict(record))
             bar.update()
-            bar.set_postfix(success=f"{sum(r.success for r in records.values())}/{len(records)}", last=f"{record.rouge_recall:.2f}")
+            bar.set_postfix(
+                success=f"{sum(r.success for r in records.values())}/{len(records)}", last=f"{record.rouge_recall:.2f}"
+            )
             n = stopping_point()
             if n is not None:
                 break
@@ -182,7 +192,9 @@ def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type,
     saved = sorted(trial_dir.glob("*.json")) if trial_dir.is_dir() else []
     if not resume:
         if saved:
-            raise RunDirectoryError(f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory")
+            raise RunDirectoryError(
+                f"{out_dir} already holds trials of a run: pass resume=True (--resume) or use a new directory"
+            )
         write_json(manifest, settings)
         return {}
     if not manifest.exists():

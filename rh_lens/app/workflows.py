@@ -2,56 +2,67 @@
 
 Each takes plain values (a model name or a loaded model, a `Grid`, paths) and returns the
 result with the paths it wrote, so the command line, experiments/ and notebooks run the
-very same steps; printing is left to the caller (`rh_lens.reports` formats the tables).
+very same steps; printing is left to the caller (`rh_lens.app.reports` formats the tables).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from transformer_lens import HookedTransformer
 
-from .ablation import AblationResult, ablation_experiment, ks_for_thresholds
-from .analysis import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
-from .compression import CompressionResult, compression_experiment
-from .detection import detect
-from .errors import InputError
-from .generation import MAX_NEW_TOKENS
-from .heads import Head
-from .models import check_cache_of, load_model, load_model_spec
-from .niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
-from .patching import DEFAULT_KINDS, DIRECTIONS, METRICS, PatchingResult, activation_patching, effect_vs_score, patching_pair
-from .reports import save_ablation, save_analysis, save_comparison, save_compression, save_detection, save_patching
-from .results import DetectionResult, load_results
-from .runs import run_directory
-from .scoring import DEFAULT_THRESHOLD
+from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
+from rh_lens.app.reports import save_ablation, save_analysis, save_comparison, save_compression, save_detection, save_patching
+from rh_lens.detection.records import DetectionResult, load_results
+from rh_lens.detection.run import detect
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD
+from rh_lens.errors import InputError
+from rh_lens.execution.options import RunOptions
+from rh_lens.execution.runs import run_directory
+from rh_lens.heads import Head
+from rh_lens.interventions.compression import CompressionResult, compression_experiment
+from rh_lens.interventions.masking import AblationResult, ablation_experiment, ks_for_thresholds
+from rh_lens.interventions.patching import (
+    DEFAULT_KINDS,
+    DIRECTIONS,
+    METRICS,
+    PatchingResult,
+    activation_patching,
+    effect_vs_score,
+    patching_pair,
+)
+from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
+from rh_lens.tasks.niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
 
 
-def _model(model: str | HookedTransformer, device: str | None, dtype: str | None, verify_cache: bool, checkpoint: int | None = None) -> HookedTransformer:
+def _model(model: str | HookedTransformer, options: RunOptions, checkpoint: int | None = None) -> HookedTransformer:
     if isinstance(model, (str, Path)):
-        return load_model(model, device=device, dtype=dtype, verify_cache=verify_cache, checkpoint=checkpoint)
+        return load_model(
+            model, device=options.device, dtype=options.dtype, verify_cache=options.verify_cache, checkpoint=checkpoint
+        )
     if checkpoint is not None:
         raise InputError("a training checkpoint is loaded from a model name: give the name, not a loaded model")
     return model
 
 
 @contextmanager
-def _executor(model, device, dtype, verify_cache: bool, workers: int | None, ray_address: str | None, checkpoint: int | None = None):
+def _executor(model, options: RunOptions, checkpoint: int | None = None):
     """(the model, or its spec when workers hold it; the executor: None = this process)."""
-    if not workers:
-        yield _model(model, device, dtype, verify_cache, checkpoint), None
+    if not options.workers:
+        yield _model(model, options, checkpoint), None
         return
     if checkpoint is not None:
         raise InputError("training checkpoints are not loaded by Ray workers: run without --workers")
     if not isinstance(model, (str, Path)):
         raise InputError("workers load the model themselves: give its name or path, not a loaded model")
-    from .distributed import RayPool
+    from rh_lens.execution.distributed import RayPool
 
-    if verify_cache:
+    if options.verify_cache:
         check_cache_of(str(model))
-    with RayPool(str(model), workers, ray_address, device, dtype) as pool:
+    with RayPool(str(model), options.workers, options.ray_address, options.device, options.dtype) as pool:
         yield load_model_spec(model, pool.device, pool.dtype), pool
 
 
@@ -67,17 +78,8 @@ def detect_grid(
     grid: Grid,
     out: str | Path,
     *,
-    device: str | None = None,
-    dtype: str | None = None,
-    verify_cache: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
+    options: RunOptions = RunOptions(),
     threshold: float = DEFAULT_THRESHOLD,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    chunk_size: int | None = None,
-    progress: bool = True,
-    workers: int | None = None,
-    ray_address: str | None = None,
     until_stable: int | None = None,
     patience: int | None = None,
     order_seed: int = 0,
@@ -85,19 +87,28 @@ def detect_grid(
 ) -> tuple[DetectionResult, list[Path]]:
     """`rh-lens detect`: the grid's trials, every head scored, saved with `save_detection`.
     The output directory is checked and locked, and the haystacks read, before the model loads.
-    `workers`: run the trials on that many Ray workers (a local Ray instance, or the cluster at
-    `ray_address`), each holding the model; the scores are those of a run in one process.
+    `options.workers`: run the trials on that many Ray workers (a local Ray instance, or the
+    cluster at `options.ray_address`), each holding the model; the scores are those of a run
+    in one process.
     `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`). `checkpoint`:
     a training step of a model published with its checkpoints (see `load_model`)."""
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
     if checkpoint is not None:
         settings["checkpoint"] = checkpoint
-    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address, checkpoint) as (model, executor):
+    with run_directory(out, options.resume, options.overwrite), _executor(model, options, checkpoint) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = detect(
-            model, trials, out, resume, threshold, settings, max_new_tokens, chunk_size, progress, executor, until_stable,
-            patience, order_seed,
-        )  # fmt: skip
+            model,
+            trials,
+            out,
+            options=options,
+            threshold=threshold,
+            settings=settings,
+            executor=executor,
+            until_stable=until_stable,
+            patience=patience,
+            order_seed=order_seed,
+        )
         return result, save_detection(result, out)
 
 
@@ -112,20 +123,12 @@ def ablate_grid(
     random_seeds: int = 3,
     method: str = "uniform",
     decode_only: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    verify_cache: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    progress: bool = True,
-    workers: int | None = None,
-    ray_address: str | None = None,
+    options: RunOptions = RunOptions(),
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
     random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `thresholds`:
     instead of `ks`, mask the heads at or above each threshold (the paper's 0.1 is a choice:
-    what does it change?). `workers`, `ray_address`: as for `detect_grid`."""
+    what does it change?). `options`: as for `detect_grid`."""
     detection, settings = _ranking(scores, grid)
     if thresholds:
         by_threshold = ks_for_thresholds(detection, thresholds)
@@ -133,12 +136,21 @@ def ablate_grid(
         if not ks:
             raise InputError(f"no head scores at or above any of the thresholds {', '.join(map(str, thresholds))}")
         settings["thresholds"] = {str(t): k for t, k in by_threshold.items()}
-    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
+    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = ablation_experiment(
-            model, trials, detection, ks, list(range(random_seeds)), method, decode_only, out, resume, settings,
-            max_new_tokens, progress, executor,
-        )  # fmt: skip
+            model,
+            trials,
+            detection,
+            ks=ks,
+            seeds=list(range(random_seeds)),
+            method=method,
+            decode_only=decode_only,
+            out_dir=out,
+            options=options,
+            settings=settings,
+            executor=executor,
+        )
         return result, save_ablation(result, out)
 
 
@@ -153,26 +165,28 @@ def compress_grid(
     window: int = 256,
     random_seeds: int = 2,
     decode_only: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    verify_cache: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    progress: bool = True,
-    workers: int | None = None,
-    ray_address: str | None = None,
+    options: RunOptions = RunOptions(),
 ) -> tuple[CompressionResult, list[Path]]:
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
     full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
     the same bytes and RazorAttention's heads; saved with `save_compression`."""
     detection, settings = _ranking(scores, grid)
-    with run_directory(out, resume, overwrite), _executor(model, device, dtype, verify_cache, workers, ray_address) as (model, executor):
+    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = compression_experiment(
-            model, trials, detection, fractions, sink, window, list(range(random_seeds)), decode_only, out, resume, settings,
-            max_new_tokens, progress, executor,
-        )  # fmt: skip
+            model,
+            trials,
+            detection,
+            fractions=fractions,
+            sink=sink,
+            window=window,
+            seeds=list(range(random_seeds)),
+            decode_only=decode_only,
+            out_dir=out,
+            options=options,
+            settings=settings,
+            executor=executor,
+        )
         return result, save_compression(result, out)
 
 
@@ -194,12 +208,7 @@ def patch_needle(
     tail: int = 24,
     batch_size: int = 8,
     scores: str | Path | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    verify_cache: bool = False,
-    overwrite: bool = False,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    progress: bool = True,
+    options: RunOptions = RunOptions(),
 ) -> tuple[PatchingResult, dict[str, Any] | None, list[Path]]:
     """`rh-lens patch`: a clean/corrupted pair for `needle`, every requested patch, and
     with `scores` the correlation of head-output effect with retrieval score; saved with
@@ -208,17 +217,35 @@ def patch_needle(
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     detection = load_results(scores) if scores else None  # bad input fails first
     text = load_haystack(haystack)
-    with run_directory(out, overwrite=overwrite):
-        model = _model(model, device, dtype, verify_cache)
+    if options.resume or options.workers:
+        raise InputError("patching neither resumes nor runs on workers: it is one pair of prompts")
+    with run_directory(out, overwrite=options.overwrite):
+        model = _model(model, options)
         haystack_ids = tokenize_haystack(model.tokenizer, text, context_length)
         pair = patching_pair(
-            model, needle, haystack_ids, context_length, depth, corrupted_answer, PROMPTS[prompt], haystack_name(haystack),
-            max_new_tokens=max_new_tokens,
-        )  # fmt: skip
+            model,
+            needle,
+            haystack_ids,
+            context_length,
+            depth,
+            corrupted_answer,
+            PROMPTS[prompt],
+            haystack_name(haystack),
+            max_new_tokens=options.max_new_tokens,
+        )
         result = activation_patching(
-            model, pair, heads, kinds, directions, positions, tail, batch_size, METRICS[metric](pair),
-            progress=progress, settings={"haystack": str(haystack)},
-        )  # fmt: skip
+            model,
+            pair,
+            heads,
+            kinds,
+            directions,
+            positions,
+            tail,
+            batch_size,
+            METRICS[metric](pair),
+            progress=options.progress,
+            settings={"haystack": str(haystack)},
+        )
         correlation = None
         if detection is not None and "head_out" in result.effects:
             correlation = effect_vs_score(result, detection, "head_out", next(iter(result.effects["head_out"])))
@@ -242,7 +269,13 @@ def analyze_file(
 
 
 def compare_files(
-    a: str | Path, b: str | Path, out: str | Path, *, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD, overwrite: bool = False
+    a: str | Path,
+    b: str | Path,
+    out: str | Path,
+    *,
+    top_k: int = TOP_K,
+    threshold: float = DEFAULT_THRESHOLD,
+    overwrite: bool = False,
 ) -> tuple[Comparison, list[Path]]:
     """`rh-lens compare`: two results files of one architecture, saved with `save_comparison`."""
     comparison = compare(load_results(a), load_results(b), top_k, threshold)

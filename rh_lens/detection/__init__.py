@@ -1,0 +1,28 @@
+"""Finding retrieval heads: the paper's score, detection runs, their records, adaptive stopping, data-free probes."""
+
+from rh_lens.detection.adaptive import shuffled, stable_after, top_k_indices, top_k_set
+from rh_lens.detection.probes import razor_scores, repeat_attention
+from rh_lens.detection.records import DetectionResult, TrialRecord, load_results, save_results
+from rh_lens.detection.run import detect, run_trial
+from rh_lens.detection.scoring import DEFAULT_THRESHOLD, copied_offsets, copy_events, copy_scores, event_scores, retrieval_scores
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "copied_offsets",
+    "copy_events",
+    "copy_scores",
+    "event_scores",
+    "retrieval_scores",
+    "detect",
+    "run_trial",
+    "DetectionResult",
+    "TrialRecord",
+    "load_results",
+    "save_results",
+    "shuffled",
+    "stable_after",
+    "top_k_indices",
+    "top_k_set",
+    "razor_scores",
+    "repeat_attention",
+]

@@ -1,0 +1,45 @@
+"""How a run is carried out, as one value: where the model runs, how it decodes, where the
+trials run and what happens to a run directory. The task (which trials) is a `Grid`; what
+is measured is each command's own arguments; everything else is a `RunOptions`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rh_lens.errors import InputError
+from rh_lens.model.generation import MAX_NEW_TOKENS
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Options every trial-running command shares.
+
+    device, dtype, verify_cache: how the model is loaded (`load_model`);
+    max_new_tokens, chunk_size: greedy decoding budget and prefill chunk (None: chosen per model);
+    resume, overwrite: continue the run in the output directory / replace an earlier one there;
+    progress: progress bars;
+    workers, ray_address: run the trials on that many Ray workers (a local Ray instance, or
+    the cluster at `ray_address`), each holding the model."""
+
+    device: str | None = None
+    dtype: str | None = None
+    verify_cache: bool = False
+    max_new_tokens: int = MAX_NEW_TOKENS
+    chunk_size: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    workers: int | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InputError(f"chunk size {self.chunk_size}: must be at least 1 token")
+        if self.resume and self.overwrite:
+            raise InputError("resume and overwrite exclude each other: continue the run, or replace it")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

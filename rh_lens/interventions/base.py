@@ -1,0 +1,288 @@
+"""NIAH under an intervention: the experiment that masking, KV compression and every later
+way of acting on heads share.
+
+An `Intervention` is a small object that acts on a model through TransformerLens hooks, as a
+kvpress press acts on a model: `hooks(model)` gives the (hook point, function) pairs, and
+`with intervention(model): ...` applies them to every forward pass inside the block. With
+`decode_only` the experiment applies them at decode steps only (the prompt is read as it is,
+as a cache compressed after prefill behaves). Each kind lives in its own file (masking.py,
+compression.py) and registers itself by its `kind`, so results files name it and read it back.
+
+The experiment: conditions (a name, an intervention or none, metadata) x trials -> one graded
+`NiahRecord` per trial (`run_conditions`), each condition resumable under
+`<out>/conditions/<name>/`; `InterventionResult.summary` gives one row per group of
+conditions (the seeds of one random draw form a group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+
+from rh_lens.errors import InputError, ResultsFileError
+from rh_lens.execution.files import read_json, write_json
+from rh_lens.execution.options import RunOptions
+from rh_lens.execution.runs import InProcess, run_directory, run_trials
+from rh_lens.model.loading import dtype_name
+from rh_lens.model.tl_internals import Hook
+from rh_lens.tasks.grading import RESPONSE_CLASSES, NiahRecord, answer_trial, outcome, recall_grid
+from rh_lens.tasks.niah import Trial
+
+KINDS: dict[str, type[Intervention]] = {}  # kind -> class, filled as each kind's module is imported
+
+
+class Intervention:
+    """Acts on a model through hooks. A subclass sets `kind`, implements `hooks(model)` and
+    `to_json()` / `from_json(data)`, and has a `decode_only` field."""
+
+    kind: ClassVar[str]
+    decode_only: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            KINDS[cls.kind] = cls
+
+    def hooks(self, model: HookedTransformer) -> list[Hook]:
+        raise NotImplementedError
+
+    def check(self, model: HookedTransformer) -> None:
+        """Refuse a model this intervention does not fit (before any trial runs)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"kind": ..., ...}`: what `intervention_from_json` reads back."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Intervention:
+        raise NotImplementedError
+
+    @contextmanager
+    def __call__(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
+        """Apply the hooks to every forward pass inside the block, at every position."""
+        with model.hooks(fwd_hooks=self.hooks(model)):
+            yield model
+
+
+def intervention_from_json(data: dict[str, Any]) -> Intervention:
+    """The intervention a results file describes, of whichever registered kind."""
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"unknown intervention kind {kind!r} (known: {', '.join(KINDS)})")
+    return KINDS[kind].from_json(data)
+
+
+def check_shape(what: str, n_layers: int, n_heads: int, model: HookedTransformer) -> None:
+    """Refuse head scores or a head set made for another architecture."""
+    if (n_layers, n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
+        raise InputError(f"{what} are for {n_layers} x {n_heads} heads, the model has {model.cfg.n_layers} x {model.cfg.n_heads}")
+
+
+def answer_under(
+    intervention: Intervention | None, max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial
+) -> NiahRecord:
+    """One trial answered under `intervention` (None: the model as it is): a task an executor
+    can ship to a worker (see `runs.run_trials`)."""
+    hooks = intervention.hooks(model) if intervention is not None else []
+    decode_only = intervention is not None and intervention.decode_only
+    with model.hooks(fwd_hooks=[] if decode_only else hooks):
+        answer, _ = answer_trial(
+            model, trial, max_new_tokens, record_attention=False, chunk_size=chunk_size, decode_hooks=hooks if decode_only else ()
+        )
+    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
+
+
+def evaluate(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    intervention: Intervention | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    options: RunOptions = RunOptions(),
+    settings: dict[str, Any] | None = None,
+    desc: str = "niah",
+    executor=None,
+) -> list[NiahRecord]:
+    """The trials answered under one intervention, one resumable per-trial file each when
+    `out_dir` is given. `executor`: who runs the trials (default: this process, on `model`; a
+    `RayPool` runs them on Ray workers, and `model` may then be a `ModelSpec`)."""
+    if intervention is not None:
+        intervention.check(model)
+        intervention.hooks(model)  # a bad intervention fails here, not in a worker
+    settings = {**(settings or {}), "intervention": intervention.to_json() if intervention is not None else None}
+    task = partial(answer_under, intervention, options.max_new_tokens, options.chunk_size)
+    return run_trials(
+        trials,
+        task,
+        NiahRecord,
+        executor or InProcess(model),
+        out_dir=out_dir,
+        resume=options.resume,
+        settings=settings,
+        desc=desc,
+        progress=options.progress,
+    )
+
+
+@dataclass
+class Condition:
+    """One condition of an experiment: its `name` (unique; its trials live in
+    `conditions/<name>/`), what is done to the model (None: nothing), the `group` it is
+    summarised with (the seeds of one random draw share a group) and what it is (`metadata`:
+    e.g. kind, K and seed, or method, full fraction, seed and KV kept)."""
+
+    name: str
+    intervention: Intervention | None
+    group: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    records: list[NiahRecord] = field(default_factory=list)
+
+    @property
+    def seed(self) -> int | None:
+        return self.metadata.get("seed")
+
+    def mean_recall(self) -> float:
+        return float(np.mean([r.rouge_recall for r in self.records])) if self.records else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "metadata": self.metadata,
+            "intervention": self.intervention.to_json() if self.intervention is not None else None,
+            "records": [vars(r) for r in self.records],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Condition:
+        intervention = intervention_from_json(data["intervention"]) if data["intervention"] is not None else None
+        records = [NiahRecord.from_json(r) for r in data["records"]]
+        return cls(data["name"], intervention, data["group"], data["metadata"], records)
+
+
+@dataclass
+class InterventionResult:
+    """An experiment's conditions with their records. `experiment` names it ("ablation",
+    "compression"); its file format is `rh_lens.<experiment>/2`."""
+
+    experiment: str
+    model: str
+    conditions: list[Condition]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, list[Condition]]:
+        groups: dict[str, list[Condition]] = {}
+        for condition in self.conditions:
+            groups.setdefault(condition.group, []).append(condition)
+        return groups
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per group: its metadata (numbers that differ between seeds averaged), mean
+        ROUGE-1 recall (mean and spread over seeds; `n_seeds` None for an unseeded group),
+        retrieved, no-answer-word and response-class rates."""
+        rows = []
+        for group, conditions in self.groups().items():
+            per_seed = [c.mean_recall() for c in conditions]
+            records = [r for c in conditions for r in c.records]
+            seeded = any(c.seed is not None for c in conditions)
+            rows.append(
+                {
+                    "condition": group,
+                    **_shared_metadata(conditions),
+                    "mean_recall": float(np.mean(per_seed)),
+                    "std_over_seeds": float(np.std(per_seed)) if len(per_seed) > 1 else 0.0,
+                    "n_seeds": len(conditions) if seeded else None,
+                    "success_rate": float(np.mean([r.success for r in records])),
+                    "absent_rate": float(np.mean([r.outcome == "absent" for r in records])),
+                    "classes": {k: float(np.mean([r.response_class == k for r in records])) for k in RESPONSE_CLASSES},
+                }
+            )
+        return rows
+
+    def recall_grid(self, group: str) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
+        """Mean recall per (depth, length) over needles (and seeds) of a group: the paper's NIAH heatmap."""
+        return recall_grid([r for c in self.groups()[group] for r in c.records])
+
+    @property
+    def decode_only(self) -> bool:
+        return bool(self.settings.get("decode_only"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": f"rh_lens.{self.experiment}/2",
+            "experiment": self.experiment,
+            "model": self.model,
+            "settings": self.settings,
+            "conditions": [c.to_json() for c in self.conditions],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InterventionResult:
+        conditions = [Condition.from_json(c) for c in data["conditions"]]
+        return cls(data["experiment"], data["model"], conditions, data.get("settings", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> InterventionResult:
+        data = read_json(path, "results file")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResultsFileError(f"{path}: not an rh_lens {cls.__name__} file ({type(e).__name__}: {e})") from None
+
+
+def _shared_metadata(conditions: Sequence[Condition]) -> dict[str, Any]:
+    """The metadata of a group: the first condition's less its seed; numbers that differ
+    between the conditions are averaged."""
+    shared = {k: v for k, v in conditions[0].metadata.items() if k != "seed"}
+    for key, value in shared.items():
+        values = [c.metadata.get(key) for c in conditions]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(set(values)) > 1:
+            shared[key] = float(np.mean(values))
+    return shared
+
+
+def run_conditions(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    conditions: Sequence[Condition],
+    *,
+    experiment: str,
+    out_dir: str | Path | None = None,
+    options: RunOptions = RunOptions(),
+    settings: dict[str, Any] | None = None,
+    executor=None,
+    result_type: type[InterventionResult] = InterventionResult,
+) -> InterventionResult:
+    """Every condition over every trial; each condition's trials saved (and resumed) under
+    `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/<experiment>.json`."""
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise InputError(f"condition names must be unique, got {names}")
+    executor = executor or InProcess(model)
+    settings = {**(settings or {}), "max_new_tokens": options.max_new_tokens, "dtype": dtype_name(model)}
+    if options.chunk_size is not None:
+        settings["chunk_size"] = options.chunk_size
+    with run_directory(out_dir, options.resume) if out_dir is not None else nullcontext():
+        for condition in conditions:
+            condition.records = evaluate(
+                model,
+                trials,
+                condition.intervention,
+                options=options,
+                settings=settings,
+                desc=condition.name,
+                executor=executor,
+                out_dir=Path(out_dir) / "conditions" / condition.name if out_dir is not None else None,
+            )
+        result = result_type(experiment, model.cfg.model_name, list(conditions), settings)
+        if out_dir is not None:
+            write_json(Path(out_dir) / f"{experiment}.json", result.to_json())
+    return result

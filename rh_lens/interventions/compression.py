@@ -1,0 +1,322 @@
+"""Retrieval-head-aware KV-cache compression: keep the whole cache only where heads fetch.
+
+A `KVPolicy` says which key-value heads keep every key ("full") and which keep only the first
+`sink` tokens (attention sinks) and a recent `window` ("streaming", as in StreamingLLM and
+DuoAttention). It is applied through TransformerLens hooks: at `hook_attn_scores`, the keys a
+streaming head does not keep get no attention (-inf), at prefill and decode, or at decode only
+(as a cache compressed after prefill behaves). Key-value memory is per key-value head, so under
+grouped-query attention a policy decides per KV head, and all query heads reading a KV head
+follow it; a KV head's retrieval score is the best retrieval score of its query heads.
+
+Rankings: retrieval scores of a detection run (`retrieval_policy`); random KV heads
+(`random_policy`); every head streaming with a window sized to keep the same bytes
+(StreamingLLM, `streaming_policy`); and RazorAttention's data-free ranking, echo and
+induction heads found on a repeated random sequence (`razor_scores`, `razor_policy`).
+`kv_bytes` is the exact account of the cache a policy keeps, as kvpress reports it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rh_lens.detection.probes import razor_scores
+from rh_lens.detection.records import DetectionResult
+from rh_lens.errors import InputError
+from rh_lens.execution.files import write_atomic, write_json
+from rh_lens.execution.options import RunOptions
+from rh_lens.execution.runs import InProcess
+from rh_lens.heads import KVHead
+from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, run_conditions
+from rh_lens.model.tl_internals import Hook
+from rh_lens.tasks.niah import Trial
+
+METHODS = ("retrieval", "random", "streaming", "razor")
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Which key-value heads keep the whole cache. A streaming KV head keeps the first `sink`
+    tokens and the most recent `window` tokens; with `share` > 0 its window also grows by that
+    fraction of the tokens between them (StreamingLLM sized to another policy's bytes)."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    full: frozenset[KVHead]
+    sink: int = 4
+    window: int = 256
+    share: float = 0.0
+
+    @property
+    def group(self) -> int:
+        """Query heads per key-value head (query head h reads KV head h // group)."""
+        return self.n_heads // self.n_kv_heads
+
+    def streaming_heads(self, layer: int) -> list[int]:
+        """The query heads of `layer` that read a streaming KV head."""
+        return [h for h in range(self.n_heads) if (layer, h // self.group) not in self.full]
+
+    def kept(self, tokens: int) -> int:
+        """Tokens a streaming KV head keeps of a context of `tokens` (what the mask of
+        `compression_hooks` lets a query at position tokens - 1 see)."""
+        recent = self.window + int(self.share * max(0, tokens - self.sink - self.window))
+        return min(tokens, self.sink + recent)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "full": sorted(list(h) for h in self.full)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KVPolicy:
+        return cls(**{**data, "full": frozenset(KVHead(*h) for h in data["full"])})
+
+
+def kv_bytes(policy: KVPolicy, tokens: int, d_head: int, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes the policy keeps, bytes of the full cache) for a context of `tokens`: per KV
+    head, tokens kept x 2 (keys and values) x d_head x bytes per value."""
+    per_token = 2 * d_head * dtype_bytes
+    n_total = policy.n_layers * policy.n_kv_heads
+    n_full = len(policy.full)
+    kept = (n_full * tokens + (n_total - n_full) * policy.kept(tokens)) * per_token
+    return kept, n_total * tokens * per_token
+
+
+def compression_hooks(policy: KVPolicy) -> list[Hook]:
+    """TransformerLens (hook name, function) pairs: streaming heads attend to no key outside
+    their sink and recent window (causality and the model's own windows stay in force)."""
+    hooks = []
+    for layer in range(policy.n_layers):
+        heads = policy.streaming_heads(layer)
+        if heads:
+            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", partial(_stream, policy, heads)))
+    return hooks
+
+
+def _stream(policy: KVPolicy, heads: list[int], scores: Tensor, hook) -> Tensor:  # scores: [batch, head, query, key]
+    n_query, n_key = scores.shape[-2:]
+    query = torch.arange(n_key - n_query, n_key, device=scores.device)[:, None]  # positions of this call's queries
+    key = torch.arange(n_key, device=scores.device)[None]
+    recent = policy.window + (policy.share * (query + 1 - policy.sink - policy.window).clamp(min=0)).floor()
+    keep = (key < policy.sink) | (key > query - recent)
+    scores[:, heads] = scores[:, heads].masked_fill(~keep, float("-inf"))
+    return scores
+
+
+# --- rankings ---------------------------------------------------------------------------
+
+
+def kv_head_scores(head_scores: Float[Tensor, "layer head"], n_kv_heads: int) -> Float[Tensor, "layer kv_head"]:
+    """Each KV head's score: the best score among the query heads that read it."""
+    n_layers, n_heads = head_scores.shape
+    return head_scores.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads).amax(dim=-1)
+
+
+def rank_kv_heads(scores: Float[Tensor, "layer kv_head"]) -> list[KVHead]:
+    """KV heads by score, best first; ties in (layer, head) order."""
+    heads = [KVHead(layer, kv) for layer in range(scores.shape[0]) for kv in range(scores.shape[1])]
+    return sorted(heads, key=lambda h: (-float(scores[h]), h))
+
+
+def n_full_heads(n_layers: int, n_kv_heads: int, full_fraction: float) -> int:
+    if not 0 <= full_fraction <= 1:
+        raise InputError(f"full fraction {full_fraction}: must be from 0 to 1")
+    return round(full_fraction * n_layers * n_kv_heads)
+
+
+def _shape(model) -> tuple[int, int, int]:
+    cfg = model.cfg
+    return cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
+
+
+def top_policy(
+    name: str, model, scores: Float[Tensor, "layer kv_head"], full_fraction: float, sink: int, window: int
+) -> KVPolicy:
+    """The best-scoring `full_fraction` of KV heads keep the whole cache."""
+    n_layers, n_heads, n_kv = _shape(model)
+    full = rank_kv_heads(scores)[: n_full_heads(n_layers, n_kv, full_fraction)]
+    return KVPolicy(name, n_layers, n_heads, n_kv, frozenset(full), sink, window)
+
+
+def retrieval_policy(model, detection: DetectionResult, full_fraction: float, sink: int = 4, window: int = 256) -> KVPolicy:
+    """KV heads ranked by retrieval score (the best of their query heads)."""
+    _, _, n_kv = _shape(model)
+    check_shape("scores", detection.n_layers, detection.n_heads, model)
+    return top_policy("retrieval", model, kv_head_scores(detection.scores().float(), n_kv), full_fraction, sink, window)
+
+
+def random_policy(model, full_fraction: float, seed: int, sink: int = 4, window: int = 256) -> KVPolicy:
+    """As many KV heads as `full_fraction` keep the whole cache, drawn at random (seeded)."""
+    n_layers, n_heads, n_kv = _shape(model)
+    pool = [KVHead(layer, kv) for layer in range(n_layers) for kv in range(n_kv)]
+    full = random.Random(seed).sample(pool, n_full_heads(n_layers, n_kv, full_fraction))
+    return KVPolicy(f"random-seed{seed}", n_layers, n_heads, n_kv, frozenset(full), sink, window)
+
+
+def streaming_policy(model, full_fraction: float, sink: int = 4, window: int = 256) -> KVPolicy:
+    """StreamingLLM: every head keeps the sink and a recent window, the window sized so that
+    the cache keeps the bytes of a policy with `full_fraction` of its KV heads full."""
+    n_layers, n_heads, n_kv = _shape(model)
+    share = n_full_heads(n_layers, n_kv, full_fraction) / (n_layers * n_kv)
+    return KVPolicy("streaming", n_layers, n_heads, n_kv, frozenset(), sink, window, share)
+
+
+def razor_policy(model, scores: Float[Tensor, "layer head"], full_fraction: float, sink: int = 4, window: int = 256) -> KVPolicy:
+    _, _, n_kv = _shape(model)
+    return top_policy("razor", model, kv_head_scores(scores, n_kv), full_fraction, sink, window)
+
+
+# --- the intervention and the experiment ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCompression(Intervention):
+    """The cache `policy` keeps, simulated: streaming heads see only their sink and window (at
+    prefill and decode, or decode only). `with KVCompression(policy)(model):` applies it to
+    every forward pass inside the block."""
+
+    kind: ClassVar[str] = "kv_compression"
+    policy: KVPolicy
+    decode_only: bool = False
+
+    def hooks(self, model: HookedTransformer) -> list[Hook]:
+        return compression_hooks(self.policy)
+
+    def check(self, model: HookedTransformer) -> None:
+        check_shape("the KV policy's heads", self.policy.n_layers, self.policy.n_heads, model)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "policy": self.policy.to_json(), "decode_only": self.decode_only}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KVCompression:
+        return cls(KVPolicy.from_json(data["policy"]), data["decode_only"])
+
+
+class CompressionResult(InterventionResult):
+    """The compression experiment's conditions: the full cache, then per full fraction each
+    method (random KV heads: one condition per seed, one group); metadata `method`,
+    `full_fraction`, `seed`, `kv_kept` (mean over trials of the bytes kept / the full cache)."""
+
+    @property
+    def sink(self) -> int:
+        return self.settings["sink"]
+
+    @property
+    def window(self) -> int:
+        return self.settings["window"]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """`InterventionResult.summary` plus the compression ratio (the fraction removed, as
+        kvpress reports it)."""
+        return [{**row, "compression_ratio": 1 - row["kv_kept"]} for row in super().summary()]
+
+
+def compression_conditions(
+    model,
+    detection: DetectionResult,
+    trials: Sequence[Trial],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    sink: int,
+    window: int,
+    decode_only: bool = False,
+    razor: Float[Tensor, "layer head"] | None = None,
+) -> list[Condition]:
+    """The full cache, then per fraction the retrieval policy, random KV heads per seed,
+    StreamingLLM at the same bytes, and RazorAttention's ranking (when `razor` scores are
+    given); each with the share of the cache it keeps over these trials."""
+    cfg = model.cfg
+    conditions = [Condition("full", None, "full", {"method": "full", "full_fraction": 1.0, "kv_kept": 1.0})]
+    for fraction in fractions:
+        policies = [("retrieval", None, retrieval_policy(model, detection, fraction, sink, window))]
+        policies += [("random", seed, random_policy(model, fraction, seed, sink, window)) for seed in seeds]
+        policies.append(("streaming", None, streaming_policy(model, fraction, sink, window)))
+        if razor is not None:
+            policies.append(("razor", None, razor_policy(model, razor, fraction, sink, window)))
+        for method, seed, policy in policies:
+            kept = [kv_bytes(policy, len(t.prompt_ids), cfg.d_head, cfg.dtype.itemsize) for t in trials]
+            group = f"{method}-{fraction:g}"
+            metadata = {"method": method, "full_fraction": fraction, "kv_kept": float(np.mean([k / f for k, f in kept]))}
+            if seed is not None:
+                metadata["seed"] = seed
+            name = group + (f"-seed{seed}" if seed is not None else "")
+            conditions.append(Condition(name, KVCompression(policy, decode_only), group, metadata))
+    return conditions
+
+
+def compression_experiment(
+    model,
+    trials: Sequence[Trial],
+    detection: DetectionResult,
+    *,
+    fractions: Sequence[float] = (0.1, 0.25, 0.5),
+    sink: int = 4,
+    window: int = 256,
+    seeds: Sequence[int] = (0, 1),
+    decode_only: bool = False,
+    out_dir: str | Path | None = None,
+    options: RunOptions = RunOptions(),
+    settings: dict[str, Any] | None = None,
+    executor=None,
+) -> CompressionResult:
+    """The NIAH grid under every condition of `compression_conditions`; each condition's trials
+    saved (and resumed) under `<out_dir>/conditions/<name>/`, the result in
+    `<out_dir>/compression.json`."""
+    if sink < 0 or window < 1:
+        raise InputError(f"sink {sink} and window {window}: need sink >= 0 and window >= 1")
+    check_shape("scores", detection.n_layers, detection.n_heads, model)
+    executor = executor or InProcess(model)
+    settings = {
+        **(settings or {}),
+        "fractions": list(fractions),
+        "seeds": list(seeds),
+        "sink": sink,
+        "window": window,
+        "decode_only": decode_only,
+    }
+    razor = executor.call(razor_scores)
+    conditions = compression_conditions(
+        model, detection, trials, fractions, seeds, sink=sink, window=window, decode_only=decode_only, razor=razor
+    )
+    return run_conditions(
+        model,
+        trials,
+        conditions,
+        experiment="compression",
+        out_dir=out_dir,
+        options=options,
+        settings=settings,
+        executor=executor,
+        result_type=CompressionResult,
+    )
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def export_duo_attention(policy: KVPolicy, out_dir: str | Path) -> list[Path]:
+    """The split in DuoAttention's pattern format, which DuoAttention and kvpress's
+    DuoAttentionPress read: `full_attention_heads.tsv` (one row per layer, one tab-separated
+    column per KV head, 1 = full attention, 0 = streaming) and `config.json` with
+    `sink_size` and `recent_size`."""
+    out_dir = Path(out_dir)
+    rows = [
+        "\t".join("1" if (layer, kv) in policy.full else "0" for kv in range(policy.n_kv_heads))
+        for layer in range(policy.n_layers)
+    ]
+    paths = [out_dir / "full_attention_heads.tsv", out_dir / "config.json"]
+    write_atomic(paths[0], lambda f: f.write("\n".join(rows) + "\n"))
+    write_json(paths[1], {"sink_size": policy.sink, "recent_size": policy.window})
+    return paths

@@ -1,0 +1,58 @@
+"""What a model is asked: needle-in-a-haystack trials, the synthetic training task, and grading an answer."""
+
+from rh_lens.tasks.grading import (
+    RESPONSE_CLASSES,
+    SUCCESS_RECALL,
+    Answer,
+    NiahRecord,
+    answer_trial,
+    outcome,
+    recall_grid,
+    response_class,
+    rouge1_recall,
+)
+from rh_lens.tasks.niah import (
+    BUILTIN_LONG_NEEDLES,
+    BUILTIN_NEEDLES,
+    DEFAULT_DEPTHS,
+    DEFAULT_LENGTHS,
+    PROMPTS,
+    Grid,
+    Needle,
+    Trial,
+    build_trial,
+    load_haystack,
+    load_needles,
+    tokenize_haystack,
+    trial_grid,
+)
+from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
+
+__all__ = [
+    "BUILTIN_LONG_NEEDLES",
+    "BUILTIN_NEEDLES",
+    "DEFAULT_DEPTHS",
+    "DEFAULT_LENGTHS",
+    "PROMPTS",
+    "Grid",
+    "Needle",
+    "Trial",
+    "build_trial",
+    "load_haystack",
+    "load_needles",
+    "tokenize_haystack",
+    "trial_grid",
+    "RESPONSE_CLASSES",
+    "SUCCESS_RECALL",
+    "Answer",
+    "NiahRecord",
+    "answer_trial",
+    "outcome",
+    "recall_grid",
+    "response_class",
+    "rouge1_recall",
+    "Batches",
+    "SyntheticTask",
+    "tiny_model",
+    "train_step",
+]
