@@ -13,6 +13,8 @@ Rankings: retrieval scores of a detection run (`retrieval_policy`); random KV he
 (StreamingLLM, `streaming_policy`); and RazorAttention's data-free ranking, echo and
 induction heads found on a repeated random sequence (`razor_scores`, `razor_policy`).
 `kv_bytes` is the exact account of the cache a policy keeps, as kvpress reports it.
+`KVCompression(policy)` is the intervention (see `interventions.base`) and
+`compression_experiment` the runner's conditions: every ranking at every budget.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Causal ablation of attention heads, and the paper's masking experiment on NIAH.
 
-`mask_heads(model, heads, method)` is a context manager usable around any forward pass,
-generation or experiment. Methods, all through TransformerLens hook points:
+`HeadMask(heads, method)` is the intervention (see `interventions.base`); `mask_heads(model,
+heads, method)` the same as a context manager usable around any forward pass, generation or
+experiment; `ablation_experiment` the paper's top-K vs random-K conditions. Methods, all through TransformerLens hook points:
 - "uniform" (the paper's masking): the head's pre-softmax scores (`hook_attn_scores`) are
   set to one constant where the causal mask and padding allow attention, so it attends
   uniformly to the keys it may see and outputs the mean of their values;

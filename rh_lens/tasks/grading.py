@@ -106,10 +106,11 @@ def _words(text: str) -> set[str]:
 
 
 def response_class(response: str, recall: float, distractor_recalls: Sequence[float], trial: Trial) -> str:
-    """ "correct" (recall > 0.5, above every distractor's), "distractor" (a distractor's answer
-    recalled better), else "invented" when most of the response's content words (tokens of
-    3+ characters as ROUGE-1 counts them, not stopwords, not in the question) are not in the prompt, and "other-context" when they
-    are (or when it has none: it only restates the question)."""
+    """The kind of answer: "correct" (recall > 0.5, above every distractor's), "distractor" (a
+    distractor's answer recalled better), else "invented" when most of the response's content
+    words (tokens of 3+ characters as ROUGE-1 counts them, not stopwords, not in the question)
+    are not in the prompt, and "other-context" when they are (or when it has none: it only
+    restates the question)."""
     best_other = max(distractor_recalls, default=0.0)
     if recall > SUCCESS_RECALL and recall > best_other:
         return "correct"
