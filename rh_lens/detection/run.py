@@ -107,5 +107,5 @@ def detect(
 
 
 def _detection_task(max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial) -> TrialRecord:
-    """One detection trial as a task an executor can ship to a worker (see `runs.run_trials`)."""
+    """One detection trial as a task an executor can ship to a worker (see `execution.runs.run_trials`)."""
     return run_trial(model, trial, max_new_tokens, chunk_size)

@@ -12,7 +12,7 @@ rules, enforced by `run_directory`:
 - `resume=True` (`--resume`) continues the run in the directory without redoing finished
   trials, and refuses when its settings differ or when a saved trial was run on another
   prompt (the haystack, needles or tokenizer changed).
-Outputs are written atomically and never through symlinks (`results.write_atomic`).
+Outputs are written atomically and never through symlinks (`execution.files.write_atomic`).
 """
 
 from __future__ import annotations

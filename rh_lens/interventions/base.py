@@ -90,7 +90,7 @@ def answer_under(
     intervention: Intervention | None, max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial
 ) -> NiahRecord:
     """One trial answered under `intervention` (None: the model as it is): a task an executor
-    can ship to a worker (see `runs.run_trials`)."""
+    can ship to a worker (see `execution.runs.run_trials`)."""
     hooks = intervention.hooks(model) if intervention is not None else []
     decode_only = intervention is not None and intervention.decode_only
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
