@@ -4,8 +4,7 @@ is measured is each command's own arguments; everything else is a `RunOptions`."
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from rh_lens.errors import InputError
 from rh_lens.model.generation import MAX_NEW_TOKENS
@@ -40,6 +39,3 @@ class RunOptions:
             raise InputError(f"chunk size {self.chunk_size}: must be at least 1 token")
         if self.resume and self.overwrite:
             raise InputError("resume and overwrite exclude each other: continue the run, or replace it")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)

@@ -2,7 +2,8 @@
 
 `HeadMask(heads, method)` is the intervention (see `interventions.base`); `mask_heads(model,
 heads, method)` the same as a context manager usable around any forward pass, generation or
-experiment; `ablation_experiment` the paper's top-K vs random-K conditions. Methods, all through TransformerLens hook points:
+experiment; `ablation_experiment` the paper's top-K vs random-K conditions. Methods, all
+through TransformerLens hook points:
 - "uniform" (the paper's masking): the head's pre-softmax scores (`hook_attn_scores`) are
   set to one constant where the causal mask and padding allow attention, so it attends
   uniformly to the keys it may see and outputs the mean of their values;
@@ -87,7 +88,7 @@ def mask_heads(
     mean_z: Float[Tensor, "layer head d_head"] | None = None,
 ):
     """Ablate `heads` for every forward pass inside the context (all positions)."""
-    with HeadMask(tuple(heads_of(heads)), method, mean_z=mean_z)(model):
+    with HeadMask(heads, method, mean_z=mean_z)(model):
         yield model
 
 
@@ -139,7 +140,7 @@ class HeadMask(Intervention):
     masks them in every forward pass inside the block."""
 
     kind: ClassVar[str] = "head_mask"
-    heads: tuple[Head, ...]
+    heads: tuple[Head, ...]  # any iterable of heads or (layer, head) pairs; kept as a tuple of Head
     method: str = "uniform"
     decode_only: bool = False
     mean_z: Float[Tensor, "layer head d_head"] | None = field(default=None, repr=False, compare=False)
@@ -162,7 +163,7 @@ class HeadMask(Intervention):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadMask:
         """The mask a file describes (a mean ablation without its means: `hooks` refuses it)."""
-        return cls(tuple(heads_of(data["heads"])), data["method"], data["decode_only"])
+        return cls(data["heads"], data["method"], data["decode_only"])
 
 
 def evaluate_niah(
@@ -181,7 +182,7 @@ def evaluate_niah(
 ) -> list[NiahRecord]:
     """The NIAH grid answered with `heads` ablated (at every position, or at decode steps
     only): `evaluate` under a `HeadMask`."""
-    mask = HeadMask(tuple(heads_of(heads)), method, decode_only, mean_z)
+    mask = HeadMask(heads, method, decode_only, mean_z)
     return evaluate(model, trials, mask, out_dir=out_dir, options=options, settings=settings, desc=desc, executor=executor)
 
 
@@ -228,7 +229,7 @@ def ablation_conditions(
     outside = set(ranking[: max(ks)]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
 
     def mask(heads: Sequence[Head]) -> HeadMask:
-        return HeadMask(tuple(heads), method, decode_only, mean_z)
+        return HeadMask(heads, method, decode_only, mean_z)
 
     conditions = [Condition("none", None, "none", {"kind": "none", "k": 0})]
     for k in ks:
