@@ -21,13 +21,13 @@ loader.load_model = lambda name, **kwargs: build_planted_model()
 
 delay = float(os.environ.get("PLANTED_TRIAL_DELAY", "0"))
 if delay:
-    run_trial = detection.run_trial
+    score_trial = detection.score_trial  # called as each trial's answer ends
 
     def slow_trial(*args, **kwargs):
         time.sleep(delay)
-        return run_trial(*args, **kwargs)
+        return score_trial(*args, **kwargs)
 
-    detection.run_trial = slow_trial
+    detection.score_trial = slow_trial
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

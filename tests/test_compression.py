@@ -24,6 +24,7 @@ from rh_lens.interventions.compression import (
     retrieval_policy,
     streaming_policy,
 )
+from rh_lens.model.generation import Decoding
 from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 planted = build_planted_model()
@@ -106,8 +107,14 @@ def test_razor_finds_the_induction_and_echo_heads_of_the_planted_model():
     assert tuple(PLANTED) in top and tuple(DECOY) in top  # induction head; duplicate-token (echo) head
 
 
+# Trials of different lengths, so that decoded together (batch_size 4) their rows are padded:
+# a policy that counted sink and window from the padded row's first key would keep the wrong keys.
+ragged = far + [build_trial(planted.tokenizer, haystack, NEEDLE, 270, 10)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("decode_only", [False, True])
-def test_the_planted_head_alone_needs_the_full_cache(decode_only):
+def test_the_planted_head_alone_needs_the_full_cache(decode_only, batch_size):
     keep_planted = KVPolicy("planted", 2, 4, 4, frozenset({PLANTED}), sink=4, window=8)
     drop_planted = KVPolicy(
         "others", 2, 4, 4, frozenset(h for h in [(l, k) for l in range(2) for k in range(4)] if h != PLANTED), 4, 8
@@ -115,12 +122,14 @@ def test_the_planted_head_alone_needs_the_full_cache(decode_only):
     from rh_lens.interventions.base import answer_under
     from rh_lens.interventions.compression import KVCompression
 
-    for trial in far:
+    assert len({len(t.prompt_ids) for t in ragged}) > 1
+    decoding = Decoding(max_new_tokens=8, batch_size=batch_size)
+    kept = dict(answer_under(KVCompression(keep_planted, decode_only), decoding, planted, ragged))
+    dropped = dict(answer_under(KVCompression(drop_planted, decode_only), decoding, planted, ragged))
+    for i, trial in enumerate(ragged):
         assert trial.answer_span[1] < len(trial.prompt_ids) - 8 - 8  # the answer is outside every window
-        kept = answer_under(KVCompression(keep_planted, decode_only), 8, None, planted, trial)
-        dropped = answer_under(KVCompression(drop_planted, decode_only), 8, None, planted, trial)
-        assert kept.rouge_recall == 1.0, kept.response
-        assert dropped.rouge_recall < 0.5, dropped.response
+        assert kept[i].rouge_recall == 1.0, kept[i].response
+        assert dropped[i].rouge_recall < 0.5, dropped[i].response
 
 
 def test_compression_experiment_and_duo_attention_export(tmp_path):

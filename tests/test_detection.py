@@ -21,19 +21,20 @@ def planted():
 def test_interrupted_run_resumes_without_redoing_trials(planted, tmp_path, monkeypatch):
     model, trials = planted
     settings = {"grid": "test"}
-    real_run_trial = detection.run_trial
+    real_score_trial = detection.score_trial  # called as each trial's answer ends
     calls = []
 
-    def crash_on_third(model, trial, *args):
+    def crash_on_third(trial, *args):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(trial.key)
-        return real_run_trial(model, trial, *args)
+        return real_score_trial(trial, *args)
 
-    monkeypatch.setattr(detection, "run_trial", crash_on_third)
+    monkeypatch.setattr(detection, "score_trial", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         detection.detect(model, trials, tmp_path, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
     assert len(list((tmp_path / "trials").glob("*.json"))) == 2
+    (unfinished,) = {t.key for t in trials} - set(calls)
 
     with pytest.raises(RunDirectoryError, match="resume"):
         detection.detect(model, trials, tmp_path, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
@@ -43,13 +44,11 @@ def test_interrupted_run_resumes_without_redoing_trials(planted, tmp_path, monke
         )
 
     calls.clear()
-    monkeypatch.setattr(
-        detection, "run_trial", lambda model, trial, *a: calls.append(trial.key) or real_run_trial(model, trial, *a)
-    )
+    monkeypatch.setattr(detection, "score_trial", lambda trial, *a: calls.append(trial.key) or real_score_trial(trial, *a))
     resumed = detection.detect(
         model, trials, tmp_path, settings=settings, options=RunOptions(resume=True, max_new_tokens=8, progress=False)
     )
-    assert calls == [trials[2].key]
+    assert calls == [unfinished]
     fresh = detection.detect(model, trials, None, settings=settings, options=RunOptions(max_new_tokens=8, progress=False))
     assert [t.head_scores for t in resumed.trials] == [t.head_scores for t in fresh.trials]
     assert resumed.ranking(1)[0][:2] == PLANTED

@@ -52,7 +52,7 @@ def test_two_workers_give_the_sequential_scores(pool):
 
 def test_a_run_killed_half_way_resumes_under_the_other_executor(pool, tmp_path, monkeypatch):
     full = detect(model, trials, options=RunOptions(max_new_tokens=8, progress=False))
-    real, calls = detection.run_trial, []
+    real, calls = detection.score_trial, []
 
     def killed_after_three(*args, **kwargs):
         if len(calls) == 3:
@@ -60,10 +60,10 @@ def test_a_run_killed_half_way_resumes_under_the_other_executor(pool, tmp_path, 
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(detection, "run_trial", killed_after_three)
+    monkeypatch.setattr(detection, "score_trial", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         detect(model, trials, tmp_path / "a", options=RunOptions(max_new_tokens=8, progress=False))
-    monkeypatch.setattr(detection, "run_trial", real)
+    monkeypatch.setattr(detection, "score_trial", real)
     assert len(list((tmp_path / "a" / "trials").glob("*.json"))) == 3
     on_ray = detect(
         model, trials, tmp_path / "a", executor=pool, options=RunOptions(resume=True, max_new_tokens=8, progress=False)

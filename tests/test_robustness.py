@@ -310,7 +310,7 @@ def test_read_only_file_system_is_one_line(setup, capsys, monkeypatch):
 
 def test_ctrl_c_says_what_is_saved_and_how_to_resume(setup, capsys, monkeypatch):
     tmp_path, argv, _ = setup
-    real, calls = detection.run_trial, []
+    real, calls = detection.score_trial, []
 
     def interrupted_third(*args, **kwargs):
         if len(calls) == 2:
@@ -318,13 +318,13 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(setup, capsys, monkeypatch)
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(detection, "run_trial", interrupted_third)
+    monkeypatch.setattr(detection, "score_trial", interrupted_third)
     code, _, err = run(argv + ["--out", tmp_path / "o"], capsys)
     (message,) = messages(err)
     assert code == 130 and "Traceback" not in err
     assert message.startswith("rh-lens: interrupted; 2 finished trials saved in")
     assert message.endswith(f"--out {tmp_path / 'o'} --resume")
-    monkeypatch.setattr(detection, "run_trial", real)
+    monkeypatch.setattr(detection, "score_trial", real)
     assert run(argv + ["--out", tmp_path / "o", "--resume"], capsys)[0] == 0
 
 

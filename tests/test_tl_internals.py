@@ -118,7 +118,7 @@ def test_a_rotated_cache_grows_in_steps_and_refuses_transformer_lens_forward():
     model = random_model()
     cache = prefill(model, torch.arange(40) % VOCAB)
     entry = cache.entries[0]
-    assert entry.rh_rotated and entry.rh_buffers[0].size(1) == 40 + tl_internals.CACHE_GROWTH
+    assert entry.rh_rotated and entry.rh_buffers[0].size(2) == 40 + tl_internals.CACHE_GROWTH
     with fused_attention(model):
         for t in range(tl_internals.CACHE_GROWTH + 5):
             model(torch.tensor([[t % VOCAB]]), past_kv_cache=cache)

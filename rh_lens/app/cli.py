@@ -18,6 +18,7 @@ from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K
 from rh_lens.analysis.statistics import bootstrap
 from rh_lens.app import workflows
 from rh_lens.app.options import (
+    add_decoding_arguments,
     add_grid_arguments,
     add_model_arguments,
     add_parallel_arguments,
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="greedy decoding budget (default 50)")
+        add_decoding_arguments(p)
         add_parallel_arguments(p)
         out_arguments(p, resume=True)
 

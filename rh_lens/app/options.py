@@ -131,6 +131,23 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """--batch-size and --no-share-prefix: how many trials are decoded together, and whether
+    each is prefilled from the prompt prefix it shares with the one before."""
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="trials decoded together (default: 8 on a CPU, 16 on a GPU, fewer when their caches would pass 4 / 16 GB)",
+    )
+    parser.add_argument(
+        "--no-share-prefix",
+        dest="share_prefix",
+        action="store_false",
+        help="prefill every trial from an empty cache (default: reuse the cache of the prompt prefix shared with the trial before)",
+    )
+
+
 # --- values ------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ interrupted run resumes where it stopped (`resume=True`) without redoing finishe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,9 @@ from rh_lens.detection.scoring import DEFAULT_THRESHOLD, copied_offsets, copy_ev
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess, run_trials
-from rh_lens.model.generation import MAX_NEW_TOKENS
+from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation
 from rh_lens.model.loading import dtype_name
-from rh_lens.tasks.grading import answer_trial
+from rh_lens.tasks.grading import Answer, answer_trial, answer_trials
 from rh_lens.tasks.niah import Trial
 
 
@@ -35,6 +35,21 @@ def run_trial(
 ) -> TrialRecord:
     """Decode one trial greedily and score every head on it."""
     answer, generation = answer_trial(model, trial, max_new_tokens, record_attention=True, chunk_size=chunk_size)
+    return score_trial(trial, answer, generation)
+
+
+def decode_and_score(
+    model: HookedTransformer, trials: Sequence[Trial], decoding: Decoding = Decoding()
+) -> Iterator[tuple[int, TrialRecord]]:
+    """`run_trial` for many trials, decoded as `decoding` says: (index, record) as each
+    trial's answer ends. A task an executor can ship to a worker (see
+    `execution.runs.run_trials`)."""
+    for i, answer, generation in answer_trials(model, trials, decoding, record_attention=True):
+        yield i, score_trial(trials[i], answer, generation)
+
+
+def score_trial(trial: Trial, answer: Answer, generation: Generation) -> TrialRecord:
+    """A decoded trial's record: its graded answer and every head's retrieval score."""
     emitted, prompt = torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids)
     events = copy_events(generation.argmax_keys, emitted, prompt, trial.answer_span)
     distractor_scores = [
@@ -65,7 +80,8 @@ def detect(
 ) -> DetectionResult:
     """Run every trial and aggregate. With `out_dir`, each finished trial is saved as it
     completes; `options.resume` reuses the saved trials of an earlier run of the same
-    settings; `options.max_new_tokens`, `options.chunk_size` and `options.progress` apply.
+    settings; `options.decoding` (token budget, chunk, batch size, prefix sharing) and
+    `options.progress` apply.
     `executor`: who runs the trials (default: this process, on `model`; a
     `rh_lens.execution.distributed.RayPool` runs them on Ray workers, and `model` may then
     be a `ModelSpec`).
@@ -90,7 +106,7 @@ def detect(
         patience = patience or max(5, math.ceil(0.2 * len(trials)))
         settings.update(until_stable=until_stable, patience=patience, order_seed=order_seed)
         stop = partial(top_k_stable, until_stable, patience)
-    task = partial(_detection_task, options.max_new_tokens, options.chunk_size)
+    task = partial(decode_and_score, decoding=options.decoding)
     records = run_trials(
         trials,
         task,
@@ -104,8 +120,3 @@ def detect(
         stop=stop,
     )
     return DetectionResult(name, model.cfg.n_layers, model.cfg.n_heads, records, threshold, settings)
-
-
-def _detection_task(max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial) -> TrialRecord:
-    """One detection trial as a task an executor can ship to a worker (see `execution.runs.run_trials`)."""
-    return run_trial(model, trial, max_new_tokens, chunk_size)

@@ -2,8 +2,9 @@
 
 Detection grids, ablation conditions and experiment sweeps are embarrassingly parallel.
 `RayPool` is an executor for `rh_lens.execution.runs.run_trials`: Ray actors each load the model once
-(one GPU each on CUDA; on a CPU the cores are split between them), trials are dispatched to
-whichever actor is free, and the driver writes every finished trial into the run's
+(one GPU each on CUDA; on a CPU the cores are split between them), shards of consecutive
+trials are dispatched to whichever actor is free (each actor shares prompt prefixes and
+decodes in batches within its shard), and the driver writes every finished trial into the run's
 per-trial store as it arrives, exactly as a run in one process does: `--resume` works
 whatever executor ran the first part, and the scores are the same.
 
@@ -14,14 +15,19 @@ instance is started; with one (`ray start --head` on a cluster's head node, then
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 from rh_lens.errors import InputError
+from rh_lens.execution.runs import Task
 from rh_lens.model.loading import load_model
 from rh_lens.tasks.niah import Trial
+
+SHARDS_PER_WORKER = 4
+MAX_SHARD = 64
 
 
 def _ray():
@@ -74,12 +80,18 @@ class RayPool:
         self.actors = [actor.remote(load, threads) for _ in range(workers)]
         ray.get([a.ready.remote() for a in self.actors])  # load errors surface here, once
 
-    def map(self, task: Callable[[Any, Trial], Any], trials: Sequence[Trial]) -> Iterator[tuple[int, Any]]:
-        """(index, record) as each trial finishes, on whichever actor is free."""
+    def map(self, task: Task, trials: Sequence[Trial]) -> Iterator[tuple[int, Any]]:
+        """(index, record) as each shard of trials finishes, on whichever actor is free.
+        Shards are runs of consecutive trials (so a task shares prompt prefixes and decode
+        steps within each), about SHARDS_PER_WORKER per actor, at most MAX_SHARD trials
+        each: a run that dies loses at most the shards in flight."""
         from ray.util import ActorPool
 
+        size = min(MAX_SHARD, max(1, math.ceil(len(trials) / (SHARDS_PER_WORKER * len(self.actors)))))
+        shards = [(start, list(trials[start : start + size])) for start in range(0, len(trials), size)]
         pool = ActorPool(self.actors)
-        yield from pool.map_unordered(lambda actor, item: actor.run.remote(task, *item), list(enumerate(trials)))
+        for records in pool.map_unordered(lambda actor, shard: actor.run.remote(task, *shard), shards):
+            yield from records
 
     def call(self, function: Callable[[Any], Any]) -> Any:
         """`function(model)` on one actor."""
@@ -112,8 +124,8 @@ class _Worker:
     def ready(self) -> bool:
         return True
 
-    def run(self, task: Callable[[Any, Trial], Any], index: int, trial: Trial) -> tuple[int, Any]:
-        return index, task(self.model, trial)
+    def run(self, task: Task, start: int, trials: list[Trial]) -> list[tuple[int, Any]]:
+        return [(start + i, record) for i, record in task(self.model, trials)]
 
     def call(self, function: Callable[[Any], Any]) -> Any:
         return function(self.model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rh_lens.errors import InputError
-from rh_lens.model.generation import MAX_NEW_TOKENS
+from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,6 +16,9 @@ class RunOptions:
 
     device, dtype, verify_cache: how the model is loaded (`load_model`);
     max_new_tokens, chunk_size: greedy decoding budget and prefill chunk (None: chosen per model);
+    batch_size, share_prefix: trials decoded together (None: chosen for the device and the
+    prompts' length) and prefill from the shared prompt prefix of the trial before (see
+    `rh_lens.model.generation.Decoding`; the records are those of one trial at a time);
     resume, overwrite: continue the run in the output directory / replace an earlier one there;
     progress: progress bars;
     workers, ray_address: run the trials on that many Ray workers (a local Ray instance, or
@@ -26,6 +29,8 @@ class RunOptions:
     verify_cache: bool = False
     max_new_tokens: int = MAX_NEW_TOKENS
     chunk_size: int | None = None
+    batch_size: int | None = None
+    share_prefix: bool = True
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -33,9 +38,16 @@ class RunOptions:
     ray_address: str | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise InputError(f"chunk size {self.chunk_size}: must be at least 1 token")
+        _ = self.decoding  # refuses a bad token budget, chunk or batch size
         if self.resume and self.overwrite:
             raise InputError("resume and overwrite exclude each other: continue the run, or replace it")
+
+    @property
+    def decoding(self) -> Decoding:
+        """How the trials' prompts are decoded."""
+        return Decoding(
+            max_new_tokens=self.max_new_tokens,
+            chunk_size=self.chunk_size,
+            batch_size=self.batch_size,
+            share_prefix=self.share_prefix,
+        )

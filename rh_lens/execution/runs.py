@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from rh_lens.errors import OutputError, ResultsFileError, RunDirectoryError
 from rh_lens.execution.files import read_json, write_json
+from rh_lens.model.generation import prefix_order
 from rh_lens.tasks.niah import Trial
 
 R = TypeVar("R")  # a dataclass record (an `Answer`) with `key`, `success`, `rouge_recall`, `prompt_sha256`, `from_json`
@@ -112,16 +113,21 @@ def saved_trials(out_dir: str | Path) -> int:
     return sum(1 for _ in Path(out_dir).glob("**/trials/*.json"))
 
 
+# A task: what is done to trials on a model, `task(model, trials)`, yielding (index in
+# `trials`, record) as each trial finishes (in any order). Given many trials at once, a task
+# can share work between them (a prompt prefix, a decode step).
+Task = Callable[[Any, Sequence[Trial]], Iterator[tuple[int, R]]]
+
+
 class InProcess:
-    """Runs trials one after another on a model in this process."""
+    """Runs trials on a model in this process, all in one call of the task."""
 
     def __init__(self, model):
         self.model = model
 
-    def map(self, task: Callable[[Any, Trial], R], trials: Sequence[Trial]) -> Iterator[tuple[int, R]]:
-        """(index, record) for every trial, in order."""
-        for i, trial in enumerate(trials):
-            yield i, task(self.model, trial)
+    def map(self, task: Task, trials: Sequence[Trial]) -> Iterator[tuple[int, R]]:
+        """(index, record) for every trial, as each finishes."""
+        yield from task(self.model, trials)
 
     def call(self, function: Callable[[Any], Any]) -> Any:
         """`function(model)`, once."""
@@ -130,7 +136,7 @@ class InProcess:
 
 def run_trials(
     trials: Sequence[Trial],
-    task: Callable[[Any, Trial], R],
+    task: Task,
     record_type: type[R],
     executor,
     *,
@@ -141,11 +147,14 @@ def run_trials(
     progress: bool = True,
     stop: Callable[[list[R]], bool] | None = None,
 ) -> list[R]:
-    """`task(model, trial)` on every trial not finished yet, by `executor` (`InProcess(model)`,
+    """`task(model, trials)` on every trial not finished yet, by `executor` (`InProcess(model)`,
     or `rh_lens.execution.distributed.RayPool` for workers that each hold the model). Each record is
     saved as soon as it arrives, whatever ran it, so any executor can resume any run.
-    Records come back in trial order. `stop(records)`, asked of every finished prefix of
-    the trials in order, ends the run early: the records of that prefix come back."""
+    Records come back in trial order. The trials are handed to the executor in `prefix_order`
+    of their prompts, so that trials sharing a prompt prefix run one after the other.
+    `stop(records)`, asked of every finished prefix of the trials in order, ends the run
+    early: the records of that prefix come back (the trials then run in their own order,
+    so that the prefixes it is asked of finish first)."""
     if out_dir is None:
         return _run(trials, task, executor, {}, None, desc, progress, stop)
     with run_directory(out_dir, resume):
@@ -169,6 +178,8 @@ def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, 
         return None
 
     todo = [i for i in range(len(trials)) if i not in records]
+    if stop is None:
+        todo = [todo[j] for j in prefix_order([trials[i].prompt_ids for i in todo])]
     with tqdm(total=len(trials), initial=len(records), desc=desc, unit="trial", disable=not progress) as bar:
         n = stopping_point()
         for j, record in executor.map(task, [trials[i] for i in todo]) if n is None else ():

@@ -31,9 +31,10 @@ from rh_lens.errors import InputError, ResultsFileError
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess, run_directory, run_trials
+from rh_lens.model.generation import Decoding
 from rh_lens.model.loading import dtype_name
 from rh_lens.model.tl_internals import Hook
-from rh_lens.tasks.grading import RESPONSE_CLASSES, NiahRecord, answer_trial, outcome, recall_grid
+from rh_lens.tasks.grading import RESPONSE_CLASSES, NiahRecord, answer_trials, outcome, recall_grid
 from rh_lens.tasks.niah import Trial
 
 KINDS: dict[str, type[Intervention]] = {}  # kind -> class, filled as each kind's module is imported
@@ -87,17 +88,16 @@ def check_shape(what: str, n_layers: int, n_heads: int, model: HookedTransformer
 
 
 def answer_under(
-    intervention: Intervention | None, max_new_tokens: int, chunk_size: int | None, model: HookedTransformer, trial: Trial
-) -> NiahRecord:
-    """One trial answered under `intervention` (None: the model as it is): a task an executor
-    can ship to a worker (see `execution.runs.run_trials`)."""
+    intervention: Intervention | None, decoding: Decoding, model: HookedTransformer, trials: Sequence[Trial]
+) -> Iterator[tuple[int, NiahRecord]]:
+    """Trials answered under `intervention` (None: the model as it is), (index, record) as
+    each answer ends: a task an executor can ship to a worker (see `execution.runs.run_trials`)."""
     hooks = intervention.hooks(model) if intervention is not None else []
     decode_only = intervention is not None and intervention.decode_only
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
-        answer, _ = answer_trial(
-            model, trial, max_new_tokens, record_attention=False, chunk_size=chunk_size, decode_hooks=hooks if decode_only else ()
-        )
-    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
+        answers = answer_trials(model, trials, decoding, record_attention=False, decode_hooks=hooks if decode_only else ())
+        for i, answer, _ in answers:
+            yield i, NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
 
 
 def evaluate(
@@ -118,7 +118,7 @@ def evaluate(
         intervention.check(model)
         intervention.hooks(model)  # a bad intervention fails here, not in a worker
     settings = {**(settings or {}), "intervention": intervention.to_json() if intervention is not None else None}
-    task = partial(answer_under, intervention, options.max_new_tokens, options.chunk_size)
+    task = partial(answer_under, intervention, options.decoding)
     return run_trials(
         trials,
         task,

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -40,6 +39,7 @@ from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess
 from rh_lens.heads import KVHead
 from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, run_conditions
+from rh_lens.model.generation import key_positions
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
 
@@ -107,11 +107,12 @@ def compression_hooks(policy: KVPolicy) -> list[Hook]:
 
 def _stream(policy: KVPolicy, heads: list[int], scores: Tensor, hook) -> Tensor:  # scores: [batch, head, query, key]
     n_query, n_key = scores.shape[-2:]
-    query = torch.arange(n_key - n_query, n_key, device=scores.device)[:, None]  # positions of this call's queries
-    key = torch.arange(n_key, device=scores.device)[None]
+    key = key_positions(n_key, scores.device)  # [batch or 1, key]: each row's own positions (rows may be padded)
+    query = key[:, -n_query:, None]  # this call's queries are the newest keys: [batch or 1, query, 1]
+    key = key[:, None, :]
     recent = policy.window + (policy.share * (query + 1 - policy.sink - policy.window).clamp(min=0)).floor()
-    keep = (key < policy.sink) | (key > query - recent)
-    scores[:, heads] = scores[:, heads].masked_fill(~keep, float("-inf"))
+    keep = (key < policy.sink) | (key > query - recent)  # [batch or 1, query, key]
+    scores[:, heads] = scores[:, heads].masked_fill(~keep[:, None], float("-inf"))
     return scores
 
 

@@ -8,12 +8,24 @@ key again. While decoding, the layers whose pattern is recorded are explicit, an
 newest query's attention row is read, reduced to its argmax on the spot, on the model's
 device. Any hooks a caller has put on the model (ablations, patches) stay in force
 throughout.
+
+A grid decodes many prompts (`decode_prompts`), and two kinds of work are shared between
+them without changing any prompt's result:
+- prefixes: prompts of one haystack share their first tokens, so each is prefilled from the
+  cache of the one before, cut back to what they share (`PrefixCache`, in `prefix_order`);
+- decode steps: `batch_size` prompts are decoded together, left-padded to the longest; a
+  padded row's attention mask hides its padding, its positions count from its first real
+  token (TransformerLens's own handling of padding), its recorded argmaxes are prompt
+  positions, and `key_positions` tells position-dependent hooks where each row starts.
+Each prompt is still prefilled alone: only decode steps are batched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +34,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from rh_lens.errors import InputError
-from rh_lens.model.tl_internals import Hook, fused_attention, new_kv_cache
+from rh_lens.model.tl_internals import (
+    Hook,
+    copy_row,
+    fused_attention,
+    keep_rows,
+    new_kv_cache,
+    padded_kv_cache,
+    truncate_kv_cache,
+)
 
 MAX_NEW_TOKENS = 50
 # Prefill chunks. Layers with explicit attention hold [heads, chunk, context] scores: at most
@@ -61,18 +81,62 @@ def fused_chunk(model: HookedTransformer) -> int:
     return max(MIN_CHUNK, rows)
 
 
-def chunks(model: HookedTransformer, context: int, all_fused: bool, chunk_size: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) of each prefill chunk of a `context`-token prompt."""
+def chunks(
+    model: HookedTransformer, context: int, all_fused: bool, chunk_size: int | None = None, start: int = 0
+) -> list[tuple[int, int]]:
+    """[start, end) of each prefill chunk of a `context`-token prompt whose first `start`
+    tokens are in the cache already."""
     size = chunk_size or (fused_chunk(model) if all_fused else explicit_chunk(model, context))
-    return [(start, min(context, start + size)) for start in range(0, context, size)]
+    return [(begin, min(context, begin + size)) for begin in range(start, context, size)]
 
 
 @dataclass
 class Generation:
-    """Tokens emitted by greedy decoding, and per step the key each head attended to most."""
+    """Tokens emitted by greedy decoding, and per step the key each head attended to most
+    (a prompt position). `seconds`: the prompt's own prefill plus its share of the decode
+    steps it took part in (rows decoded together share each step's time)."""
 
     tokens: list[int]
     argmax_keys: Int[Tensor, "step layer head"] | None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """How prompts are decoded. `max_new_tokens`: budget per prompt; `chunk_size`: prefill
+    chunk (None: sized by `chunks`); `batch_size`: prompts decoded together (None:
+    `default_batch_size`); `share_prefix`: prefill each prompt from the key-value cache of
+    the previous one, cut back to the tokens they share (see `PrefixCache`)."""
+
+    max_new_tokens: int = MAX_NEW_TOKENS
+    chunk_size: int | None = None
+    batch_size: int | None = None
+    share_prefix: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max new tokens {self.max_new_tokens}: must be at least 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InputError(f"chunk size {self.chunk_size}: must be at least 1 token")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size}: must be at least 1")
+
+
+SEQUENTIAL = Decoding(batch_size=1, share_prefix=False)  # one prompt at a time, each from an empty cache
+# Rows decoded together by default: on a GPU a decode step of one row leaves the chip idle;
+# on a CPU a step is bound by reading the weights, which a batch reads once. Bounded by
+# BATCH_BUDGET for the rows' key-value caches.
+DEFAULT_BATCH = {"cpu": 8, "cuda": 16}
+BATCH_BUDGET = {"cpu": 4 << 30, "cuda": 16 << 30}
+
+
+def default_batch_size(model: HookedTransformer, longest_prompt: int, max_new_tokens: int = MAX_NEW_TOKENS) -> int:
+    """Rows to decode together: DEFAULT_BATCH for the device, fewer when their key-value
+    caches (at the longest prompt plus the decoding budget) would pass BATCH_BUDGET."""
+    cfg, kind = model.cfg, torch.device(model.cfg.device).type
+    per_row = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * _bytes(model)
+    per_row *= longest_prompt + max_new_tokens
+    return max(1, min(DEFAULT_BATCH.get(kind, 8), BATCH_BUDGET.get(kind, 4 << 30) // max(per_row, 1)))
 
 
 def prefill(
@@ -84,11 +148,72 @@ def prefill(
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk size {chunk_size}: must be at least 1 token")
     cache = new_kv_cache(model, rotated=fused)  # continue it inside fused_attention (greedy_decode does)
-    with fused_attention(model) if fused else nullcontext(False) as all_fused:
-        for start, end in chunks(model, len(tokens), all_fused, chunk_size):
-            # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
-            forward(model, tokens[None, start:end], cache, stop_at_layer=model.cfg.n_layers)
+    _extend(model, cache, tokens, 0, chunk_size, fused)
     return cache
+
+
+def _extend(model: HookedTransformer, cache, tokens: Int[Tensor, " pos"], start: int, chunk_size: int | None, fused: bool = True):
+    """Run tokens[start:] through the model into a cache holding the first `start` tokens."""
+    with fused_attention(model) if fused else nullcontext(False) as all_fused:
+        for begin, end in chunks(model, len(tokens), all_fused, chunk_size, start):
+            # stop_at_layer=n_layers skips the unembedding: prefill needs no logits.
+            forward(model, tokens[None, begin:end], cache, stop_at_layer=model.cfg.n_layers)
+
+
+class PrefixCache:
+    """One key-value cache carried from prompt to prompt. Prompts of one haystack share
+    their first tokens (the chat template and the haystack up to the first inserted
+    sentence), so each prompt is prefilled from the cache of the previous one cut back to
+    the tokens the two share; only the rest is computed. The cache holds one prompt at a
+    time: memory is that of one prompt's prefill, whatever the number of prompts. Its
+    content depends on the hooks in force, so it lives as long as one run of prompts under
+    the same hooks (one call of `decode_prompts`). `share=False`: every prompt from an
+    empty cache."""
+
+    def __init__(self, model: HookedTransformer, chunk_size: int | None = None, share: bool = True):
+        self.model, self.chunk_size, self.share = model, chunk_size, share
+        self.cache: TransformerLensKeyValueCache | None = None
+        self.tokens: list[int] = []
+        self.reused = self.computed = 0  # prompt tokens taken from the cache / run through the model
+
+    def prefill(self, tokens: Int[Tensor, " pos"]) -> TransformerLensKeyValueCache:
+        """The cache filled with `tokens` (valid until the next call)."""
+        ids = tokens.tolist()
+        shared = _common_prefix(self.tokens, ids) if self.share and self.cache is not None else 0
+        if shared == 0:
+            self.cache = new_kv_cache(self.model, rotated=True)
+        else:
+            truncate_kv_cache(self.cache, shared)
+        _extend(self.model, self.cache, tokens, shared, self.chunk_size)
+        self.tokens = ids
+        self.reused, self.computed = self.reused + shared, self.computed + len(ids) - shared
+        return self.cache
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of `prompts` in lexicographic order of their token ids: the depth-first order
+    of their prefix tree, in which each prompt shares with the one before it the longest
+    prefix possible (so a `PrefixCache` computes each node of the tree once)."""
+    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+
+
+# Left padding of the rows of the decode step now running (None: no padding). Hooks whose rule
+# depends on positions read it through `key_positions`.
+_LEFT_PADDING: ContextVar[Tensor | None] = ContextVar("rh_lens_left_padding", default=None)
+
+
+def key_positions(n_keys: int, device) -> Int[Tensor, "batch key"]:
+    """The prompt position of each key of the forward pass now running: its index, less
+    its row's left padding when several prompts are decoded together (padding keys get
+    negative positions; they are masked out anyway). [1, key] when no row is padded."""
+    keys = torch.arange(n_keys, device=device)[None]
+    padding = _LEFT_PADDING.get()
+    return keys if padding is None else keys - padding.to(device)[:, None]
 
 
 def forward(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], cache, **kwargs):
@@ -112,9 +237,16 @@ def _eos_ids(model: HookedTransformer) -> set[int]:
     return ids - {None}
 
 
-def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Tensor, " head"]:
+def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Tensor, "batch head"]:
     """The key each head attends to most from the newest query position (top-1, first on ties)."""
-    return pattern[0, :, -1].argmax(dim=-1)
+    return pattern[:, :, -1].argmax(dim=-1)
+
+
+def _ends_answer(model: HookedTransformer, token: int, eos_ids: set[int]) -> bool:
+    # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
+    # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
+    # after which the reference would go on to 50 tokens (see rh_lens.detection.scoring).
+    return token in eos_ids or (model.tokenizer is not None and "\n" in model.tokenizer.decode([token]))
 
 
 @torch.inference_mode()
@@ -126,39 +258,111 @@ def greedy_decode(
     chunk_size: int | None = None,
     decode_hooks: Sequence[Hook] = (),
 ) -> Generation:
-    """Greedy decoding in the reference's order: prefill the prompt minus its last token,
-    then feed one token per step (stopping rule: see the comment below). At step t the model is fed token t-1 and emits w_t; if
-    `record_attention`, the argmax over keys of every query head's attention row at that
-    step is recorded alongside w_t. `decode_hooks` (TransformerLens (name, hook) pairs) are
-    active during the decode steps only, e.g. a decode-time head ablation."""
-    if max_new_tokens < 1:
-        raise InputError(f"max new tokens {max_new_tokens}: must be at least 1")
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.cfg.device)
-    cache = prefill(model, prompt[:-1], chunk_size)
-    # Where each head looks stays on the model's device: one transfer per trial, not per layer.
-    step_argmax = torch.empty(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.long, device=model.cfg.device)
+    """Greedy decoding of one prompt in the reference's order: prefill the prompt minus its
+    last token, then feed one token per step, stopping at the end of the answer's line. At
+    step t the model is fed token t-1 and emits w_t; if `record_attention`, the argmax over
+    keys of every query head's attention row at that step is recorded alongside w_t.
+    `decode_hooks` (TransformerLens (name, hook) pairs) are active during the decode steps
+    only, e.g. a decode-time head ablation. Many prompts: `decode_prompts`."""
+    decoding = Decoding(max_new_tokens=max_new_tokens, chunk_size=chunk_size, batch_size=1, share_prefix=False)
+    ((_, generation),) = decode_prompts(model, [prompt_ids], decoding, record_attention, decode_hooks)
+    return generation
+
+
+@torch.inference_mode()
+def decode_prompts(
+    model: HookedTransformer,
+    prompts: Sequence[list[int] | Int[Tensor, " pos"]],
+    decoding: Decoding = Decoding(),
+    record_attention: bool = True,
+    decode_hooks: Sequence[Hook] = (),
+) -> Iterator[tuple[int, Generation]]:
+    """Greedy decoding of many prompts (each as `greedy_decode` decodes one), yielding
+    (index, generation) as each prompt's answer ends. Prompts are taken in the order given,
+    `decoding.batch_size` at a time: each is prefilled alone (through a `PrefixCache` when
+    `decoding.share_prefix`; pass them in `prefix_order` to share the most), then the batch
+    is decoded together, left-padded to its longest prompt; a row whose answer has ended
+    leaves the batch at once. Hooks on the model act on every row; `key_positions` gives
+    them each key's position in its own prompt."""
+    prompts = [torch.as_tensor(p, dtype=torch.long, device=model.cfg.device) for p in prompts]
+    if not prompts:
+        return
+    if any(len(p) < 1 for p in prompts):
+        raise InputError("an empty prompt: nothing to decode from")
+    batch_size = decoding.batch_size or default_batch_size(model, max(len(p) for p in prompts), decoding.max_new_tokens)
+    prefixes = PrefixCache(model, decoding.chunk_size, decoding.share_prefix)
+    for start in range(0, len(prompts), batch_size):
+        batch = range(start, min(len(prompts), start + batch_size))
+        yield from _decode_batch(
+            model, [prompts[i] for i in batch], list(batch), prefixes, decoding, record_attention, decode_hooks
+        )
+
+
+def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Decoding, record_attention, decode_hooks):
+    """Prefill each prompt, then decode them all together (see `decode_prompts`)."""
+    prefill_seconds = []
+    if len(prompts) == 1:  # decoded in the prefix cache itself: decoding writes only past the prompt
+        started = time.perf_counter()
+        cache = prefixes.prefill(prompts[0][:-1])
+        prefill_seconds.append(time.perf_counter() - started)
+    else:
+        lengths = [len(p) - 1 for p in prompts]
+        cache = padded_kv_cache(model, lengths, max(lengths) + decoding.max_new_tokens, rotated=True)
+        for row, prompt in enumerate(prompts):
+            started = time.perf_counter()
+            copy_row(cache, row, prefixes.prefill(prompt[:-1]))
+            prefill_seconds.append(time.perf_counter() - started)
+    padding = cache.previous_attention_mask.size(1) - torch.tensor([len(p) - 1 for p in prompts], device=model.cfg.device)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    # Where each head looks stays on the model's device: one transfer per prompt, not per layer.
+    step_argmax = torch.empty(n_layers, len(prompts), n_heads, dtype=torch.long, device=model.cfg.device)
 
     def record(pattern: Tensor, hook) -> None:  # pattern: [batch, head, query, key]
-        step_argmax[hook.layer()] = newest_row_argmax(pattern)
+        step_argmax[hook.layer(), : pattern.size(0)] = newest_row_argmax(pattern)
 
     hooks = list(decode_hooks)
     if record_attention:  # after the caller's hooks, so it sees the pattern they leave
         hooks.append((lambda name: name.endswith("attn.hook_pattern"), record))
     eos_ids = _eos_ids(model)
-    tokens: list[int] = []
-    argmaxes: list[Tensor] = []
-    fed = prompt[-1:]
+    rows = list(range(len(prompts)))  # the prompts still decoding, by their place in `prompts`
+    tokens: list[list[int]] = [[] for _ in prompts]
+    argmaxes: list[list[Tensor]] = [[] for _ in prompts]
+    decode_seconds = [0.0] * len(prompts)
+    fed = torch.stack([p[-1:] for p in prompts])  # [batch, 1]
     with model.hooks(fwd_hooks=hooks), fused_attention(model):
-        for _ in range(max_new_tokens):
-            logits = forward(model, fed[None], cache)
-            token = int(logits[0, -1].argmax())  # the one host synchronisation of a step
-            tokens.append(token)
+        for _ in range(decoding.max_new_tokens):
+            started = time.perf_counter()
+            padded = _LEFT_PADDING.set(padding if bool(padding.any()) else None)
+            try:
+                logits = forward(model, fed, cache)
+            finally:
+                _LEFT_PADDING.reset(padded)
+            emitted = logits[:, -1].argmax(dim=-1).tolist()  # the one host synchronisation of a step
             if record_attention:
-                argmaxes.append(step_argmax.clone())
-            # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
-            # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
-            # after which the reference would go on to 50 tokens (see rh_lens.detection.scoring).
-            if token in eos_ids or (model.tokenizer is not None and "\n" in model.tokenizer.decode([token])):
-                break
-            fed = torch.tensor([token], device=model.cfg.device)
-    return Generation(tokens, torch.stack(argmaxes).cpu() if record_attention else None)
+                positions = step_argmax[:, : len(rows)] - padding[None, :, None]  # prompt positions
+            ended = []
+            for j, (row, token) in enumerate(zip(rows, emitted)):
+                tokens[row].append(token)
+                if record_attention:
+                    argmaxes[row].append(positions[:, j])
+                if _ends_answer(model, token, eos_ids) or len(tokens[row]) == decoding.max_new_tokens:
+                    ended.append(j)
+            step = (time.perf_counter() - started) / len(rows)
+            for row in rows:
+                decode_seconds[row] += step
+            for j in ended:
+                row = rows[j]
+                argmax_keys = torch.stack(argmaxes[row]).cpu() if record_attention else None
+                yield indices[row], Generation(tokens[row], argmax_keys, prefill_seconds[row] + decode_seconds[row])
+            if len(ended) == len(rows):
+                return
+            if ended:  # the rows whose answer ended leave the batch, and padding no row needs goes
+                keep = [j for j in range(len(rows)) if j not in set(ended)]
+                rows = [rows[j] for j in keep]
+                keep_index = torch.tensor(keep, device=model.cfg.device)
+                padding = padding[keep_index]
+                drop = int(padding.min())
+                keep_rows(cache, keep_index, drop)
+                padding = padding - drop
+                emitted = [emitted[j] for j in keep]
+            fed = torch.tensor(emitted, device=model.cfg.device)[:, None]

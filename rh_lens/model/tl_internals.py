@@ -11,9 +11,10 @@ forward arguments (`past_kv_cache`, `start_at_layer`, `stop_at_layer`), hook poi
 3. Fast attention (`fused_attention`): `attn.forward` swapped for the same computation,
    through torch's `scaled_dot_product_attention` where no hook reads the scores or
    pattern, and through a cache of already-rotated keys when decoding.
-4. Key-value caches: a fresh one (`new_kv_cache`, optionally with rotated keys) and a
-   frozen prefix cache filled from cached keys and values (`frozen_prefix_cache`), for
-   patched runs that start mid-prompt.
+4. Key-value caches: a fresh one (`new_kv_cache`, optionally with rotated keys), cut back
+   to a prefix (`truncate_kv_cache`), rows decoded together (`padded_kv_cache`, `copy_row`,
+   `keep_rows`) and a frozen prefix cache filled from cached keys and values
+   (`frozen_prefix_cache`), for patched runs that start mid-prompt.
 5. What TransformerLens computes around the last layer (`unembed_final`) and how it marks
    keys a query may not see in `hook_attn_scores` (`allowed_keys`).
 
@@ -33,6 +34,7 @@ import importlib.metadata
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -707,17 +709,85 @@ def _refuse_rotated(*args, **kwargs):
 
 
 def _store(entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Append new keys and values to a rotated-key cache entry; return all of them (views)."""
+    """Append new keys and values to a rotated-key cache entry; return all of them (views).
+
+    The buffers are head-major, [batch, kv_head, position, d_head], and the entry's keys a
+    [batch, position, kv_head, d_head] view of them (TransformerLens's layout): attention
+    then reads each head's keys as one block, in place, for one row or many (a batch-major
+    buffer longer than its keys is a view that batched matrix products copy whole)."""
     n_old, n_new = entry.past_keys.size(1), entry.past_keys.size(1) + k.size(1)
     buffer_k, buffer_v = getattr(entry, "rh_buffers", (None, None))
-    if buffer_k is None or buffer_k.size(1) < n_new:
-        shape = (k.size(0), n_new + CACHE_GROWTH, *k.shape[2:])
+    if buffer_k is None or buffer_k.size(2) < n_new:
+        shape = (k.size(0), k.size(2), n_new + CACHE_GROWTH, k.size(3))
         grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
-        grown_k[:, :n_old], grown_v[:, :n_old] = entry.past_keys, entry.past_values
+        grown_k[:, :, :n_old], grown_v[:, :, :n_old] = entry.past_keys.transpose(1, 2), entry.past_values.transpose(1, 2)
         buffer_k, buffer_v = entry.rh_buffers = grown_k, grown_v
-    buffer_k[:, n_old:n_new], buffer_v[:, n_old:n_new] = k, v
-    entry.past_keys, entry.past_values = buffer_k[:, :n_new], buffer_v[:, :n_new]
+    buffer_k[:, :, n_old:n_new], buffer_v[:, :, n_old:n_new] = k.transpose(1, 2), v.transpose(1, 2)
+    entry.past_keys, entry.past_values = _keys_view(buffer_k, n_new), _keys_view(buffer_v, n_new)
     return entry.past_keys, entry.past_values
+
+
+def _keys_view(buffer: Tensor, n: int) -> Tensor:
+    """The first n positions of a head-major buffer, in TransformerLens's [batch, position, kv_head, d_head] layout."""
+    return buffer[:, :, :n].transpose(1, 2)
+
+
+def truncate_kv_cache(cache: TransformerLensKeyValueCache, length: int) -> None:
+    """Forget every position from `length` on: the cache then holds what a run of the first
+    `length` tokens left. A rotated-key cache keeps its buffers, and the next keys overwrite
+    the forgotten ones in place."""
+    for entry in cache.entries:
+        entry.past_keys, entry.past_values = entry.past_keys[:, :length], entry.past_values[:, :length]
+    cache.previous_attention_mask = cache.previous_attention_mask[:, :length]
+
+
+def padded_kv_cache(
+    model: HookedTransformer, lengths: Sequence[int], capacity: int, rotated: bool = False
+) -> TransformerLensKeyValueCache:
+    """An empty cache for rows of these lengths decoded together, left-padded to the longest
+    (N tokens): row b's keys go to [N - lengths[b], N) (`copy_row`); its attention mask is 0
+    over the padding, so no query sees it and TransformerLens counts positions from the
+    row's first real token. Padding keys and values are zeros (a masked key has weight 0,
+    and 0 x garbage could be NaN). `capacity`: positions to allocate for a rotated-key cache
+    (N plus the tokens to be decoded), so decoding appends without a copy."""
+    n, rows = max(lengths), len(lengths)
+    cache = new_kv_cache(model, rows, rotated)
+    for entry in cache.entries:
+        rotated_entry = getattr(entry, "rh_rotated", False)
+        kv_heads, d_head = entry.past_keys.shape[2:]
+        shape = (rows, kv_heads, max(capacity, n) if rotated_entry else n, d_head)  # head-major, as `_store`'s
+        keys, values = entry.past_keys.new_zeros(shape), entry.past_values.new_zeros(shape)
+        if rotated_entry:
+            entry.rh_buffers = keys, values
+        entry.past_keys, entry.past_values = _keys_view(keys, n), _keys_view(values, n)
+    mask = torch.zeros(rows, n, dtype=torch.int, device=cache.previous_attention_mask.device)
+    for row, length in enumerate(lengths):
+        mask[row, n - length :] = 1
+    cache.previous_attention_mask = mask
+    return cache
+
+
+def copy_row(cache: TransformerLensKeyValueCache, row: int, source: TransformerLensKeyValueCache) -> None:
+    """Copy a one-row cache's keys and values into `row` of a padded cache, right-aligned."""
+    for entry, own in zip(cache.entries, source.entries):
+        n, length = entry.past_keys.size(1), own.past_keys.size(1)
+        entry.past_keys[row, n - length :] = own.past_keys[0]
+        entry.past_values[row, n - length :] = own.past_values[0]
+
+
+def keep_rows(cache: TransformerLensKeyValueCache, rows: Tensor, drop: int = 0) -> None:
+    """Keep only these rows of a padded cache (decoding of the others has ended), and drop
+    its first `drop` positions (padding in every row kept)."""
+    for entry in cache.entries:
+        n = entry.past_keys.size(1) - drop
+        buffers = getattr(entry, "rh_buffers", None)
+        if buffers is not None:
+            entry.rh_buffers = tuple(buffer[rows, :, drop:] for buffer in buffers)
+            keys, values = (_keys_view(buffer, n) for buffer in entry.rh_buffers)
+        else:
+            keys, values = entry.past_keys[rows, drop:], entry.past_values[rows, drop:]
+        entry.past_keys, entry.past_values = keys, values
+    cache.previous_attention_mask = cache.previous_attention_mask[rows, drop:]
 
 
 def frozen_prefix_cache(

@@ -3,13 +3,12 @@ kind of answer it gave. Detection, masking and compression grade every trial her
 
 `success` is the paper's test: stemmed ROUGE-1 recall of the response (decoded without special
 tokens, stripped) against the needle's answer above 0.5 (`SUCCESS_RECALL`), and not a
-distractor's answer. `answer_trial` is the one decode-and-grade step.
+distractor's answer. `answer_trials` is the one decode-and-grade step (`answer_trial` for one).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from rh_lens.model.generation import MAX_NEW_TOKENS, Generation, greedy_decode
+from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation, decode_prompts
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
 
@@ -133,14 +132,34 @@ def answer_trial(
 ) -> tuple[Answer, Generation]:
     """The decode-and-grade step shared by detection and ablation: greedy decoding (under
     whatever hooks are on the model, plus `decode_hooks` at decode steps), the response,
-    its ROUGE-1 recall against the answer and success."""
-    started = time.perf_counter()
-    generation = greedy_decode(model, trial.prompt_ids, max_new_tokens, record_attention, chunk_size, decode_hooks)
+    its ROUGE-1 recall against the answer and success. Many trials: `answer_trials`."""
+    decoding = Decoding(max_new_tokens=max_new_tokens, chunk_size=chunk_size, batch_size=1, share_prefix=False)
+    ((_, answer, generation),) = answer_trials(model, [trial], decoding, record_attention, decode_hooks)
+    return answer, generation
+
+
+def answer_trials(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    decoding: Decoding = Decoding(),
+    record_attention: bool = True,
+    decode_hooks: Sequence[Hook] = (),
+) -> Iterator[tuple[int, Answer, Generation]]:
+    """`answer_trial` for many trials, decoded as `decoding` says (prefixes shared, rows
+    decoded together: `rh_lens.model.generation.decode_prompts`): (index, answer,
+    generation) as each trial's answer ends."""
+    prompts = [trial.prompt_ids for trial in trials]
+    for i, generation in decode_prompts(model, prompts, decoding, record_attention, decode_hooks):
+        yield i, grade(model, trials[i], generation), generation
+
+
+def grade(model: HookedTransformer, trial: Trial, generation: Generation) -> Answer:
+    """What the model answered to a trial, graded."""
     response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
     recall = rouge1_recall(response, trial.needle.real_needle)
     others = [rouge1_recall(response, d.real_needle) for d in trial.distractors]
     kind = response_class(response, recall, others, trial)
-    answer = Answer(
+    return Answer(
         key=trial.key,
         context_length=trial.context_length,
         depth=trial.depth,
@@ -153,11 +172,10 @@ def answer_trial(
         success=recall > SUCCESS_RECALL and kind == "correct",  # a distractor's answer is no retrieval
         prompt_sha256=trial.prompt_sha256,
         prompt_length=len(trial.prompt_ids),
-        seconds=time.perf_counter() - started,
+        seconds=generation.seconds,
         response_class=kind,
         distractor_recalls=others or None,
     )
-    return answer, generation
 
 
 def recall_grid(records) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
