@@ -1,8 +1,8 @@
 """rh_lens: find, test and use retrieval heads (Wu et al., 2024) with TransformerLens.
 
 The public API, by part (each subpackage lists its own in `__all__`):
-- model: `load_model`, `greedy_decode`;
-- tasks: `Grid`, `Needle`, `Trial`, `build_trial`, grading (`answer_trial`, `rouge1_recall`);
+- model: `load_model`, `greedy_decode`, `decode_prompts` (many prompts: shared prefixes, batches);
+- tasks: `Grid`, `Needle`, `Trial`, `build_trial`, grading (`answer_trial`, `answer_trials`, `rouge1_recall`);
 - detection: `detect`, `DetectionResult`, `load_results`, the score (`copy_scores`,
   `retrieval_scores`), probes (`razor_scores`, `repeat_attention`);
 - execution: `RunOptions`, `run_trials`;
@@ -13,7 +13,7 @@ The public API, by part (each subpackage lists its own in `__all__`):
 - front ends (`rh_lens.app`, not imported here: it draws figures): one workflow per command.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from rh_lens.analysis import (
     Analysis,
@@ -66,7 +66,7 @@ from rh_lens.interventions import (
     retrieval_policy,
     run_conditions,
 )
-from rh_lens.model import CATALOGUE, greedy_decode, load_model
+from rh_lens.model import CATALOGUE, Decoding, decode_prompts, greedy_decode, load_model
 from rh_lens.tasks import (
     BUILTIN_NEEDLES,
     Answer,
@@ -75,6 +75,7 @@ from rh_lens.tasks import (
     NiahRecord,
     Trial,
     answer_trial,
+    answer_trials,
     build_trial,
     load_haystack,
     load_needles,
@@ -118,6 +119,7 @@ __all__ = [
     "activation_patching",
     "analyze",
     "answer_trial",
+    "answer_trials",
     "bootstrap",
     "build_trial",
     "compare",
@@ -131,6 +133,8 @@ __all__ = [
     "evaluate",
     "evaluate_niah",
     "export_duo_attention",
+    "Decoding",
+    "decode_prompts",
     "greedy_decode",
     "head_means",
     "load_haystack",

@@ -3,7 +3,7 @@
 from rh_lens.detection.adaptive import shuffled, stable_after, top_k_indices, top_k_set
 from rh_lens.detection.probes import razor_scores, repeat_attention
 from rh_lens.detection.records import DetectionResult, TrialRecord, load_results, save_results
-from rh_lens.detection.run import detect, run_trial
+from rh_lens.detection.run import decode_and_score, detect, run_trial
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD, copied_offsets, copy_events, copy_scores, event_scores, retrieval_scores
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "retrieval_scores",
     "detect",
     "run_trial",
+    "decode_and_score",
     "DetectionResult",
     "TrialRecord",
     "load_results",

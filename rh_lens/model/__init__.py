@@ -1,6 +1,6 @@
 """Loading models as HookedTransformers, decoding them, and the one seam to TransformerLens internals."""
 
-from rh_lens.model.generation import MAX_NEW_TOKENS, Generation, greedy_decode, prefill
+from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation, decode_prompts, greedy_decode, prefill
 from rh_lens.model.loading import CATALOGUE, DTYPES, ModelSpec, cache_dir, dtype_name, hf_directory, load_model, load_model_spec
 from rh_lens.model.tl_internals import Hook
 
@@ -14,7 +14,9 @@ __all__ = [
     "load_model",
     "load_model_spec",
     "MAX_NEW_TOKENS",
+    "Decoding",
     "Generation",
+    "decode_prompts",
     "greedy_decode",
     "prefill",
     "Hook",

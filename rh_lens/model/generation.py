@@ -216,7 +216,7 @@ def key_positions(n_keys: int, device) -> Int[Tensor, "batch key"]:
     return keys if padding is None else keys - padding.to(device)[:, None]
 
 
-def forward(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], cache, **kwargs):
+def forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], cache, **kwargs):
     """One forward pass through a key-value cache, every token attended to. The attention
     mask is given: left to TransformerLens, it is derived from the tokenizer's pad token,
     and a chunk that happens to end in that token (SmolLM2's pad token is its chat
