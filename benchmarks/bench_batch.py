@@ -23,36 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_scale import SHAPES, rss_bytes, shape  # noqa: E402
+from bench_scale import SHAPES, random_model, rss_bytes, shape  # noqa: E402
 
 NEEDLE, QUESTION = 20, 20  # tokens
-
-
-def random_model(args):
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from rh_lens.model.tl_internals import use_linear_layout
-
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    s = shape(args.shape, args.layers)
-    cfg = HookedTransformerConfig(
-        **s,
-        n_ctx=max(args.lengths) + NEEDLE + args.new_tokens + 1,
-        act_fn="silu",
-        gated_mlp=True,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=s["d_head"],
-        final_rms=True,
-        init_weights=False,
-        device=args.device,
-        dtype=dtype,
-    )
-    model = HookedTransformer(cfg)
-    for param in model.parameters():  # random weights, small enough that activations stay finite
-        param.normal_(0, 0.02)
-    return use_linear_layout(model.eval())
 
 
 def trial_prompts(vocab: int, length: int, trials: int) -> list[list[int]]:
@@ -86,7 +59,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = args.device.startswith("cuda")
-    model = random_model(args)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    model = random_model(shape(args.shape, args.layers), max(args.lengths) + NEEDLE + args.new_tokens + 1, args.device, dtype)
     list(decode_prompts(model, trial_prompts(model.cfg.d_vocab, 128, 2), Decoding(max_new_tokens=2, batch_size=2)))  # warm-up
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(

@@ -29,23 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_detection import reset_peak, rss_mb  # noqa: E402
+
 VARIANTS = {  # name -> (batch size, share prefix); None: rh_lens's default for the device
     "sequential": (1, False),
     "prefix": (1, True),
     "batch": (None, False),
     "both": (None, True),
 }
-
-
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
 def grid_trials(tokenizer, n_ctx: int, args: argparse.Namespace):

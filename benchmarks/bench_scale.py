@@ -82,23 +82,15 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
-def worker(args) -> dict:
-    import torch
+def random_model(s: dict, n_ctx: int, device: str, dtype):
+    """A HookedTransformer of shape `s` (Llama-style: rotary, RMSNorm, gated SiLU MLP) with random weights."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from rh_lens.model.generation import greedy_decode
     from rh_lens.model.tl_internals import use_linear_layout
 
-    torch.set_grad_enabled(False)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    before = 0 if cuda else rss_bytes("VmRSS")
-    s = shape(args.shape, args.layers)
-    length = args.lengths[0]
     cfg = HookedTransformerConfig(
         **s,
-        n_ctx=length + args.new_tokens + 1,
+        n_ctx=n_ctx,
         act_fn="silu",
         gated_mlp=True,
         normalization_type="RMS",
@@ -112,7 +104,22 @@ def worker(args) -> dict:
     model = HookedTransformer(cfg)
     for param in model.parameters():  # random weights, small enough that activations stay finite
         param.normal_(0, 0.02)
-    model = use_linear_layout(model.eval())
+    return use_linear_layout(model.eval())
+
+
+def worker(args) -> dict:
+    import torch
+
+    from rh_lens.model.generation import greedy_decode
+
+    torch.set_grad_enabled(False)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    before = 0 if cuda else rss_bytes("VmRSS")
+    s = shape(args.shape, args.layers)
+    length = args.lengths[0]
+    model = random_model(s, length + args.new_tokens + 1, device, dtype)
     prompt = torch.randint(0, s["d_vocab"], (length,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy_decode(model, prompt[:64], max_new_tokens=2)  # warm-up
     if cuda:
