@@ -10,10 +10,12 @@ The public API, by part (each subpackage lists its own in `__all__`):
   `KVCompression`, `compression_experiment`, `activation_patching`, `evaluate`,
   `run_conditions`;
 - analysis: `analyze`, `compare`, `bootstrap`, ...;
+- kv (`rh_lens.kv`, imported on demand: it registers an attention function with
+  transformers): `HeadwiseCache` for plain transformers models, `policy_from_head_map`;
 - front ends (`rh_lens.app`, not imported here: it draws figures): one workflow per command.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from rh_lens.analysis import (
     Analysis,

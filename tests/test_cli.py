@@ -125,7 +125,8 @@ def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
     assert "differ in token length" in capsys.readouterr().err
 
 
-def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, capsys):
+@pytest.mark.parametrize("cache", ["masked", "real"])
+def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, capsys, cache):
     tmp_path, argv = inputs
     assert cli.main(argv + ["--out", str(tmp_path / "det")]) == 0
     argv = [a if a != "detect" else "compress" for a in argv if a not in ("--top", "3")]
@@ -141,6 +142,8 @@ def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, 
         "8",
         "--random-seeds",
         "1",
+        "--cache",
+        cache,
         "--out",
         str(out),
     ]
@@ -150,6 +153,7 @@ def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, 
     assert float(rows[("full", "all")][4]) == 1.0 and float(rows[("retrieval", "0.125")][4]) == 1.0
     for name in ("compression.json", "recall_vs_kv.png", "niah_heatmaps.png", "duo_attention/0.125/full_attention_heads.tsv"):
         assert (out / name).stat().st_size > 0
+    assert json.loads((out / "compression.json").read_text())["settings"]["cache"] == cache
 
 
 def test_ablate_by_thresholds(inputs, capsys):

@@ -112,9 +112,10 @@ def test_razor_finds_the_induction_and_echo_heads_of_the_planted_model():
 ragged = far + [build_trial(planted.tokenizer, haystack, NEEDLE, 270, 10)]
 
 
+@pytest.mark.parametrize("cache", ["masked", "real"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("decode_only", [False, True])
-def test_the_planted_head_alone_needs_the_full_cache(decode_only, batch_size):
+def test_the_planted_head_alone_needs_the_full_cache(decode_only, batch_size, cache):
     keep_planted = KVPolicy("planted", 2, 4, 4, frozenset({PLANTED}), sink=4, window=8)
     drop_planted = KVPolicy(
         "others", 2, 4, 4, frozenset(h for h in [(l, k) for l in range(2) for k in range(4)] if h != PLANTED), 4, 8
@@ -124,8 +125,8 @@ def test_the_planted_head_alone_needs_the_full_cache(decode_only, batch_size):
 
     assert len({len(t.prompt_ids) for t in ragged}) > 1
     decoding = Decoding(max_new_tokens=8, batch_size=batch_size)
-    kept = dict(answer_under(KVCompression(keep_planted, decode_only), decoding, planted, ragged))
-    dropped = dict(answer_under(KVCompression(drop_planted, decode_only), decoding, planted, ragged))
+    kept = dict(answer_under(KVCompression(keep_planted, decode_only, cache), decoding, planted, ragged))
+    dropped = dict(answer_under(KVCompression(drop_planted, decode_only, cache), decoding, planted, ragged))
     for i, trial in enumerate(ragged):
         assert trial.answer_span[1] < len(trial.prompt_ids) - 8 - 8  # the answer is outside every window
         assert kept[i].rouge_recall == 1.0, kept[i].response
@@ -174,6 +175,35 @@ def test_compression_experiment_and_duo_attention_export(tmp_path):
         options=RunOptions(max_new_tokens=8, resume=True, progress=False),
     )
     assert again.summary() == result.summary()
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_the_real_cache_gives_the_simulations_records_in_every_condition(tmp_path, decode_only):
+    """Every condition of the experiment (retrieval, random, StreamingLLM's growing window,
+    RazorAttention), every trial: the same generated ids through the head-wise cache."""
+    detection = detect(planted, far, options=RunOptions(max_new_tokens=8, progress=False))
+    runs = {
+        cache: compression_experiment(
+            planted,
+            ragged,
+            detection,
+            fractions=[0.125, 0.5],
+            sink=4,
+            window=8,
+            seeds=[0],
+            decode_only=decode_only,
+            cache=cache,
+            options=RunOptions(max_new_tokens=8, progress=False),
+        )
+        for cache in ("masked", "real")
+    }
+    assert runs["real"].settings["cache"] == "real"
+    masked, real = ({c.name: c for c in runs[k].conditions} for k in ("masked", "real"))
+    assert masked.keys() == real.keys() and len(masked) == 9
+    for name in masked:
+        assert real[name].intervention is None or real[name].intervention.cache == "real"
+        assert [r.generated_ids for r in real[name].records] == [r.generated_ids for r in masked[name].records], name
+    assert len({tuple(r.generated_ids) for c in masked.values() for r in c.records}) > 1  # conditions differ
 
 
 def test_export_of_a_grouped_query_split(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rh_lens"
 # Lowest first; a module may import from its own layer or any layer before it.
-LAYERS = [{"errors", "heads"}, {"model"}, {"tasks"}, {"execution"}, {"detection"}, {"interventions", "analysis"}, {"app"}]
-SUBPACKAGES = ["model", "tasks", "detection", "execution", "interventions", "analysis", "app"]
+LAYERS = [{"errors", "heads"}, {"model"}, {"tasks"}, {"execution"}, {"detection"}, {"interventions", "analysis", "kv"}, {"app"}]
+SUBPACKAGES = ["model", "tasks", "detection", "execution", "interventions", "analysis", "kv", "app"]
 
 
 def layer_of(part: str) -> int:

@@ -108,6 +108,7 @@ def run_compress(args: argparse.Namespace) -> None:
         window=args.window,
         random_seeds=args.random_seeds,
         decode_only=args.decode_only,
+        cache=args.cache,
         options=run_options_from_args(args),
     )
     print(format_compression(result))
@@ -259,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--window", type=positive_int, default=256, help="recent tokens every streaming head keeps (default 256)")
     k.add_argument("--random-seeds", type=non_negative_int, default=2, help="random KV-head draws per fraction (seeds 0..N-1)")
     k.add_argument("--decode-only", action="store_true", help="compress at decode steps only (a cache compressed after prefill)")
+    k.add_argument(
+        "--cache",
+        choices=("masked", "real"),
+        default="masked",
+        help="masked: streaming heads' keys hidden in the full cache (the simulation); real: a head-wise cache that stores only "
+        "the keys kept and frees the rest (default masked)",
+    )
     k.set_defaults(run=run_compress)
 
     p = commands.add_parser("patch", help="activation patching: which heads carry the needle's answer")

@@ -58,6 +58,11 @@ class Intervention:
     def check(self, model: HookedTransformer) -> None:
         """Refuse a model this intervention does not fit (before any trial runs)."""
 
+    def decoding(self, decoding: Decoding) -> Decoding:
+        """How trials are decoded under this intervention (a real compressed cache changes
+        the cache itself, not only hooks)."""
+        return decoding
+
     def to_json(self) -> dict[str, Any]:
         """`{"kind": ..., ...}`: what `intervention_from_json` reads back."""
         raise NotImplementedError
@@ -94,6 +99,7 @@ def answer_under(
     each answer ends: a task an executor can ship to a worker (see `execution.runs.run_trials`)."""
     hooks = intervention.hooks(model) if intervention is not None else []
     decode_only = intervention is not None and intervention.decode_only
+    decoding = intervention.decoding(decoding) if intervention is not None else decoding
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
         answers = answer_trials(model, trials, decoding, record_attention=False, decode_hooks=hooks if decode_only else ())
         for i, answer, _ in answers:

@@ -1,10 +1,13 @@
 """Retrieval-head-aware KV-cache compression: keep the whole cache only where heads fetch.
 
-A `KVPolicy` says which key-value heads keep every key ("full") and which keep only the first
-`sink` tokens (attention sinks) and a recent `window` ("streaming", as in StreamingLLM and
-DuoAttention). It is applied through TransformerLens hooks: at `hook_attn_scores`, the keys a
-streaming head does not keep get no attention (-inf), at prefill and decode, or at decode only
-(as a cache compressed after prefill behaves). Key-value memory is per key-value head, so under
+A `KVPolicy` (`rh_lens.model.headwise`) says which key-value heads keep every key ("full")
+and which keep only the first `sink` tokens (attention sinks) and a recent `window`
+("streaming", as in StreamingLLM and DuoAttention). It is applied at prefill and decode, or at
+decode only (as a cache compressed after prefill behaves), in one of two ways: simulated
+through TransformerLens hooks (`cache="masked"`: at `hook_attn_scores` the keys a streaming head
+does not keep get no attention, -inf, and the full cache stays in memory), or for real
+(`cache="real"`: a head-wise cache stores only the keys kept; same results, the memory freed).
+Key-value memory is per key-value head, so under
 grouped-query attention a policy decides per KV head, and all query heads reading a KV head
 follow it; a KV head's retrieval score is the best retrieval score of its query heads.
 
@@ -12,7 +15,8 @@ Rankings: retrieval scores of a detection run (`retrieval_policy`); random KV he
 (`random_policy`); every head streaming with a window sized to keep the same bytes
 (StreamingLLM, `streaming_policy`); and RazorAttention's data-free ranking, echo and
 induction heads found on a repeated random sequence (`razor_scores`, `razor_policy`).
-`kv_bytes` is the exact account of the cache a policy keeps, as kvpress reports it.
+`kv_bytes` predicts the bytes a policy keeps, as kvpress reports them (the head-wise cache
+measures its own: `rh_lens.model.tl_internals.kv_cache_bytes`).
 `KVCompression(policy)` is the intervention (see `interventions.base`) and
 `compression_experiment` the runner's conditions: every ranking at every budget.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,59 +43,12 @@ from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess
 from rh_lens.heads import KVHead
 from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, run_conditions
-from rh_lens.model.generation import key_positions
-from rh_lens.model.tl_internals import Hook
+from rh_lens.model.generation import Decoding, key_positions
+from rh_lens.model.headwise import KVPolicy, kv_bytes
+from rh_lens.model.tl_internals import Hook, check_headwise
 from rh_lens.tasks.niah import Trial
 
 METHODS = ("retrieval", "random", "streaming", "razor")
-
-
-@dataclass(frozen=True)
-class KVPolicy:
-    """Which key-value heads keep the whole cache. A streaming KV head keeps the first `sink`
-    tokens and the most recent `window` tokens; with `share` > 0 its window also grows by that
-    fraction of the tokens between them (StreamingLLM sized to another policy's bytes)."""
-
-    name: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    full: frozenset[KVHead]
-    sink: int = 4
-    window: int = 256
-    share: float = 0.0
-
-    @property
-    def group(self) -> int:
-        """Query heads per key-value head (query head h reads KV head h // group)."""
-        return self.n_heads // self.n_kv_heads
-
-    def streaming_heads(self, layer: int) -> list[int]:
-        """The query heads of `layer` that read a streaming KV head."""
-        return [h for h in range(self.n_heads) if (layer, h // self.group) not in self.full]
-
-    def kept(self, tokens: int) -> int:
-        """Tokens a streaming KV head keeps of a context of `tokens` (what the mask of
-        `compression_hooks` lets a query at position tokens - 1 see)."""
-        recent = self.window + int(self.share * max(0, tokens - self.sink - self.window))
-        return min(tokens, self.sink + recent)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "full": sorted(list(h) for h in self.full)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> KVPolicy:
-        return cls(**{**data, "full": frozenset(KVHead(*h) for h in data["full"])})
-
-
-def kv_bytes(policy: KVPolicy, tokens: int, d_head: int, dtype_bytes: int) -> tuple[int, int]:
-    """(bytes the policy keeps, bytes of the full cache) for a context of `tokens`: per KV
-    head, tokens kept x 2 (keys and values) x d_head x bytes per value."""
-    per_token = 2 * d_head * dtype_bytes
-    n_total = policy.n_layers * policy.n_kv_heads
-    n_full = len(policy.full)
-    kept = (n_full * tokens + (n_total - n_full) * policy.kept(tokens)) * per_token
-    return kept, n_total * tokens * per_token
 
 
 def compression_hooks(policy: KVPolicy) -> list[Hook]:
@@ -109,9 +66,7 @@ def _stream(policy: KVPolicy, heads: list[int], scores: Tensor, hook) -> Tensor:
     n_query, n_key = scores.shape[-2:]
     key = key_positions(n_key, scores.device)  # [batch or 1, key]: each row's own positions (rows may be padded)
     query = key[:, -n_query:, None]  # this call's queries are the newest keys: [batch or 1, query, 1]
-    key = key[:, None, :]
-    recent = policy.window + (policy.share * (query + 1 - policy.sink - policy.window).clamp(min=0)).floor()
-    keep = (key < policy.sink) | (key > query - recent)  # [batch or 1, query, key]
+    keep = policy.keeps(key[:, None, :], query)  # [batch or 1, query, key]
     scores[:, heads] = scores[:, heads].masked_fill(~keep[:, None], float("-inf"))
     return scores
 
@@ -146,7 +101,16 @@ def top_policy(
     name: str, model, scores: Float[Tensor, "layer kv_head"], full_fraction: float, sink: int, window: int
 ) -> KVPolicy:
     """The best-scoring `full_fraction` of KV heads keep the whole cache."""
-    n_layers, n_heads, n_kv = _shape(model)
+    return top_policy_for_shape(name, _shape(model), scores, full_fraction, sink, window)
+
+
+def top_policy_for_shape(
+    name: str, shape: tuple[int, int, int], scores: Float[Tensor, "layer kv_head"], full_fraction: float, sink: int, window: int
+) -> KVPolicy:
+    """`top_policy` for a model of (layers, query heads, KV heads)."""
+    n_layers, n_heads, n_kv = shape
+    if tuple(scores.shape) != (n_layers, n_kv):
+        raise InputError(f"KV-head scores for {tuple(scores.shape)} layers x KV heads, the model has {n_layers} x {n_kv}")
     full = rank_kv_heads(scores)[: n_full_heads(n_layers, n_kv, full_fraction)]
     return KVPolicy(name, n_layers, n_heads, n_kv, frozenset(full), sink, window)
 
@@ -182,28 +146,45 @@ def razor_policy(model, scores: Float[Tensor, "layer head"], full_fraction: floa
 # --- the intervention and the experiment ---------------------------------------------------
 
 
+CACHES = ("masked", "real")
+
+
 @dataclass(frozen=True)
 class KVCompression(Intervention):
-    """The cache `policy` keeps, simulated: streaming heads see only their sink and window (at
-    prefill and decode, or decode only). `with KVCompression(policy)(model):` applies it to
-    every forward pass inside the block."""
+    """The cache `policy` keeps (at prefill and decode, or decode only). `cache="masked"`:
+    simulated, streaming heads see only their sink and window through -inf scores over the
+    full cache (`with KVCompression(policy)(model):` applies it to every forward pass inside
+    the block); `"real"`: decoded through a head-wise cache that stores only those keys
+    (`rh_lens.model.headwise`), the same computation with the memory freed."""
 
     kind: ClassVar[str] = "kv_compression"
     policy: KVPolicy
     decode_only: bool = False
+    cache: str = "masked"
+
+    def __post_init__(self):
+        if self.cache not in CACHES:
+            raise InputError(f"unknown cache {self.cache!r}; choose from {', '.join(CACHES)}")
 
     def hooks(self, model: HookedTransformer) -> list[Hook]:
-        return compression_hooks(self.policy)
+        return compression_hooks(self.policy) if self.cache == "masked" else []
+
+    def decoding(self, decoding: Decoding) -> Decoding:
+        if self.cache == "masked":
+            return decoding
+        return replace(decoding, kv_policy=self.policy, kv_decode_only=self.decode_only)
 
     def check(self, model: HookedTransformer) -> None:
         check_shape("the KV policy's heads", self.policy.n_layers, self.policy.n_heads, model)
+        if self.cache == "real":
+            check_headwise(model, self.policy)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "policy": self.policy.to_json(), "decode_only": self.decode_only}
+        return {"kind": self.kind, "policy": self.policy.to_json(), "decode_only": self.decode_only, "cache": self.cache}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KVCompression:
-        return cls(KVPolicy.from_json(data["policy"]), data["decode_only"])
+        return cls(KVPolicy.from_json(data["policy"]), data["decode_only"], data.get("cache", "masked"))
 
 
 class CompressionResult(InterventionResult):
@@ -236,6 +217,7 @@ def compression_conditions(
     window: int,
     decode_only: bool = False,
     razor: Float[Tensor, "layer head"] | None = None,
+    cache: str = "masked",
 ) -> list[Condition]:
     """The full cache, then per fraction the retrieval policy, random KV heads per seed,
     StreamingLLM at the same bytes, and RazorAttention's ranking (when `razor` scores are
@@ -255,7 +237,7 @@ def compression_conditions(
             if seed is not None:
                 metadata["seed"] = seed
             name = group + (f"-seed{seed}" if seed is not None else "")
-            conditions.append(Condition(name, KVCompression(policy, decode_only), group, metadata))
+            conditions.append(Condition(name, KVCompression(policy, decode_only, cache), group, metadata))
     return conditions
 
 
@@ -269,6 +251,7 @@ def compression_experiment(
     window: int = 256,
     seeds: Sequence[int] = (0, 1),
     decode_only: bool = False,
+    cache: str = "masked",
     out_dir: str | Path | None = None,
     options: RunOptions = RunOptions(),
     settings: dict[str, Any] | None = None,
@@ -288,10 +271,11 @@ def compression_experiment(
         "sink": sink,
         "window": window,
         "decode_only": decode_only,
+        "cache": cache,
     }
     razor = executor.call(razor_scores)
     conditions = compression_conditions(
-        model, detection, trials, fractions, seeds, sink=sink, window=window, decode_only=decode_only, razor=razor
+        model, detection, trials, fractions, seeds, sink=sink, window=window, decode_only=decode_only, razor=razor, cache=cache
     )
     return run_conditions(
         model,

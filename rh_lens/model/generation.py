@@ -34,13 +34,17 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from rh_lens.errors import InputError
+from rh_lens.model.headwise import KVPolicy
 from rh_lens.model.tl_internals import (
     Hook,
+    compress_kv_cache,
     copy_row,
     fused_attention,
+    headwise_kv_cache,
     keep_rows,
     new_kv_cache,
     padded_kv_cache,
+    stack_kv_caches,
     truncate_kv_cache,
 )
 
@@ -106,12 +110,19 @@ class Decoding:
     """How prompts are decoded. `max_new_tokens`: budget per prompt; `chunk_size`: prefill
     chunk (None: sized by `chunks`); `batch_size`: prompts decoded together (None:
     `default_batch_size`); `share_prefix`: prefill each prompt from the key-value cache of
-    the previous one, cut back to the tokens they share (see `PrefixCache`)."""
+    the previous one, cut back to the tokens they share (see `PrefixCache`). `kv_policy`:
+    decode through a head-wise cache that keeps only what the policy keeps (None: every
+    key); its streaming heads windowed from the first prompt token on, or with
+    `kv_decode_only` the prompt prefilled whole (through the prefix cache) and compressed
+    before the first decode step. A windowed prefill shares no prefix: what a prompt's
+    ring forgets, the next prompt cannot take back."""
 
     max_new_tokens: int = MAX_NEW_TOKENS
     chunk_size: int | None = None
     batch_size: int | None = None
     share_prefix: bool = True
+    kv_policy: KVPolicy | None = None
+    kv_decode_only: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -290,7 +301,8 @@ def decode_prompts(
     if any(len(p) < 1 for p in prompts):
         raise InputError("an empty prompt: nothing to decode from")
     batch_size = decoding.batch_size or default_batch_size(model, max(len(p) for p in prompts), decoding.max_new_tokens)
-    prefixes = PrefixCache(model, decoding.chunk_size, decoding.share_prefix)
+    share = decoding.share_prefix and (decoding.kv_policy is None or decoding.kv_decode_only)
+    prefixes = PrefixCache(model, decoding.chunk_size, share)
     for start in range(0, len(prompts), batch_size):
         batch = range(start, min(len(prompts), start + batch_size))
         yield from _decode_batch(
@@ -298,10 +310,28 @@ def decode_prompts(
         )
 
 
+def _headwise_rows(model, prompts, prefixes: PrefixCache, decoding: Decoding, prefill_seconds: list[float]):
+    """Each prompt's head-wise cache (windowed prefill, or full prefill then compression),
+    as one batch when there are several."""
+    policy, capacity = decoding.kv_policy, max(len(p) for p in prompts) - 1 + decoding.max_new_tokens
+    rows = []
+    for prompt in prompts:
+        started = time.perf_counter()
+        if decoding.kv_decode_only:
+            rows.append(compress_kv_cache(model, prefixes.prefill(prompt[:-1]), policy, capacity))
+        else:
+            rows.append(headwise_kv_cache(model, policy, capacity))
+            _extend(model, rows[-1], prompt[:-1], 0, decoding.chunk_size)
+        prefill_seconds.append(time.perf_counter() - started)
+    return rows[0] if len(rows) == 1 else stack_kv_caches(model, rows, capacity)
+
+
 def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Decoding, record_attention, decode_hooks):
     """Prefill each prompt, then decode them all together (see `decode_prompts`)."""
     prefill_seconds = []
-    if len(prompts) == 1:  # decoded in the prefix cache itself: decoding writes only past the prompt
+    if decoding.kv_policy is not None:
+        cache = _headwise_rows(model, prompts, prefixes, decoding, prefill_seconds)
+    elif len(prompts) == 1:  # decoded in the prefix cache itself: decoding writes only past the prompt
         started = time.perf_counter()
         cache = prefixes.prefill(prompts[0][:-1])
         prefill_seconds.append(time.perf_counter() - started)

@@ -13,8 +13,11 @@ forward arguments (`past_kv_cache`, `start_at_layer`, `stop_at_layer`), hook poi
    pattern, and through a cache of already-rotated keys when decoding.
 4. Key-value caches: a fresh one (`new_kv_cache`, optionally with rotated keys), cut back
    to a prefix (`truncate_kv_cache`), rows decoded together (`padded_kv_cache`, `copy_row`,
-   `keep_rows`) and a frozen prefix cache filled from cached keys and values
-   (`frozen_prefix_cache`), for patched runs that start mid-prompt.
+   `keep_rows`), a frozen prefix cache filled from cached keys and values
+   (`frozen_prefix_cache`), for patched runs that start mid-prompt, and a head-wise cache
+   that keeps only what a `KVPolicy` keeps (`headwise_kv_cache`, `compress_kv_cache`,
+   `stack_kv_caches`; the storage is `rh_lens.model.headwise`'s); `kv_cache_bytes` measures
+   any of them.
 5. What TransformerLens computes around the last layer (`unembed_final`) and how it marks
    keys a query may not see in `hook_attn_scores` (`allowed_keys`).
 
@@ -50,7 +53,17 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.hook_points import HookFunction
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from rh_lens.errors import ModelLoadError
+from rh_lens.errors import InputError, ModelLoadError
+from rh_lens.model.headwise import (
+    HeadwiseLayer,
+    KVPolicy,
+    full_width_index,
+    gather_pattern,
+    ring_attention,
+    scatter_scores,
+    stack_rows,
+    storage_bytes,
+)
 
 # A TransformerLens forward hook as `model.hooks(fwd_hooks=...)` takes it: (hook point name, function).
 Hook = tuple[str, HookFunction]
@@ -494,6 +507,8 @@ def _attention_forward(
         return attn._tl_forward(
             query_input, key_input, value_input, entry, additive_attention_mask, attention_mask, position_bias
         )
+    if entry is not None and getattr(entry, "rh_headwise", None) is not None:
+        return _headwise_forward(attn, query_input, key_input, value_input, entry, attention_mask)
     if entry is not None and getattr(entry, "rh_rotated", False):
         return _rotated_cache_forward(attn, query_input, key_input, value_input, entry, attention_mask)
     if _listened(attn):
@@ -655,6 +670,70 @@ def _rotated_cache_forward(attn, query_input, key_input, value_input, entry, att
     return _project(attn, attend(attn, q, keys, values, offset, attention_mask))
 
 
+def _headwise_forward(attn, query_input, key_input, value_input, entry, attention_mask):
+    """Attention through a head-wise cache (`headwise_kv_cache`): full KV heads over every
+    key (as `_rotated_cache_forward`), streaming KV heads over the keys their ring keeps.
+    Fused unless a hook listens; then the scores and pattern hooks see every key of the
+    context, -inf / 0 where a streaming head keeps none, as under the masking simulation.
+    hook_rot_k sees the new keys only: the others are stored rotated, or gone."""
+    layer: HeadwiseLayer = entry.rh_headwise
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, new, head, d_head]
+    b, n, h, d = q.shape
+    offset = entry.past_keys.size(1)
+    width = offset + n
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, offset, attention_mask))
+    if attention_mask is None:
+        positions = torch.arange(offset, width, device=q.device)[None].expand(b, -1)
+        padding = torch.zeros(b, dtype=torch.long, device=q.device)
+    else:
+        real = attention_mask.to(q.device).long().cumsum(-1)
+        positions, padding = real[:, offset:] - 1, width - real[:, -1]  # prompt positions of the new keys; left padding
+    entry.past_keys = entry.past_values = _placeholder(q, width, entry.past_keys.size(2))
+    new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # head-major [batch, kv_head, new, d_head]
+    parts = layer.store(new_k, new_v, positions)
+    z = q.new_empty(b, n, h, d)
+    if not _listened(attn):
+        for heads, keys, values, ring, key_positions in parts:
+            if ring is None:
+                z[:, :, heads] = _sdpa(attn, q[:, :, heads], keys.transpose(1, 2), values.transpose(1, 2), offset, attention_mask)
+            else:
+                own = ring_attention(
+                    ring, q[:, :, heads].transpose(1, 2), keys, values, key_positions, positions, 1.0 / attn.attn_scale
+                )
+                z[:, :, heads] = own.transpose(1, 2)
+        return _project(attn, z)
+    scores, indices = q.new_full((b, h, n, width), float("-inf")), []
+    for heads, keys, _, ring, key_positions in parts:
+        g = keys.size(1)
+        own = torch.einsum("bqgrd,bgkd->bgrqk", q[:, :, heads].reshape(b, n, g, -1, d), keys).reshape(b, len(heads), n, -1)
+        own = own / attn.attn_scale
+        if ring is None:
+            scores[:, heads] = attn.apply_causal_mask(own, offset, attention_mask)
+            indices.append(None)
+        else:
+            indices.append(full_width_index(key_positions, padding, width))
+            visible = ring.visible(key_positions, positions)
+            scores[:, heads] = scatter_scores(own.masked_fill(~visible[:, None], float("-inf")), indices[-1], width)
+    pattern = F.softmax(attn.hook_attn_scores(scores), dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    pattern = attn.hook_pattern(pattern).to(dtype=v.dtype)  # [batch, head, query, key]
+    for (heads, keys, values, _, _), index in zip(parts, indices):
+        weights = pattern[:, heads] if index is None else gather_pattern(pattern[:, heads], index)
+        g = keys.size(1)
+        z[:, :, heads] = torch.einsum("bgrqk,bgkd->bqgrd", weights.reshape(b, g, -1, n, weights.size(-1)), values).reshape(
+            b, n, -1, d
+        )
+    return _project(attn, z)
+
+
+def _placeholder(like: Tensor, length: int, kv_heads: int, batch: int | None = None) -> Tensor:
+    """A [batch, length, kv_head, d_head] tensor of no memory (stride 0): what TransformerLens
+    reads of a head-wise cache entry, its shape (positions so far)."""
+    return like.new_zeros(()).expand(batch or like.size(0), length, kv_heads, like.size(-1))
+
+
 @contextmanager
 def fused_attention(model: HookedTransformer):
     """Within this context every supported attention layer runs `_attention_forward`:
@@ -737,6 +816,8 @@ def truncate_kv_cache(cache: TransformerLensKeyValueCache, length: int) -> None:
     `length` tokens left. A rotated-key cache keeps its buffers, and the next keys overwrite
     the forgotten ones in place."""
     for entry in cache.entries:
+        if getattr(entry, "rh_headwise", None) is not None:
+            raise InputError("a head-wise cache cannot be cut back: the keys it dropped are gone")
         entry.past_keys, entry.past_values = entry.past_keys[:, :length], entry.past_values[:, :length]
     cache.previous_attention_mask = cache.previous_attention_mask[:, :length]
 
@@ -781,13 +862,106 @@ def keep_rows(cache: TransformerLensKeyValueCache, rows: Tensor, drop: int = 0) 
     for entry in cache.entries:
         n = entry.past_keys.size(1) - drop
         buffers = getattr(entry, "rh_buffers", None)
-        if buffers is not None:
+        if getattr(entry, "rh_headwise", None) is not None:
+            entry.rh_headwise.keep_rows(rows, drop)
+            keys = values = entry.past_keys[rows, drop:]  # the placeholder, of the new shape
+        elif buffers is not None:
             entry.rh_buffers = tuple(buffer[rows, :, drop:] for buffer in buffers)
             keys, values = (_keys_view(buffer, n) for buffer in entry.rh_buffers)
         else:
             keys, values = entry.past_keys[rows, drop:], entry.past_values[rows, drop:]
         entry.past_keys, entry.past_values = keys, values
     cache.previous_attention_mask = cache.previous_attention_mask[rows, drop:]
+
+
+def check_headwise(model: HookedTransformer, policy: KVPolicy) -> None:
+    """Refuse a policy for another architecture, or a model a head-wise cache cannot run."""
+    cfg = model.cfg
+    shape = (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads)
+    if (policy.n_layers, policy.n_heads, policy.n_kv_heads) != shape:
+        raise InputError(
+            f"the KV policy is for {policy.n_layers} layers x {policy.n_heads} heads ({policy.n_kv_heads} KV heads), "
+            f"the model has {shape[0]} x {shape[1]} ({shape[2]} KV heads)"
+        )
+    if not fast_paths_enabled():
+        raise InputError(
+            "a head-wise cache runs through rh_lens's fast attention paths, which are off here "
+            f"(transformer-lens {transformer_lens_version()}, or RH_LENS_FAST_PATHS=0); use the masked cache"
+        )
+    unsupported = sorted({cfg.original_architecture or "?" for b in model.blocks if not _fast_supported(b.attn)})
+    if unsupported:
+        raise InputError(
+            f"a head-wise cache does not support this model's attention ({', '.join(unsupported)}: soft-capped "
+            "scores, attention sinks or another variant rh_lens's fast paths leave to TransformerLens); use the masked cache"
+        )
+
+
+def headwise_kv_cache(
+    model: HookedTransformer, policy: KVPolicy, max_tokens: int, batch_size: int = 1
+) -> TransformerLensKeyValueCache:
+    """An empty cache that keeps only what `policy` keeps (see `rh_lens.model.headwise`),
+    for contexts of up to `max_tokens`. Continue it inside `fused_attention` (rh_lens's
+    prefill and decoding do); TransformerLens's own forward refuses it."""
+    check_headwise(model, policy)
+    cfg = model.cfg
+    cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, batch_size=batch_size)
+    for layer, (block, entry) in enumerate(zip(model.blocks, cache.entries)):
+        native = cfg.window_size if block.attn.attn_type == "local" else None
+        entry.rh_headwise = HeadwiseLayer(
+            policy,
+            layer,
+            batch=batch_size,
+            d_head=cfg.d_head,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            max_tokens=max_tokens,
+            native_window=native,
+        )
+        entry.append = _refuse_rotated
+    return cache
+
+
+def compress_kv_cache(
+    model: HookedTransformer, full: TransformerLensKeyValueCache, policy: KVPolicy, max_tokens: int
+) -> TransformerLensKeyValueCache:
+    """What `policy` keeps of a one-prompt cache filled with every key (a rotated-key cache,
+    as rh_lens's prefill makes): a new head-wise cache; `full` is left as it was."""
+    cache = headwise_kv_cache(model, policy, max_tokens)
+    for entry, source in zip(cache.entries, full.entries):
+        if not getattr(source, "rh_rotated", False):
+            raise InputError("only a cache of rotated keys (rh_lens's prefill) can be compressed")
+        keys, values = source.past_keys.transpose(1, 2), source.past_values.transpose(1, 2)  # head-major
+        entry.rh_headwise.compress(keys, values)
+        entry.past_keys = entry.past_values = _placeholder(source.past_keys, keys.size(2), keys.size(1))
+    cache.previous_attention_mask = full.previous_attention_mask.clone()
+    return cache
+
+
+def stack_kv_caches(
+    model: HookedTransformer, caches: Sequence[TransformerLensKeyValueCache], capacity: int
+) -> TransformerLensKeyValueCache:
+    """One-prompt head-wise caches as one batch, left-padded as `padded_kv_cache`'s rows
+    (its attention mask 0 over the padding); room for `capacity` positions."""
+    lengths = [c.entries[0].past_keys.size(1) for c in caches]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=len(caches))
+    for layer, entry in enumerate(cache.entries):
+        own = [c.entries[layer] for c in caches]
+        entry.rh_headwise = stack_rows([e.rh_headwise for e in own], capacity)
+        entry.past_keys = entry.past_values = _placeholder(own[0].past_keys, max(lengths), own[0].past_keys.size(2), len(caches))
+        entry.append = _refuse_rotated
+    mask = torch.zeros(len(caches), max(lengths), dtype=torch.int, device=cache.previous_attention_mask.device)
+    for row, length in enumerate(lengths):
+        mask[row, max(lengths) - length :] = 1
+    cache.previous_attention_mask = mask
+    return cache
+
+
+def kv_cache_bytes(cache: TransformerLensKeyValueCache) -> int:
+    """Bytes the cache's key and value tensors hold (storage sizes, each counted once)."""
+    headwise = [e.rh_headwise.nbytes() for e in cache.entries if getattr(e, "rh_headwise", None) is not None]
+    tensors = [t for e in cache.entries if getattr(e, "rh_headwise", None) is None for t in (e.past_keys, e.past_values)]
+    tensors += [t for e in cache.entries for t in getattr(e, "rh_buffers", ())]
+    return sum(headwise) + storage_bytes(tensors)
 
 
 def frozen_prefix_cache(

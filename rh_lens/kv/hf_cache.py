@@ -1,0 +1,202 @@
+"""A head-wise key-value cache for plain `transformers` models.
+
+    from rh_lens.kv import HeadwiseCache
+    model = AutoModelForCausalLM.from_pretrained(name)           # Llama, Qwen2, Mistral, Gemma-3
+    cache = HeadwiseCache.from_head_map("head_scores.json", model, full_fraction=0.25, sink=4, window=256)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=50)
+
+Built on transformers' two extension points: `HeadwiseCache` is a `Cache` whose layers
+(`HeadwiseCacheLayer`, one `rh_lens.model.headwise.HeadwiseLayer` each) store full KV heads
+whole and streaming KV heads as sink + ring; an attention function registered with
+`AttentionInterface` as ATTENTION ("rh_lens_headwise") attends over what each layer keeps
+(`from_head_map` switches the model to it). A layer's `update` stores the new keys and
+hands the attention function, attached to the keys it returns, the parts to attend over;
+the keys a streaming head forgets are freed as the ring overwrites them.
+
+Rows of a batch must not be padded (streaming heads count their sink from each row's first
+token); a model outside SUPPORTED_MODEL_TYPES, or with soft-capped attention scores, is
+refused rather than run on a full cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, Cache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rh_lens.errors import InputError
+from rh_lens.kv.head_maps import HeadMap, policy_from_head_map
+from rh_lens.model.headwise import HeadwiseLayer, KVPolicy, ring_attention
+
+ATTENTION = "rh_lens_headwise"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+
+
+def model_shape(config) -> tuple[int, int, int]:
+    """(layers, query heads, KV heads) of a transformers config."""
+    config = getattr(config, "text_config", None) or config
+    n_heads = config.num_attention_heads
+    return config.num_hidden_layers, n_heads, getattr(config, "num_key_value_heads", None) or n_heads
+
+
+def native_windows(config) -> list[int | None]:
+    """Each layer's own sliding window (None: it attends to every key)."""
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    # Without layer types (Mistral), a sliding window applies to every layer.
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" and window else None for kind in types]
+
+
+def check_model(config) -> None:
+    config = getattr(config, "text_config", None) or config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(
+            f"a head-wise cache supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {config.model_type!r} "
+            "(its attention was not checked against the masking simulation)"
+        )
+    if getattr(config, "attn_logit_softcapping", None):
+        raise InputError("a head-wise cache does not support soft-capped attention scores")
+
+
+class HeadwiseCacheLayer(CacheLayerMixin):
+    """One layer of a `HeadwiseCache`: a `HeadwiseLayer`, made at the first update (when
+    batch size, dtype and device are known)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, policy: KVPolicy, layer: int, max_tokens: int, native_window: int | None = None):
+        super().__init__()
+        self.policy, self.layer, self.max_tokens, self.native_window = policy, layer, max_tokens, native_window
+        self.storage: HeadwiseLayer | None = None
+        self.seen = 0  # tokens of the sequence so far
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.storage = HeadwiseLayer(
+            self.policy,
+            self.layer,
+            batch=key_states.size(0),
+            d_head=key_states.size(-1),
+            dtype=key_states.dtype,
+            device=key_states.device,
+            max_tokens=self.max_tokens,
+            native_window=self.native_window,
+        )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new keys ([batch, kv_head, new, d_head], rotated); return them, carrying the
+        parts the attention function reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, n, _ = key_states.shape
+        positions = torch.arange(self.seen, self.seen + n, device=key_states.device)[None].expand(b, -1)
+        parts = self.storage.store(key_states, value_states, positions)
+        parts = [(heads, keys, values, ring, kept, positions) for heads, keys, values, ring, kept in parts]
+        self.seen += n
+        key_states.rh_headwise_parts = parts
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # the full heads' keys: every one so far
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return self.storage.nbytes() if self.storage is not None else 0
+
+    def reset(self) -> None:
+        self.storage, self.seen, self.is_initialized = None, 0, False
+
+
+class HeadwiseCache(Cache):
+    """A `transformers` cache that keeps what a `KVPolicy` keeps, per KV head."""
+
+    def __init__(self, policy: KVPolicy, config, max_tokens: int | None = None):
+        check_model(config)
+        shape = model_shape(config)
+        if (policy.n_layers, policy.n_heads, policy.n_kv_heads) != shape:
+            raise InputError(
+                f"the KV policy is for {policy.n_layers} layers x {policy.n_heads} heads ({policy.n_kv_heads} KV heads), "
+                f"the model has {shape[0]} x {shape[1]} ({shape[2]} KV heads)"
+            )
+        text = getattr(config, "text_config", None) or config
+        max_tokens = max_tokens or getattr(text, "max_position_embeddings", None) or 1 << 20
+        if policy.sink + policy.window > max_tokens:
+            raise InputError(f"sink {policy.sink} + window {policy.window} is more than the context ({max_tokens} tokens)")
+        layers = [HeadwiseCacheLayer(policy, i, max_tokens, w) for i, w in enumerate(native_windows(config))]
+        super().__init__(layers=layers)
+        self.policy = policy
+
+    @classmethod
+    def from_head_map(
+        cls,
+        head_map: HeadMap,
+        model,
+        *,
+        full_fraction: float | None = 0.25,
+        sink: int = 4,
+        window: int = 256,
+        max_tokens: int | None = None,
+    ) -> HeadwiseCache:
+        """A cache from a head map (see `policy_from_head_map`) for `model` (a transformers
+        model, switched to the head-wise attention function; or its config, for a model
+        loaded with `attn_implementation=ATTENTION`)."""
+        config = getattr(model, "config", model)
+        check_model(config)
+        policy = policy_from_head_map(head_map, *model_shape(config), full_fraction=full_fraction, sink=sink, window=window)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION)
+        elif getattr(config, "_attn_implementation", None) != ATTENTION:
+            raise InputError(f"load the model with attn_implementation={ATTENTION!r} (or pass the model itself)")
+        return cls(policy, config, max_tokens)
+
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors hold (measured: storage sizes)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers attention over a `HeadwiseCache` layer's parts: full KV heads by SDPA
+    with the model's own mask, streaming KV heads over their kept keys. [batch, query, head,
+    d_head] and no weights."""
+    parts = getattr(key, "rh_headwise_parts", None)
+    if parts is None:
+        raise InputError(f"attn_implementation={ATTENTION!r} needs a HeadwiseCache (past_key_values=HeadwiseCache...)")
+    if softcap:
+        raise InputError("a head-wise cache does not support soft-capped attention scores")
+    b, h, n, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    out = query.new_empty(b, h, n, d)
+    for heads, keys, values, ring, key_positions, query_positions in parts:
+        q = query[:, heads]
+        if ring is None:
+            out[:, heads] = _full_attention(q, keys, values, attention_mask, scale)
+        else:
+            out[:, heads] = ring_attention(ring, q, keys, values, key_positions, query_positions, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _full_attention(q, keys, values, attention_mask, scale):
+    n, k = q.size(2), keys.size(2)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :k]
+        if n == 1 and not bool((mask if mask.dtype == torch.bool else mask == 0).all()):
+            raise InputError("a head-wise cache does not support padded rows (give rows of one length)")
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    if n == 1 or n == k:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=scale, enable_gqa=True)
+    causal = torch.ones(n, k, dtype=torch.bool, device=q.device).tril(k - n)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, scale=scale, enable_gqa=True)
+
+
+AttentionInterface.register(ATTENTION, headwise_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

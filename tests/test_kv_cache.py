@@ -1,0 +1,157 @@
+"""The head-wise cache in plain `transformers`: `generate` with a `HeadwiseCache` computes what
+a full cache computes when streaming heads are masked, and what rh_lens's TransformerLens path
+computes on the same weights.
+
+The oracle here is an attention function written for the test: eager attention over the full
+cache (transformers' own mask: causality, sliding windows) with every streaming head's keys
+outside `KVPolicy.keeps` set to -inf.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import TINY_VOCAB, _randomise, _tiny_tokenizer
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from rh_lens.errors import InputError
+from rh_lens.heads import KVHead
+from rh_lens.interventions.compression import export_duo_attention
+from rh_lens.kv import ATTENTION, HeadwiseCache, KVPolicy, kv_bytes, policy_from_head_map
+from rh_lens.model.headwise import GROWTH
+
+COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=40),
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "head_dim": 16}, sliding_window=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+    ),
+}
+FULL = frozenset(KVHead(*h) for h in [(0, 1), (1, 3), (1, 0), (2, 2)])  # uneven: grouped heads split
+
+
+def tiny(name: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager").eval()
+    _randomise(model, seed=3)
+    return model
+
+
+def policy(sink: int = 3, window: int = 12) -> KVPolicy:
+    return KVPolicy("test", 3, 8, 4, FULL, sink, window)
+
+
+MASKED = "rh_lens_test_masked"
+
+
+def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention over every key, streaming heads limited to what the policy keeps."""
+    kept: KVPolicy = module.config.rh_test_policy
+    group = query.size(1) // key.size(1)
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.size(2)]
+    n, k = query.size(2), key.size(2)
+    queries, keys = torch.arange(k - n, k)[:, None], torch.arange(k)[None]
+    streaming = kept.streaming_heads(module.layer_idx)
+    scores[:, streaming] = scores[:, streaming].masked_fill(~kept.keeps(keys, queries), float("-inf"))
+    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(MASKED, masked_attention)
+AttentionMaskInterface.register(MASKED, eager_mask)
+
+
+@torch.inference_mode()
+def step_logits(model, prompt, fed, cache):
+    logits = [model(prompt, cache=cache, use_cache=True).logits[0, -1]]
+    for token in fed:
+        logits.append(model(token.view(1, 1), cache=cache, use_cache=True).logits[0, -1])
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_logit_matches_the_masked_full_cache(name):
+    model = tiny(name)
+    prompt = torch.randint(0, TINY_VOCAB, (1, 90), generator=torch.Generator().manual_seed(1))
+    fed = torch.randint(0, TINY_VOCAB, (50,), generator=torch.Generator().manual_seed(2))  # the ring wraps
+    model.config.rh_test_policy = policy()
+    model.set_attn_implementation(MASKED)
+    masked = step_logits(model, prompt, fed, DynamicCache())
+    cache = HeadwiseCache.from_head_map(policy(), model)
+    real = step_logits(model, prompt, fed, cache)
+    torch.testing.assert_close(real, masked, atol=1e-4, rtol=1e-4)
+    model.set_attn_implementation("eager")
+    full = step_logits(model, prompt, fed, DynamicCache())
+    assert (full - masked).abs().max() > 1e-2  # the policy matters: the comparison can fail
+    d_head = getattr(model.config, "head_dim", None) or 64 // 8
+    kept, _ = kv_bytes(policy(), 140, d_head, 4)  # what the policy keeps of 140 tokens (a sliding layer keeps less)
+    growth = len(FULL) * (GROWTH + 90) * 2 * d_head * 4  # full heads' buffers grow ahead
+    assert 0 < cache.nbytes() <= kept + growth + 4096  # + each ring slot's position
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_generate_matches_rh_lens_decoding_on_the_same_weights(name, tmp_path):
+    """transformers `generate` with the cache, and rh_lens's TransformerLens decoding with the
+    same policy, emit the same tokens."""
+    from rh_lens.model.generation import Decoding, decode_prompts
+    from rh_lens.model.loading import load_model
+
+    hf = tiny(name)
+    hf.save_pretrained(tmp_path / name)
+    _tiny_tokenizer().save_pretrained(tmp_path / name)
+    tl = load_model(str(tmp_path / name), device="cpu")
+    prompt = torch.randint(3, TINY_VOCAB, (1, 80), generator=torch.Generator().manual_seed(4))
+    cache = HeadwiseCache.from_head_map(policy(), hf)
+    out = hf.generate(prompt, cache=cache, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ((_, generation),) = decode_prompts(
+        tl, [prompt[0].tolist()], Decoding(max_new_tokens=30, kv_policy=policy()), record_attention=False
+    )
+    assert len(generation.tokens) >= 20  # not stopped early: a long comparison
+    assert out[0, 80:].tolist()[: len(generation.tokens)] == generation.tokens
+
+
+def test_head_maps_are_read_from_each_format(tmp_path):
+    export_duo_attention(policy(), tmp_path)
+    read = policy_from_head_map(tmp_path / "full_attention_heads.tsv", 3, 8, 4, full_fraction=None, sink=3, window=12)
+    assert read.full == FULL
+    with pytest.raises(InputError, match="the model has 2 x 4"):
+        policy_from_head_map(tmp_path / "full_attention_heads.tsv", 2, 8, 4, full_fraction=None)
+    with pytest.raises(InputError, match="model has 3 x 8"):
+        policy_from_head_map(KVPolicy("x", 4, 8, 4, frozenset()), 3, 8, 4)
+
+
+def test_bad_input_is_refused():
+    model = tiny("llama")
+    with pytest.raises(InputError, match="model has 3 x 8"):
+        HeadwiseCache.from_head_map(KVPolicy("x", 2, 8, 4, frozenset()), model)
+    with pytest.raises(InputError, match="more than the context"):
+        HeadwiseCache(KVPolicy("x", 3, 8, 4, frozenset(), 4, 600), model.config)
+    from transformers import GPT2Config
+
+    with pytest.raises(InputError, match="supports llama"):
+        HeadwiseCache(KVPolicy("x", 2, 4, 4, frozenset()), GPT2Config(n_layer=2, n_head=4))
+    model.set_attn_implementation(ATTENTION)
+    with pytest.raises(InputError, match="needs a HeadwiseCache"):
+        model(torch.ones(1, 4, dtype=torch.long), past_key_values=DynamicCache())
