@@ -192,7 +192,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
-        base = next(r for r in runs if r["length"] == run["length"] and r["variant"] == run["variant"].split("-")[0] + ("-full" if run["variant"].startswith("rh") else "-dynamic"))
+        base = next(
+            r
+            for r in runs
+            if r["length"] == run["length"]
+            and r["variant"] == run["variant"].split("-")[0] + ("-full" if run["variant"].startswith("rh") else "-dynamic")
+        )
         print(
             f"| {run['prompt_tokens']} | {run['variant']} | {run['measured_bytes'] / 2**20:.1f} | {run['predicted_bytes'] / 2**20:.1f} "
             f"| {run['measured_bytes'] / run['full_bytes']:.2f}x | {run['peak_added_mb']:.0f} | {run['prefill_s']:.1f} "
