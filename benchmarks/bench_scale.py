@@ -13,11 +13,20 @@ on a GPU; peak RSS over the process's start on a CPU) and the memory model's pre
     KV cache   = layers x KV heads x d_head x 2 (keys, values) x (tokens + 256 growth) x bytes
     transient  = one prefill chunk through one layer: chunk x (3 d_mlp + 6 d_model + 3 heads
                  x d_head) x bytes (a chunk is at most 256 MiB of these), the attention mask of
-                 a later chunk (at most 256 MiB), and the fp32 logits of one position
+                 a later chunk (at most 256 MiB), the fp32 logits of one position, and
+                 per token: the rotary tables (2 d_head) and a recorded decode step's
+                 scores, softmax and pattern (3 heads), x bytes
+
+    With --full-fraction F, the trial decodes through rh_lens's head-wise cache (a seeded
+    random F of the KV heads keep every key, the others --sink + --window, windowed from the
+    first prompt token), and the KV cache term is what that cache holds:
+    KV cache   = (full KV heads x (tokens + 256 growth) + streaming KV heads x (sink + window))
+                 x d_head x 2 x bytes, + 8 bytes per ring slot for its position
 
 On this machine: python benchmarks/bench_scale.py --shape llama-2-7b --layers 2 --lengths 4096 16384 65536
 On a GPU:        python benchmarks/bench_scale.py --shape llama-2-7b --lengths 32768 100000 --device cuda
-`--predict-only` prints the prediction for the full model without running anything.
+`--predict-only` prints the prediction for the full model without running anything, and the
+longest context that fits each GPU size, with the full cache and each --full-fraction.
 """
 
 from __future__ import annotations
@@ -60,19 +69,51 @@ def n_params(s: dict) -> int:
     return s["n_layers"] * (attention + mlp + 2 * s["d_model"]) + 2 * s["d_vocab"] * s["d_model"] + s["d_model"]
 
 
-def predict(s: dict, tokens: int, dtype_bytes: int) -> dict:
+def predict(s: dict, tokens: int, dtype_bytes: int, full_fraction: float | None = None, sink: int = 4, window: int = 256) -> dict:
     """The memory model, with rh_lens's own chunk budgets (rh_lens.model.generation.fused_chunk)."""
     from rh_lens.model.generation import ACTIVATION_BUDGET, MASK_BUDGET
     from rh_lens.model.tl_internals import CACHE_GROWTH
 
     kv_heads = s["n_key_value_heads"] or s["n_heads"]
     weights = n_params(s) * dtype_bytes
-    kv = s["n_layers"] * kv_heads * s["d_head"] * 2 * (tokens + CACHE_GROWTH) * dtype_bytes
+    n_total = s["n_layers"] * kv_heads
+    per_token = s["d_head"] * 2 * dtype_bytes
+    if full_fraction is None:
+        kv = n_total * (tokens + CACHE_GROWTH) * per_token
+    else:
+        n_full, ring = round(full_fraction * n_total), min(tokens, sink + window)
+        kv = (n_full * (tokens + CACHE_GROWTH) + (n_total - n_full) * ring) * per_token + s["n_layers"] * ring * 8
     per_token = dtype_bytes * (3 * s["d_mlp"] + 6 * s["d_model"] + 3 * s["n_heads"] * s["d_head"])
     first_chunk = min(tokens, max(64, ACTIVATION_BUDGET // per_token))
     mask = MASK_BUDGET if tokens > first_chunk else 0  # later chunks attend through a mask
-    transient = first_chunk * per_token + mask + s["d_vocab"] * 4
+    # O(tokens) beyond the cache: TransformerLens's rotary sin/cos tables, and a recorded decode
+    # step's scores, softmax and pattern over every key ([heads, 1, tokens], 3 copies)
+    per_context = tokens * dtype_bytes * (2 * s["d_head"] + 3 * s["n_heads"])
+    transient = first_chunk * per_token + mask + s["d_vocab"] * 4 + per_context
     return {"weights": weights, "kv": kv, "transient": transient, "total": weights + kv + transient}
+
+
+def longest_context(s: dict, gib: float, dtype_bytes: int, full_fraction: float | None, sink: int, window: int) -> int:
+    """The most prompt tokens whose predicted memory fits `gib` GiB (bisection)."""
+    low, high = 0, 1 << 26
+    while low < high:
+        middle = (low + high + 1) // 2
+        if predict(s, middle, dtype_bytes, full_fraction, sink, window)["total"] <= gib * GIB:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def random_policy(s: dict, full_fraction: float, sink: int, window: int):
+    import random
+
+    from rh_lens.model.headwise import KVPolicy
+
+    kv_heads = s["n_key_value_heads"] or s["n_heads"]
+    pool = [(layer, kv) for layer in range(s["n_layers"]) for kv in range(kv_heads)]
+    full = random.Random(0).sample(pool, round(full_fraction * len(pool)))
+    return KVPolicy("random-seed0", s["n_layers"], s["n_heads"], kv_heads, frozenset(full), sink, window)
 
 
 def rss_bytes(field: str) -> int:
@@ -110,7 +151,7 @@ def random_model(s: dict, n_ctx: int, device: str, dtype):
 def worker(args) -> dict:
     import torch
 
-    from rh_lens.model.generation import greedy_decode
+    from rh_lens.model.generation import Decoding, decode_prompts
 
     torch.set_grad_enabled(False)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
@@ -121,12 +162,19 @@ def worker(args) -> dict:
     length = args.lengths[0]
     model = random_model(s, length + args.new_tokens + 1, device, dtype)
     prompt = torch.randint(0, s["d_vocab"], (length,), generator=torch.Generator().manual_seed(0)).tolist()
-    greedy_decode(model, prompt[:64], max_new_tokens=2)  # warm-up
+    policy = random_policy(s, args.full_fraction, args.sink, args.window) if args.full_fraction is not None else None
+
+    def decode(tokens: list[int], new_tokens: int):
+        decoding = Decoding(max_new_tokens=new_tokens, batch_size=1, share_prefix=False, kv_policy=policy)
+        ((_, generation),) = decode_prompts(model, [tokens], decoding)  # every head's argmax recorded, as detection does
+        return generation
+
+    decode(prompt[:64], 2)  # warm-up
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    generation = greedy_decode(model, prompt, max_new_tokens=args.new_tokens)  # a tokenizer-less model decodes all of them
+    generation = decode(prompt, args.new_tokens)  # a tokenizer-less model decodes all of them
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -154,64 +202,88 @@ def main() -> None:
     parser.add_argument(
         "--gpu-memory", nargs="*", type=float, default=[80, 141], help="GPU sizes (GiB) the prediction is set against"
     )
+    parser.add_argument(
+        "--full-fraction",
+        nargs="*",
+        type=float,
+        default=None,
+        help="decode through the head-wise cache, this share of KV heads full",
+    )
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        args.full_fraction = args.full_fraction[0] if args.full_fraction else None
         print(json.dumps(worker(args)))
         return
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
     s = shape(args.shape, args.layers)
     print(f"{args.shape} shape, {s['n_layers']} layers, {args.dtype}, {n_params(s) / 1e9:.2f}B parameters")
+    caches = [None] + list(args.full_fraction or [])  # None: the full cache
+
+    def cache_name(fraction: float | None) -> str:
+        return "full cache" if fraction is None else f"head-wise, {fraction:g} full"
+
     if args.predict_only:
+        print(f"sink {args.sink}, window {args.window}")
         print(
-            "| prompt tokens | weights GiB | KV cache GiB | transient GiB | predicted GiB | "
+            "| cache | prompt tokens | weights GiB | KV cache GiB | transient GiB | predicted GiB | "
             + " | ".join(f"fits {g:g} GiB" for g in args.gpu_memory)
             + " |"
         )
-        print("|---|---|---|---|---|" + "---|" * len(args.gpu_memory))
-        for length in args.lengths:
-            p = predict(s, length, dtype_bytes)
-            fits = " | ".join("yes" if p["total"] / GIB < g else "no" for g in args.gpu_memory)
-            print(
-                f"| {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.1f} | {p['transient'] / GIB:.2f} | {p['total'] / GIB:.1f} | {fits} |"
-            )
+        print("|---|---|---|---|---|---|" + "---|" * len(args.gpu_memory))
+        for fraction in caches:
+            for length in args.lengths:
+                p = predict(s, length, dtype_bytes, fraction, args.sink, args.window)
+                fits = " | ".join("yes" if p["total"] / GIB < g else "no" for g in args.gpu_memory)
+                print(
+                    f"| {cache_name(fraction)} | {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.2f} | {p['transient'] / GIB:.2f} "
+                    f"| {p['total'] / GIB:.1f} | {fits} |"
+                )
+        print()
+        print("| cache | " + " | ".join(f"longest context on {g:g} GiB" for g in args.gpu_memory) + " |")
+        print("|---|" + "---|" * len(args.gpu_memory))
+        for fraction in caches:
+            longest = [longest_context(s, g, dtype_bytes, fraction, args.sink, args.window) for g in args.gpu_memory]
+            print(f"| {cache_name(fraction)} | " + " | ".join(f"{n:,}" for n in longest) + " |")
         return
     rows = []
-    for length in args.lengths:
-        command = (
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--shape",
-                args.shape,
-                "--lengths",
-                str(length),
+    for fraction in caches:
+        for length in args.lengths:
+            command = [sys.executable, __file__, "--worker", "--shape", args.shape, "--lengths", str(length)]
+            command += [
                 "--dtype",
                 args.dtype,
                 "--new-tokens",
                 str(args.new_tokens),
+                "--sink",
+                str(args.sink),
+                "--window",
+                str(args.window),
             ]
-            + (["--layers", str(args.layers)] if args.layers else [])
-            + (["--device", args.device] if args.device else [])
-        )
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"done {length}", file=sys.stderr, flush=True)
+            command += (["--layers", str(args.layers)] if args.layers else []) + (
+                ["--device", args.device] if args.device else []
+            )
+            command += ["--full-fraction", str(fraction)] if fraction is not None else []
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows.append({**json.loads(out.strip().splitlines()[-1]), "fraction": fraction})
+            print(f"done {cache_name(fraction)} at {length}", file=sys.stderr, flush=True)
     device = rows[0]["device"]
     memory = "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS added by the worker"
     print(
-        f"device {device}, {rows[0]['threads']} torch threads; one trial = prefill + {args.new_tokens} decode steps; measured = {memory}"
+        f"device {device}, {rows[0]['threads']} torch threads; one trial = prefill + {args.new_tokens} decode steps "
+        f"recording every head's argmax; measured = {memory}; sink {args.sink}, window {args.window}"
     )
     print(
-        "| prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |"
+        "| cache | prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        p = predict(s, row["length"], dtype_bytes)
+        p = predict(s, row["length"], dtype_bytes, row["fraction"], args.sink, args.window)
         print(
-            f"| {row['length']} | {row['seconds']:.1f} | {row['length'] / row['seconds']:.0f} | {row['peak'] / GIB:.2f} "
-            f"| {p['total'] / GIB:.2f} ({p['weights'] / GIB:.2f} + {p['kv'] / GIB:.2f} + {p['transient'] / GIB:.2f}) "
+            f"| {cache_name(row['fraction'])} | {row['length']} | {row['seconds']:.1f} | {row['length'] / row['seconds']:.0f} "
+            f"| {row['peak'] / GIB:.2f} | {p['total'] / GIB:.2f} ({p['weights'] / GIB:.2f} + {p['kv'] / GIB:.2f} + {p['transient'] / GIB:.2f}) "
             f"| {row['peak'] / p['total']:.2f} |"
         )
 

@@ -26,6 +26,7 @@ from rh_lens.model.tl_internals import (
     fused_attention,
     headwise_kv_cache,
     kv_cache_bytes,
+    native_windows,
     truncate_kv_cache,
 )
 from rh_lens.tasks.niah import build_trial, tokenize_haystack
@@ -159,6 +160,22 @@ def test_measured_bytes_are_the_predicted_ones():
     assert predicted + positions <= measured <= predicted + positions + growth
     assert measured < 0.5 * full
     assert kv_cache_bytes(prefill(model, prompt, chunk)) >= full  # the simulation keeps every key
+
+
+def test_a_sliding_window_layer_is_counted_against_the_models_real_cache():
+    """Gemma-3-style: a local layer's full cache is its window, and so are the bytes kept."""
+    model = gqa_model()  # layer 0: window 24
+    cfg, chunk = model.cfg, 64
+    policy = policy_for(model, SPLITS["quarter"], sink=4, window=16)
+    cache = headwise_kv_cache(model, policy, 400)
+    _extend(model, cache, random_prompt(model, 400), 0, chunk)
+    per_token = 2 * cfg.d_head * cfg.dtype.itemsize
+    predicted, full = kv_bytes(policy, 400, cfg.d_head, cfg.dtype.itemsize, native_windows(model))
+    assert full == 4 * (24 + 400 + 400) * per_token  # 4 KV heads per layer; layer 0 holds 24 tokens
+    assert predicted == (1 * 24 + 3 * (4 + 16) + 2 * (1 * 400 + 3 * (4 + 16))) * per_token
+    positions = ((24 + 20) + 2 * 20) * 8
+    growth = 2 * (GROWTH + chunk) * per_token  # the full heads of layers 1 and 2
+    assert predicted + positions <= kv_cache_bytes(cache) <= predicted + positions + growth
 
 
 def test_a_sliding_window_layer_keeps_only_its_window():

@@ -154,4 +154,4 @@ def test_bad_input_is_refused():
         HeadwiseCache(KVPolicy("x", 2, 4, 4, frozenset()), GPT2Config(n_layer=2, n_head=4))
     model.set_attn_implementation(ATTENTION)
     with pytest.raises(InputError, match="needs a HeadwiseCache"):
-        model(torch.ones(1, 4, dtype=torch.long), past_key_values=DynamicCache())
+        model(torch.ones(1, 4, dtype=torch.long), cache=DynamicCache())

@@ -45,7 +45,7 @@ from rh_lens.heads import KVHead
 from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, run_conditions
 from rh_lens.model.generation import Decoding, key_positions
 from rh_lens.model.headwise import KVPolicy, kv_bytes
-from rh_lens.model.tl_internals import Hook, check_headwise
+from rh_lens.model.tl_internals import Hook, check_headwise, native_windows
 from rh_lens.tasks.niah import Trial
 
 METHODS = ("retrieval", "random", "streaming", "razor")
@@ -231,7 +231,7 @@ def compression_conditions(
         if razor is not None:
             policies.append(("razor", None, razor_policy(model, razor, fraction, sink, window)))
         for method, seed, policy in policies:
-            kept = [kv_bytes(policy, len(t.prompt_ids), cfg.d_head, cfg.dtype.itemsize) for t in trials]
+            kept = [kv_bytes(policy, len(t.prompt_ids), cfg.d_head, cfg.dtype.itemsize, native_windows(model)) for t in trials]
             group = f"{method}-{fraction:g}"
             metadata = {"method": method, "full_fraction": fraction, "kv_kept": float(np.mean([k / f for k, f in kept]))}
             if seed is not None:

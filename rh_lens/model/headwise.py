@@ -106,15 +106,40 @@ class KVPolicy:
         return cls(**{**data, "full": frozenset(KVHead(*h) for h in data["full"])})
 
 
-def kv_bytes(policy: KVPolicy, tokens: int, d_head: int, dtype_bytes: int) -> tuple[int, int]:
-    """(bytes the policy keeps, bytes of the full cache) for a context of `tokens`: per KV
-    head, tokens kept x 2 (keys and values) x d_head x bytes per value. A prediction: the
-    bytes a `HeadwiseLayer` holds are measured by `HeadwiseLayer.nbytes`."""
+def ring_slots(policy: KVPolicy, tokens: int, native_window: int | None = None) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """(sink, ring) slots a layer's full KV heads (None: every key, no ring) and its
+    streaming KV heads need for contexts of up to `tokens`. A layer with its own sliding
+    window keeps no key outside it: its full heads are a ring of that window, and its
+    streaming heads too when the policy's window is no smaller (the layer's window then
+    hides everything else they would keep)."""
+    streaming = (min(policy.sink, tokens), policy.ring(tokens))
+    if native_window is None:
+        return None, streaming
+    native = (0, max(1, min(native_window, tokens)))
+    if policy.window >= native_window:
+        return native, native
+    return native, (streaming[0], min(streaming[1], native[1]))
+
+
+def kv_bytes(
+    policy: KVPolicy, tokens: int, d_head: int, dtype_bytes: int, native_windows: Sequence[int | None] | None = None
+) -> tuple[int, int]:
+    """(bytes the policy keeps, bytes of the model's full cache) for a context of `tokens`:
+    per KV head, tokens kept x 2 (keys and values) x d_head x bytes per value. A layer with
+    its own sliding window (`native_windows`, per layer) holds at most that window in either
+    cache. A prediction: `HeadwiseLayer.nbytes` measures what a cache holds."""
+    windows = native_windows or [None] * policy.n_layers
+    kept = whole = 0
+    for layer, window in enumerate(windows):
+        full_slots, streaming_slots = ring_slots(policy, tokens, window)
+        n_full = len(policy.full_kv_heads(layer))
+        every = tokens if window is None else min(tokens, window)
+        kept += n_full * min(tokens, sum(full_slots or (tokens, 0))) + (policy.n_kv_heads - n_full) * min(
+            tokens, sum(streaming_slots)
+        )
+        whole += policy.n_kv_heads * every
     per_token = 2 * d_head * dtype_bytes
-    n_total = policy.n_layers * policy.n_kv_heads
-    n_full = len(policy.full)
-    kept = (n_full * tokens + (n_total - n_full) * policy.kept(tokens)) * per_token
-    return kept, n_total * tokens * per_token
+    return kept * per_token, whole * per_token
 
 
 def storage_bytes(tensors: Sequence[Tensor]) -> int:
@@ -222,7 +247,7 @@ class HeadwiseLayer:
         max_tokens: int,
         native_window: int | None = None,
     ):
-        self.group = policy.group
+        self.group, self._indices = policy.group, {}
         full, streaming = policy.full_kv_heads(layer), [kv for kv in range(policy.n_kv_heads) if (layer, kv) not in policy.full]
 
         def ring(kv_heads: list[int], sink: int, size: int, rule: KeepRule) -> Ring:
@@ -233,30 +258,34 @@ class HeadwiseLayer:
 
         self.full: Full | None = None
         self.rings: list[Ring] = []
+        full_slots, streaming_slots = ring_slots(policy, max_tokens, native_window)
         if native_window is None:
             if full:
                 empty = torch.zeros((batch, len(full), 0, d_head), dtype=dtype, device=device)
                 self.full = Full(full, empty, empty.clone())
             if streaming:
-                sink = min(policy.sink, max_tokens)
-                self.rings.append(ring(streaming, sink, policy.ring(max_tokens), policy.keeps))
-        else:
+                self.rings.append(ring(streaming, *streaming_slots, policy.keeps))
+            return
 
-            def in_window(key: Tensor, query: Tensor) -> Tensor:
-                return key > query - native_window
+        def in_window(key: Tensor, query: Tensor) -> Tensor:
+            return key > query - native_window
 
-            size = max(1, min(native_window, max_tokens))
-            if full:
-                self.rings.append(ring(full, 0, size, in_window))
-            if streaming:
-                sink = min(policy.sink, max_tokens)
-                self.rings.append(
-                    ring(streaming, sink, min(size, policy.ring(max_tokens)), lambda k, q: in_window(k, q) & policy.keeps(k, q))
-                )
+        if streaming_slots == full_slots:  # the layer's window hides all its streaming heads would keep
+            self.rings.append(ring(sorted(full + streaming), *full_slots, in_window))
+            return
+        if full:
+            self.rings.append(ring(full, *full_slots, in_window))
+        if streaming:
+            self.rings.append(ring(streaming, *streaming_slots, lambda k, q: in_window(k, q) & policy.keeps(k, q)))
 
-    def query_heads(self, kv_heads: Sequence[int], device) -> Tensor:
-        """The query heads that read these KV heads, in order (grouped-query attention)."""
-        return torch.tensor([kv * self.group + j for kv in kv_heads for j in range(self.group)], device=device)
+    def indices(self, kv_heads: Sequence[int], device) -> tuple[Tensor, Tensor]:
+        """(these KV heads, the query heads that read them in order) as index tensors on
+        `device`, made once (a decode step would otherwise copy them to a GPU per layer)."""
+        key = (tuple(kv_heads), str(device))
+        if key not in self._indices:
+            query = [kv * self.group + j for kv in kv_heads for j in range(self.group)]
+            self._indices[key] = torch.tensor(list(kv_heads), device=device), torch.tensor(query, device=device)
+        return self._indices[key]
 
     def store(
         self,
@@ -269,26 +298,25 @@ class HeadwiseLayer:
         values, the ring part or None for the full part, the keys' positions or None)."""
         parts = []
         if self.full is not None:
-            kv = torch.tensor(self.full.kv_heads, device=keys.device)
+            kv, heads = self.indices(self.full.kv_heads, keys.device)
             all_keys, all_values = self.full.append(keys[:, kv], values[:, kv])
-            parts.append((self.query_heads(self.full.kv_heads, keys.device), all_keys, all_values, None, None))
+            parts.append((heads, all_keys, all_values, None, None))
         for part in self.rings:
-            kv = torch.tensor(part.kv_heads, device=keys.device)
+            kv, heads = self.indices(part.kv_heads, keys.device)
             kept_keys, kept_values, kept_positions = ring_candidates(part, keys[:, kv], values[:, kv], positions)
-            parts.append((self.query_heads(part.kv_heads, keys.device), kept_keys, kept_values, part, kept_positions))
+            parts.append((heads, kept_keys, kept_values, part, kept_positions))
         return parts
 
     def compress(self, keys: Tensor, values: Tensor) -> None:
         """Fill an empty one-row layer from a full cache of one prompt (head-major [1, kv,
         n, d_head], every KV head): what the policy keeps of it (decode-only compression)."""
-        n = keys.size(2)
         if self.full is not None:
-            index = torch.tensor(self.full.kv_heads, device=keys.device)
-            self.full.append(keys[:, index], values[:, index])
-        positions = torch.arange(n, device=keys.device)[None]
+            kv, _ = self.indices(self.full.kv_heads, keys.device)
+            self.full.append(keys[:, kv], values[:, kv])
+        positions = torch.arange(keys.size(2), device=keys.device)[None]
         for part in self.rings:
-            index = torch.tensor(part.kv_heads, device=keys.device)
-            part.write(keys[:, index], values[:, index], positions)
+            kv, _ = self.indices(part.kv_heads, keys.device)
+            part.write(keys[:, kv], values[:, kv], positions)
 
     def nbytes(self) -> int:
         """Bytes this layer's buffers hold (measured: storage sizes, growth room included)."""
@@ -309,7 +337,7 @@ def stack_rows(layers: Sequence[HeadwiseLayer], capacity: int) -> HeadwiseLayer:
     each row's own positions, so they need no padding)."""
     first = layers[0]
     stacked = object.__new__(HeadwiseLayer)
-    stacked.group, stacked.full = first.group, None
+    stacked.group, stacked.full, stacked._indices = first.group, None, {}
     if first.full is not None:
         n = max(layer.full.length for layer in layers)
         shape = (len(layers), first.full.keys.size(1), max(capacity, n), first.full.keys.size(3))

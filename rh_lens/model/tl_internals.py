@@ -896,6 +896,12 @@ def check_headwise(model: HookedTransformer, policy: KVPolicy) -> None:
         )
 
 
+def native_windows(model: HookedTransformer) -> list[int | None]:
+    """Each layer's own sliding window (TransformerLens's local attention), None for a layer
+    that attends to every key."""
+    return [model.cfg.window_size if block.attn.attn_type == "local" else None for block in model.blocks]
+
+
 def headwise_kv_cache(
     model: HookedTransformer, policy: KVPolicy, max_tokens: int, batch_size: int = 1
 ) -> TransformerLensKeyValueCache:
@@ -905,8 +911,7 @@ def headwise_kv_cache(
     check_headwise(model, policy)
     cfg = model.cfg
     cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, batch_size=batch_size)
-    for layer, (block, entry) in enumerate(zip(model.blocks, cache.entries)):
-        native = cfg.window_size if block.attn.attn_type == "local" else None
+    for layer, (native, entry) in enumerate(zip(native_windows(model), cache.entries)):
         entry.rh_headwise = HeadwiseLayer(
             policy,
             layer,
