@@ -115,7 +115,7 @@ def hf_worker(args, fraction: float | None) -> dict:
     def run(tokens, steps: int):
         cache = new_cache()
         started = time.perf_counter()
-        logits = hf(tokens[None], cache=cache, use_cache=True).logits[0, -1]
+        logits = hf(tokens[None], cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # as generate does
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(steps):
@@ -162,9 +162,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
     parser.add_argument("--variants", nargs="+", help="default: rh-full, rh-F per fraction, hf-dynamic, hf-F per fraction")
     parser.add_argument("--save", help="also write every worker's output to this JSON file")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        help="print the table of saved runs (--save files; a later run of a variant replaces an earlier one)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        runs = {(r["length"], r["variant"]): r for path in args.table for r in json.loads(Path(path).read_text())}
+        order = {v: i for i, v in enumerate(["rh-full", "rh-0.25", "rh-0.5", "hf-dynamic", "hf-0.25", "hf-0.5"])}
+        print_table(sorted(runs.values(), key=lambda r: (r["length"], order.get(r["variant"], 99))), args)
+        return
     if args.worker:
         fraction = variant_fraction(args.worker)
         print(json.dumps((rh_worker if args.worker.startswith("rh-") else hf_worker)(args, fraction)))
@@ -183,6 +193,10 @@ def main() -> None:
             print(f"done {variant} at {length}: {runs[-1]['prefill_s']:.1f} s prefill", file=sys.stderr)
             if args.save:
                 Path(args.save).write_text(json.dumps(runs))
+    print_table(runs, args)
+
+
+def print_table(runs: list[dict], args) -> None:
     print(
         f"model {args.model}, fp32, CPU, {runs[0]['torch_threads']} torch threads; sink {args.sink}, window {args.window}, "
         f"{args.steps} decode steps; full KV heads: a seeded random draw"
@@ -192,11 +206,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
+        family = run["variant"].split("-")[0]
         base = next(
             r
             for r in runs
-            if r["length"] == run["length"]
-            and r["variant"] == run["variant"].split("-")[0] + ("-full" if run["variant"].startswith("rh") else "-dynamic")
+            if r["length"] == run["length"] and r["variant"] == family + ("-full" if family == "rh" else "-dynamic")
         )
         print(
             f"| {run['prompt_tokens']} | {run['variant']} | {run['measured_bytes'] / 2**20:.1f} | {run['predicted_bytes'] / 2**20:.1f} "

@@ -56,11 +56,11 @@ def compare(model, prompt: list[int], policy, decode_only: bool) -> dict:
         _extend(model, cache, ids[:-1], 0, None)
     real_logits = []
     with fused_attention(model):
-        for token in fed:
+        for token in fed[: len(masked_logits)]:  # the last token emitted is not fed back
             real_logits.append(forward(model, torch.tensor([[token]]), cache)[0, -1])
     masked, real = torch.stack(masked_logits), torch.stack(real_logits)
     return {
-        "steps": len(fed),
+        "steps": len(masked_logits),
         "max_abs_diff": float((real - masked).abs().max()),
         "logit_scale": float(masked.abs().max()),
         "same_tokens": bool(torch.equal(real.argmax(-1), masked.argmax(-1))),
@@ -72,7 +72,8 @@ def run(model_name: str, args: argparse.Namespace) -> list[dict]:
     grid = Grid(needles=BUILTIN_NEEDLES[: args.needles], lengths=tuple(args.lengths), depths=tuple(args.depths))
     trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
     rows = []
-    for mode, decode_only in MODES.items():
+    for mode in args.modes:
+        decode_only = MODES[mode]
         for fraction in args.fractions:
             policy = random_policy(model, fraction, seed=0, sink=args.sink, window=args.window)
             started = time.perf_counter()
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", type=int, default=[10, 50, 90])
     parser.add_argument("--needles", type=int, default=3)
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")

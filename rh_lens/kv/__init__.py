@@ -1,6 +1,6 @@
 """Using retrieval heads: a key-value cache that keeps the whole context only for them.
 
-`HeadwiseCache` runs in plain `transformers` (`model.generate(ids, past_key_values=cache)`);
+`HeadwiseCache` runs in plain `transformers` (`model.generate(ids, cache=cache)`);
 rh_lens's own decoding takes the same policy through `Decoding(kv_policy=...)` and
 `rh-lens compress --cache real`. Head maps: `policy_from_head_map`.
 """

@@ -3,7 +3,7 @@
     from rh_lens.kv import HeadwiseCache
     model = AutoModelForCausalLM.from_pretrained(name)           # Llama, Qwen2, Mistral, Gemma-3
     cache = HeadwiseCache.from_head_map("head_scores.json", model, full_fraction=0.25, sink=4, window=256)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=50)
+    out = model.generate(ids, cache=cache, max_new_tokens=50)
 
 Built on transformers' two extension points: `HeadwiseCache` is a `Cache` whose layers
 (`HeadwiseCacheLayer`, one `rh_lens.model.headwise.HeadwiseLayer` each) store full KV heads
@@ -170,7 +170,7 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     d_head] and no weights."""
     parts = getattr(key, "rh_headwise_parts", None)
     if parts is None:
-        raise InputError(f"attn_implementation={ATTENTION!r} needs a HeadwiseCache (past_key_values=HeadwiseCache...)")
+        raise InputError(f"attn_implementation={ATTENTION!r} needs a HeadwiseCache (model(..., cache=HeadwiseCache...))")
     if softcap:
         raise InputError("a head-wise cache does not support soft-capped attention scores")
     b, h, n, d = query.shape
