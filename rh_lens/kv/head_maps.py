@@ -50,11 +50,7 @@ def policy_from_head_map(
     """The `KVPolicy` a head map gives a model of this shape (see the module docstring)."""
     shape = (n_layers, n_heads, n_kv_heads)
     if isinstance(head_map, KVPolicy):
-        if (head_map.n_layers, head_map.n_heads, head_map.n_kv_heads) != shape:
-            raise InputError(
-                f"the KV policy is for {head_map.n_layers} x {head_map.n_heads} heads ({head_map.n_kv_heads} KV heads), "
-                f"the model has {n_layers} x {n_heads} ({n_kv_heads} KV heads)"
-            )
+        head_map.check_shape(*shape)
         return head_map
     if isinstance(head_map, (str, Path)) and Path(head_map).suffix == ".tsv":
         gates = read_duo_attention(head_map)

@@ -122,12 +122,7 @@ class HeadwiseCache(Cache):
 
     def __init__(self, policy: KVPolicy, config, max_tokens: int | None = None):
         check_model(config)
-        shape = model_shape(config)
-        if (policy.n_layers, policy.n_heads, policy.n_kv_heads) != shape:
-            raise InputError(
-                f"the KV policy is for {policy.n_layers} layers x {policy.n_heads} heads ({policy.n_kv_heads} KV heads), "
-                f"the model has {shape[0]} x {shape[1]} ({shape[2]} KV heads)"
-            )
+        policy.check_shape(*model_shape(config))
         text = getattr(config, "text_config", None) or config
         max_tokens = max_tokens or getattr(text, "max_position_embeddings", None) or 1 << 20
         if policy.sink + policy.window > max_tokens:

@@ -67,6 +67,14 @@ class KVPolicy:
         if outside:
             raise InputError(f"full KV heads {sorted(outside)} lie outside {self.n_layers} layers x {self.n_kv_heads} KV heads")
 
+    def check_shape(self, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
+        """Refuse a model of another shape (layers, query heads, KV heads)."""
+        if (self.n_layers, self.n_heads, self.n_kv_heads) != (n_layers, n_heads, n_kv_heads):
+            raise InputError(
+                f"the KV policy is for {self.n_layers} layers x {self.n_heads} heads ({self.n_kv_heads} KV heads), "
+                f"the model has {n_layers} x {n_heads} ({n_kv_heads} KV heads)"
+            )
+
     @property
     def group(self) -> int:
         """Query heads per key-value head (query head h reads KV head h // group)."""

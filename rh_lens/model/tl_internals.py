@@ -841,11 +841,17 @@ def padded_kv_cache(
         if rotated_entry:
             entry.rh_buffers = keys, values
         entry.past_keys, entry.past_values = _keys_view(keys, n), _keys_view(values, n)
-    mask = torch.zeros(rows, n, dtype=torch.int, device=cache.previous_attention_mask.device)
+    cache.previous_attention_mask = _left_padding_mask(lengths, cache.previous_attention_mask.device)
+    return cache
+
+
+def _left_padding_mask(lengths: Sequence[int], device) -> Tensor:
+    """[row, max(lengths)]: 1 over each row's last `length` positions, 0 over its padding."""
+    n = max(lengths)
+    mask = torch.zeros(len(lengths), n, dtype=torch.int, device=device)
     for row, length in enumerate(lengths):
         mask[row, n - length :] = 1
-    cache.previous_attention_mask = mask
-    return cache
+    return mask
 
 
 def copy_row(cache: TransformerLensKeyValueCache, row: int, source: TransformerLensKeyValueCache) -> None:
@@ -877,12 +883,7 @@ def keep_rows(cache: TransformerLensKeyValueCache, rows: Tensor, drop: int = 0) 
 def check_headwise(model: HookedTransformer, policy: KVPolicy) -> None:
     """Refuse a policy for another architecture, or a model a head-wise cache cannot run."""
     cfg = model.cfg
-    shape = (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads)
-    if (policy.n_layers, policy.n_heads, policy.n_kv_heads) != shape:
-        raise InputError(
-            f"the KV policy is for {policy.n_layers} layers x {policy.n_heads} heads ({policy.n_kv_heads} KV heads), "
-            f"the model has {shape[0]} x {shape[1]} ({shape[2]} KV heads)"
-        )
+    policy.check_shape(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads)
     if not fast_paths_enabled():
         raise InputError(
             "a head-wise cache runs through rh_lens's fast attention paths, which are off here "
@@ -954,10 +955,7 @@ def stack_kv_caches(
         entry.rh_headwise = stack_rows([e.rh_headwise for e in own], capacity)
         entry.past_keys = entry.past_values = _placeholder(own[0].past_keys, max(lengths), own[0].past_keys.size(2), len(caches))
         entry.append = _refuse_rotated
-    mask = torch.zeros(len(caches), max(lengths), dtype=torch.int, device=cache.previous_attention_mask.device)
-    for row, length in enumerate(lengths):
-        mask[row, max(lengths) - length :] = 1
-    cache.previous_attention_mask = mask
+    cache.previous_attention_mask = _left_padding_mask(lengths, cache.previous_attention_mask.device)
     return cache
 
 
