@@ -103,8 +103,8 @@ def test_hooks_act_on_every_row_at_its_own_positions(kind):
     model = random_model(window_size=64)  # the model's own window wide enough for the policy's to matter
     policy = KVPolicy("test", 2, 4, 2, frozenset({(1, 0)}), sink=3, window=5)
     intervention = {
-        "compression": KVCompression(policy),
-        "compression-decode-only": KVCompression(policy, decode_only=True),
+        "compression": KVCompression(policy, cache="masked"),
+        "compression-decode-only": KVCompression(policy, decode_only=True, cache="masked"),
         "mask": HeadMask([(0, 1), (1, 3)]),
     }[kind]
     prompts = random_prompts(model)

@@ -18,7 +18,7 @@ from test_tl_internals import random_model
 
 from rh_lens.errors import InputError
 from rh_lens.heads import KVHead
-from rh_lens.interventions.compression import compression_hooks
+from rh_lens.interventions.compression import KVCompression, compression_hooks
 from rh_lens.model.generation import Decoding, _extend, decode_prompts, forward, prefill
 from rh_lens.model.headwise import GROWTH, KVPolicy, kv_bytes
 from rh_lens.model.tl_internals import (
@@ -205,3 +205,9 @@ def test_bad_input_is_refused():
     capped.cfg.attn_scores_soft_cap = 50.0
     with pytest.raises(InputError, match="does not support"):
         headwise_kv_cache(capped, policy_for(capped, []), 100)
+    real = KVCompression(policy_for(model, []))  # the default cache is real: hooks alone would free nothing
+    with pytest.raises(InputError, match='cache="masked"'):
+        with real(model):
+            pass
+    with KVCompression(policy_for(model, []), cache="masked")(model):
+        assert model.hook_dict["blocks.0.attn.hook_attn_scores"].fwd_hooks

@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--cache",
         choices=("masked", "real"),
-        default="masked",
-        help="masked: streaming heads' keys hidden in the full cache (the simulation); real: a head-wise cache that stores only "
-        "the keys kept and frees the rest (default masked)",
+        default="real",
+        help="real: a head-wise cache that stores only the keys kept and frees the rest (the default); masked: streaming "
+        "heads' keys hidden in the full cache (the simulation, the oracle the real cache is tested against)",
     )
     k.set_defaults(run=run_compress)
 

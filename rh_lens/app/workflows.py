@@ -165,13 +165,13 @@ def compress_grid(
     window: int = 256,
     random_seeds: int = 2,
     decode_only: bool = False,
-    cache: str = "masked",
+    cache: str = "real",
     options: RunOptions = RunOptions(),
 ) -> tuple[CompressionResult, list[Path]]:
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
     full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
-    the same bytes and RazorAttention's heads; saved with `save_compression`. `cache`: "masked"
-    (simulated over the full cache) or "real" (a head-wise cache that frees the memory)."""
+    the same bytes and RazorAttention's heads; saved with `save_compression`. `cache`: "real"
+    (a head-wise cache that frees the memory) or "masked" (simulated over the full cache)."""
     detection, settings = _ranking(scores, grid)
     with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)

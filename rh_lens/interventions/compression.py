@@ -3,10 +3,10 @@
 A `KVPolicy` (`rh_lens.model.headwise`) says which key-value heads keep every key ("full")
 and which keep only the first `sink` tokens (attention sinks) and a recent `window`
 ("streaming", as in StreamingLLM and DuoAttention). It is applied at prefill and decode, or at
-decode only (as a cache compressed after prefill behaves), in one of two ways: simulated
-through TransformerLens hooks (`cache="masked"`: at `hook_attn_scores` the keys a streaming head
-does not keep get no attention, -inf, and the full cache stays in memory), or for real
-(`cache="real"`: a head-wise cache stores only the keys kept; same results, the memory freed).
+decode only (as a cache compressed after prefill behaves), in one of two ways: for real
+(`cache="real"`, the default: a head-wise cache stores only the keys kept), or simulated through
+TransformerLens hooks (`cache="masked"`: at `hook_attn_scores` the keys a streaming head does not
+keep get no attention, -inf, and the full cache stays in memory; same results, the oracle).
 Key-value memory is per key-value head, so under
 grouped-query attention a policy decides per KV head, and all query heads reading a KV head
 follow it; a KV head's retrieval score is the best retrieval score of its query heads.
@@ -151,20 +151,29 @@ CACHES = ("masked", "real")
 
 @dataclass(frozen=True)
 class KVCompression(Intervention):
-    """The cache `policy` keeps (at prefill and decode, or decode only). `cache="masked"`:
-    simulated, streaming heads see only their sink and window through -inf scores over the
-    full cache (`with KVCompression(policy)(model):` applies it to every forward pass inside
-    the block); `"real"`: decoded through a head-wise cache that stores only those keys
-    (`rh_lens.model.headwise`), the same computation with the memory freed."""
+    """The cache `policy` keeps (at prefill and decode, or decode only). `cache="real"` (the
+    default): decoded through a head-wise cache that stores only those keys
+    (`rh_lens.model.headwise`); `"masked"`: simulated, streaming heads see only their sink and
+    window through -inf scores over the full cache, the same computation with nothing freed
+    (`with KVCompression(policy, cache="masked")(model):` applies it to every forward pass
+    inside the block)."""
 
     kind: ClassVar[str] = "kv_compression"
     policy: KVPolicy
     decode_only: bool = False
-    cache: str = "masked"
+    cache: str = "real"
 
     def __post_init__(self):
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r}; choose from {', '.join(CACHES)}")
+
+    def __call__(self, model: HookedTransformer):
+        if self.cache == "real":  # hooks alone cannot free keys: only rh_lens's decoding holds the head-wise cache
+            raise InputError(
+                "a real head-wise cache acts through rh_lens's decoding (answer_under, decode_prompts); "
+                'for hooks on every forward pass use KVCompression(policy, cache="masked")'
+            )
+        return super().__call__(model)
 
     def hooks(self, model: HookedTransformer) -> list[Hook]:
         return compression_hooks(self.policy) if self.cache == "masked" else []
@@ -184,7 +193,7 @@ class KVCompression(Intervention):
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KVCompression:
-        return cls(KVPolicy.from_json(data["policy"]), data["decode_only"], data.get("cache", "masked"))
+        return cls(KVPolicy.from_json(data["policy"]), data["decode_only"], data.get("cache", "masked"))  # older files: masked
 
 
 class CompressionResult(InterventionResult):
@@ -217,7 +226,7 @@ def compression_conditions(
     window: int,
     decode_only: bool = False,
     razor: Float[Tensor, "layer head"] | None = None,
-    cache: str = "masked",
+    cache: str = "real",
 ) -> list[Condition]:
     """The full cache, then per fraction the retrieval policy, random KV heads per seed,
     StreamingLLM at the same bytes, and RazorAttention's ranking (when `razor` scores are
@@ -251,7 +260,7 @@ def compression_experiment(
     window: int = 256,
     seeds: Sequence[int] = (0, 1),
     decode_only: bool = False,
-    cache: str = "masked",
+    cache: str = "real",
     out_dir: str | Path | None = None,
     options: RunOptions = RunOptions(),
     settings: dict[str, Any] | None = None,

@@ -880,6 +880,9 @@ def keep_rows(cache: TransformerLensKeyValueCache, rows: Tensor, drop: int = 0) 
     cache.previous_attention_mask = cache.previous_attention_mask[rows, drop:]
 
 
+USE_MASKED = 'simulate it instead: --cache masked, or KVCompression(policy, cache="masked")'
+
+
 def check_headwise(model: HookedTransformer, policy: KVPolicy) -> None:
     """Refuse a policy for another architecture, or a model a head-wise cache cannot run."""
     cfg = model.cfg
@@ -887,13 +890,13 @@ def check_headwise(model: HookedTransformer, policy: KVPolicy) -> None:
     if not fast_paths_enabled():
         raise InputError(
             "a head-wise cache runs through rh_lens's fast attention paths, which are off here "
-            f"(transformer-lens {transformer_lens_version()}, or RH_LENS_FAST_PATHS=0); use the masked cache"
+            f"(transformer-lens {transformer_lens_version()}, or RH_LENS_FAST_PATHS=0); {USE_MASKED}"
         )
     unsupported = sorted({cfg.original_architecture or "?" for b in model.blocks if not _fast_supported(b.attn)})
     if unsupported:
         raise InputError(
             f"a head-wise cache does not support this model's attention ({', '.join(unsupported)}: soft-capped "
-            "scores, attention sinks or another variant rh_lens's fast paths leave to TransformerLens); use the masked cache"
+            f"scores, attention sinks or another variant rh_lens's fast paths leave to TransformerLens); {USE_MASKED}"
         )
 
 
