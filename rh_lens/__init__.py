@@ -2,7 +2,8 @@
 
 The public API, by part (each subpackage lists its own in `__all__`):
 - model: `load_model`, `greedy_decode`, `decode_prompts` (many prompts: shared prefixes, batches);
-- tasks: `Grid`, `Needle`, `Trial`, `build_trial`, grading (`answer_trial`, `answer_trials`, `rouge1_recall`);
+- tasks: `Grid`, `Needle`, `Trial`, `build_trial`, questions about real documents (`QAGrid`,
+  `load_corpus`), the needle bank (`NEEDLE_SPLITS`), grading (`answer_trial`, `answer_trials`, `rouge1_recall`);
 - detection: `detect`, `DetectionResult`, `load_results`, the score (`copy_scores`,
   `retrieval_scores`), probes (`razor_scores`, `repeat_attention`);
 - execution: `RunOptions`, `run_trials`;
@@ -71,14 +72,17 @@ from rh_lens.interventions import (
 from rh_lens.model import CATALOGUE, Decoding, decode_prompts, greedy_decode, load_model
 from rh_lens.tasks import (
     BUILTIN_NEEDLES,
+    NEEDLE_SPLITS,
     Answer,
     Grid,
     Needle,
     NiahRecord,
+    QAGrid,
     Trial,
     answer_trial,
     answer_trials,
     build_trial,
+    load_corpus,
     load_haystack,
     load_needles,
     rouge1_recall,
@@ -107,8 +111,10 @@ __all__ = [
     "KVHead",
     "KVPolicy",
     "ModelLoadError",
+    "NEEDLE_SPLITS",
     "Needle",
     "NiahRecord",
+    "QAGrid",
     "PatchingResult",
     "ResultsFileError",
     "RhLensError",
@@ -139,6 +145,7 @@ __all__ = [
     "decode_prompts",
     "greedy_decode",
     "head_means",
+    "load_corpus",
     "load_haystack",
     "load_model",
     "load_needles",

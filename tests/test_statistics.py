@@ -103,3 +103,24 @@ def test_adaptive_detection_stops_early_and_resumes(tmp_path):
     )
     assert [t.key for t in again.trials] == [t.key for t in result.trials]
     assert bootstrap(result).interval("1-2") == (1.0, 1.0)
+
+
+def test_comparison_intervals_separate_a_shared_map_from_an_unrelated_one():
+    """Two detections of one head map (independent trial noise) vs a detection of another map:
+    the Spearman interval sits high for the first pair and straddles 0 for the second."""
+    from rh_lens.analysis.analyses import compare
+
+    rng = np.random.default_rng(0)
+    truth, other = rng.uniform(0, 0.5, (6, 5)), rng.uniform(0, 0.5, (6, 5))
+    noisy = lambda mean: result_of(np.clip(mean + rng.normal(0, 0.1, (40, 6, 5)), 0, 1))  # noqa: E731
+    same = compare(noisy(truth), noisy(truth), top_k=5, resamples=300)
+    unrelated = compare(noisy(truth), noisy(other), top_k=5, resamples=300)
+    low, high = same.intervals["spearman"]
+    assert 0.7 < low <= same.spearman <= high
+    low, high = unrelated.intervals["spearman"]
+    assert low < 0.35 and low <= unrelated.spearman <= high
+    assert same.intervals["top_k_overlap"][1] >= 0.6 and unrelated.intervals["top_k_overlap"][0] <= 0.4
+    fraction = (np.asarray(same.scores_a) >= 0.1).mean()
+    low, high = same.intervals["fraction_above_a"]
+    assert low <= fraction <= high
+    assert compare(noisy(truth), noisy(truth), resamples=0).intervals is None

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
-from rh_lens.analysis.statistics import Bootstrap, bootstrap
+from rh_lens.analysis.statistics import Bootstrap, bootstrap, resampled_scores
 from rh_lens.detection.records import DetectionResult, TrialRecord
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
 from rh_lens.errors import InputError, ResultsFileError
@@ -282,6 +282,9 @@ class Comparison(_JSON):
     scores_a: list[float]
     scores_b: list[float]
     warnings: list[str] = field(default_factory=list)
+    # With resamples: percentile intervals over bootstrap resamples of each side's trials,
+    # {"spearman", "top_k_overlap", "fraction_above_a", "fraction_above_b": [low, high], ...}.
+    intervals: dict[str, Any] | None = None
 
 
 def _correlation(test, a: np.ndarray, b: np.ndarray) -> float | None:
@@ -296,9 +299,19 @@ def top_heads(result: DetectionResult, k: int) -> list[str]:
     return [str(Head(layer, head)) for layer, head, score in result.ranking(k) if score > 0]
 
 
-def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
+def compare(
+    a: DetectionResult,
+    b: DetectionResult,
+    top_k: int = TOP_K,
+    threshold: float = DEFAULT_THRESHOLD,
+    resamples: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
     """Pearson and Spearman (ties averaged) of the score vectors, top-K overlap |A ∩ B| / K,
-    and the heads in both top-K lists with their ranks and scores."""
+    and the heads in both top-K lists with their ranks and scores. `resamples` > 0: bootstrap
+    intervals of the Spearman, the overlap and each side's fraction of heads >= threshold, each
+    side's successful trials resampled independently (seeds `seed`, `seed + 1`)."""
     if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
         raise InputError(
             f"cannot compare {a.model} ({a.n_layers}x{a.n_heads}) with {b.model} ({b.n_layers}x{b.n_heads}): "
@@ -343,7 +356,33 @@ def compare(a: DetectionResult, b: DetectionResult, top_k: int = TOP_K, threshol
         scores_a=scores_a.tolist(),
         scores_b=scores_b.tolist(),
         warnings=warnings,
+        intervals=_comparison_intervals(a, b, top_k, threshold, resamples, confidence, seed) if resamples else None,
     )
+
+
+def _comparison_intervals(a, b, top_k: int, threshold: float, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+    ra, rb = resampled_scores(a, resamples, seed).numpy(), resampled_scores(b, resamples, seed + 1).numpy()
+    spearman = [_correlation(stats.spearmanr, x, y) for x, y in zip(ra, rb)]
+    spearman = [r for r in spearman if r is not None]
+
+    def top(x) -> set[int]:  # as `top_heads`: heads scoring 0 are left out
+        return {int(i) for i in np.argsort(-x, kind="stable")[:top_k] if x[i] > 0}
+
+    overlap = [len(top(x) & top(y)) / top_k for x, y in zip(ra, rb)]
+    tail = 100 * (1 - confidence) / 2
+
+    def interval(values) -> list[float] | None:
+        return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else None
+
+    return {
+        "n_resamples": resamples,
+        "confidence": confidence,
+        "seed": seed,
+        "spearman": interval(spearman),
+        "top_k_overlap": interval(overlap),
+        "fraction_above_a": interval((ra >= threshold).mean(axis=1)),
+        "fraction_above_b": interval((rb >= threshold).mean(axis=1)),
+    }
 
 
 # --- distractors ---------------------------------------------------------------------

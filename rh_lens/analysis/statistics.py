@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from rh_lens.detection.adaptive import top_k_indices
 from rh_lens.detection.records import DetectionResult
@@ -52,20 +54,27 @@ class Bootstrap:
         return self.low[i], self.high[i]
 
 
+def resampled_scores(result: DetectionResult, n_resamples: int, seed: int = 0) -> Float[Tensor, "resample head"]:
+    """Each head's score (flattened layer-major) in `n_resamples` resamples of the successful
+    trials, drawn with replacement (seeded)."""
+    trials = result.successful
+    if not trials:
+        raise InputError(f"{result.model}: no successful trial to resample")
+    scores = torch.tensor([t.head_scores for t in trials], dtype=torch.float64).flatten(1)  # trial x (layer*head)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(trials), (n_resamples, len(trials)), generator=generator)
+    return scores[picks].mean(dim=1)
+
+
 def bootstrap(
     result: DetectionResult, n_resamples: int = 1000, top_k: int = 10, confidence: float = 0.95, seed: int = 0
 ) -> Bootstrap:
     """Resample the successful trials with replacement: score intervals and top-K stability."""
-    trials = result.successful
-    if not trials:
-        raise InputError(f"{result.model}: no successful trial to resample")
     if not 0 < confidence < 1 or n_resamples < 1 or top_k < 1:
         raise InputError("bootstrap needs 0 < confidence < 1, n_resamples >= 1 and top_k >= 1")
-    scores = torch.tensor([t.head_scores for t in trials], dtype=torch.float64).flatten(1)  # trial x (layer*head)
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(trials), (n_resamples, len(trials)), generator=generator)
-    resampled = scores[picks].mean(dim=1)  # resample x head
-    point = scores.mean(dim=0)
+    trials = result.successful
+    resampled = resampled_scores(result, n_resamples, seed)
+    point = torch.tensor([t.head_scores for t in trials], dtype=torch.float64).flatten(1).mean(dim=0)
     tail = (1 - confidence) / 2
     low = torch.quantile(resampled, tail, dim=0)
     high = torch.quantile(resampled, 1 - tail, dim=0)

@@ -91,6 +91,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         random_seeds=args.random_seeds,
         method=args.method,
         decode_only=args.decode_only,
+        heldout=args.heldout,
         options=run_options_from_args(args),
     )
     print(format_ablation(result))
@@ -109,6 +110,7 @@ def run_compress(args: argparse.Namespace) -> None:
         random_seeds=args.random_seeds,
         decode_only=args.decode_only,
         cache=args.cache,
+        heldout=args.heldout,
         options=run_options_from_args(args),
     )
     print(format_compression(result))
@@ -150,7 +152,7 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 def run_compare(args: argparse.Namespace) -> None:
     comparison, written = workflows.compare_files(
-        args.a, args.b, args.out, top_k=args.top_k, threshold=args.threshold, overwrite=args.overwrite
+        args.a, args.b, args.out, top_k=args.top_k, threshold=args.threshold, resamples=args.resamples, overwrite=args.overwrite
     )
     for warning in comparison.warnings:
         print(f"rh-lens: warning: {warning}", file=sys.stderr)
@@ -179,6 +181,14 @@ def out_arguments(p: argparse.ArgumentParser, resume: bool = False) -> None:
     choice.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing an earlier run there")
     if resume:
         choice.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+
+def heldout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heldout",
+        action="store_true",
+        help="refuse to evaluate on needles or questions the --scores ranking was detected on (without it: a warning)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--random-seeds", type=non_negative_int, default=3, help="random-K draws per K (seeds 0..N-1)")
     a.add_argument("--method", choices=METHODS, default="uniform", help="uniform attention (the paper), zero or mean output")
     a.add_argument("--decode-only", action="store_true", help="mask at decode steps only, not over the prompt")
+    heldout_argument(a)
     a.set_defaults(run=run_ablate)
 
     k = commands.add_parser("compress", help="KV-cache compression: full cache for retrieval heads, sink + window for the rest")
@@ -267,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="real: a head-wise cache that stores only the keys kept and frees the rest (the default); masked: streaming "
         "heads' keys hidden in the full cache (the simulation, the oracle the real cache is tested against)",
     )
+    heldout_argument(k)
     k.set_defaults(run=run_compress)
 
     p = commands.add_parser("patch", help="activation patching: which heads carry the needle's answer")
@@ -343,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("b")
     c.add_argument("--top-k", type=positive_int, default=TOP_K, help="size of the top lists compared (default 20)")
     c.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD)
+    c.add_argument(
+        "--resamples",
+        type=non_negative_int,
+        default=1000,
+        help="bootstrap resamples of each file's trials for 95%% intervals (default 1000; 0: none)",
+    )
     out_arguments(c)
     c.set_defaults(run=run_compare)
     return parser

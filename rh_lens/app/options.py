@@ -13,6 +13,7 @@ import math
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.model.loading import CATALOGUE, DTYPES
+from rh_lens.tasks.documents import TASKS, QAGrid
 from rh_lens.tasks.niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid, Needle, load_needles
 
 MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
@@ -83,18 +84,22 @@ def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = Fal
     """--haystack, --needles and --prompt: what the prompts are made of."""
     if one_haystack:
         parser.add_argument(
-            "--haystack", default="pydoc", help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'"
+            "--haystack",
+            default="pydoc",
+            help="directory of .txt files, a .txt file, 'pydoc' (default), 'synthetic' or 'ruler-essays'",
         )
     else:
         parser.add_argument(
             "--haystack",
             nargs="+",
-            default=["pydoc"],
-            help="directory of .txt files, a .txt file, 'pydoc' (default) or 'synthetic'; one, or one per needle",
+            default=None,
+            help="directory of .txt files, a .txt file, 'pydoc' (default), 'synthetic' or 'ruler-essays'; one, or one per needle",
         )
     parser.add_argument(
         "--needles",
-        help="JSONL file of {needle, question, real_needle}, or 'long' (built-in needles with answers of 10+ tokens); default: the built-in short-answer needles",
+        help="JSONL file of {needle, question, real_needle}, or a built-in set: 'long' (answers of 10+ tokens), 'bank' "
+        "(40 needles of varied answer kinds), 'bank-a' / 'bank-b' (its two halves, for held-out splits); "
+        "default: the 3 built-in short-answer needles",
     )
     parser.add_argument(
         "--prompt",
@@ -104,8 +109,37 @@ def add_text_arguments(parser: argparse.ArgumentParser, one_haystack: bool = Fal
     )
 
 
+def question_range(text: str) -> tuple[int, int]:
+    """START:STOP (or N for 0:N): a slice of the seeded question order."""
+    start, _, stop = text.rpartition(":") if ":" in text else ("0", ":", text)
+    a, b = (
+        _number(int, start or "0", f"expected START:STOP or N, got {text!r}"),
+        _number(int, stop, f"expected START:STOP or N, got {text!r}"),
+    )
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"expected START:STOP with 0 <= START < STOP, got {text!r}")
+    return a, b
+
+
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    """The NIAH grid: text options plus --lengths and --depths."""
+    """The grid: what the trials are (--task, and the NIAH text options or the questions),
+    plus --lengths and --depths."""
+    parser.add_argument(
+        "--task",
+        choices=("niah",) + TASKS,
+        default="niah",
+        help="niah (needles in a haystack, the default), squad or hotpotqa (real questions among distractor paragraphs)",
+    )
+    parser.add_argument(
+        "--questions",
+        type=question_range,
+        default=(0, 20),
+        metavar="START:STOP",
+        help="with --task squad/hotpotqa: questions START to STOP of the seeded order (default 0:20); "
+        "a disjoint range is a held-out split",
+    )
+    parser.add_argument("--question-seed", type=non_negative_int, default=0, help="seed of the question order (default 0)")
+    parser.add_argument("--data", default=None, help="a SQuAD- or HotpotQA-format JSON file instead of RULER's copy")
     add_text_arguments(parser)
     parser.add_argument(
         "--lengths", nargs="+", type=positive_int, default=list(DEFAULT_LENGTHS), help="context lengths in tokens"
@@ -155,12 +189,19 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
     return load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
 
 
-def grid_from_args(args: argparse.Namespace) -> Grid:
+def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid:
+    if getattr(args, "task", "niah") != "niah":
+        given = [name for name in ("needles", "haystack", "distractor") if getattr(args, name, None)]
+        if given:
+            raise InputError(f"--{given[0]} is for --task niah; --task {args.task} asks questions about real paragraphs")
+        return QAGrid(
+            args.task, args.questions, tuple(args.lengths), tuple(args.depths), args.prompt, args.question_seed, args.data
+        )
     return Grid(
         tuple(needles_from_args(args)),
         tuple(args.lengths),
         tuple(args.depths),
-        tuple(args.haystack),
+        tuple(args.haystack or ["pydoc"]),
         args.prompt,
         getattr(args, "distractor", None),
     )

@@ -286,6 +286,19 @@ def format_comparison(comparison: Comparison) -> str:
         f"Pearson {number(comparison.pearson)}   Spearman {number(comparison.spearman)}",
         f"top-{comparison.top_k} overlap: {len(comparison.shared_top)}/{comparison.top_k} = {comparison.top_k_overlap:.2f}",
         f"heads >= {comparison.threshold:g}: {comparison.n_above_a} in A, {comparison.n_above_b} in B, {comparison.n_above_both} in both",
+    ]
+    if comparison.intervals:
+        ci = comparison.intervals
+
+        def span(key: str) -> str:
+            return "n/a" if ci[key] is None else f"[{ci[key][0]:.3f}, {ci[key][1]:.3f}]"
+
+        lines.append(
+            f"{ci['confidence']:.0%} bootstrap intervals ({ci['n_resamples']} resamples of each side's trials): Spearman "
+            f"{span('spearman')}, top-{comparison.top_k} overlap {span('top_k_overlap')}, fraction >= {comparison.threshold:g} "
+            f"A {span('fraction_above_a')}, B {span('fraction_above_b')}"
+        )
+    lines += [
         f"{'shared head':<12} {'rank A':>6} {'rank B':>6} {'score A':>8} {'score B':>8}",
     ]
     for row in comparison.shared_top:

@@ -7,6 +7,7 @@ very same steps; printing is left to the caller (`rh_lens.app.reports` formats t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,11 @@ from rh_lens.interventions.patching import (
     patching_pair,
 )
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
+from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
+from rh_lens.tasks.splits import shared_items, split_of
+
+logger = logging.getLogger(__name__)
 
 
 def _model(model: str | HookedTransformer, options: RunOptions, checkpoint: int | None = None) -> HookedTransformer:
@@ -66,16 +71,34 @@ def _executor(model, options: RunOptions, checkpoint: int | None = None):
         yield load_model_spec(model, pool.device, pool.dtype), pool
 
 
-def _ranking(scores: str | Path | DetectionResult, grid: Grid) -> tuple[DetectionResult, dict[str, Any]]:
-    """The detection result that ranks the heads, and the run's settings: read first, so bad
-    input fails before a model loads."""
+def _ranking(
+    scores: str | Path | DetectionResult, grid: Grid | QAGrid, heldout: bool = False
+) -> tuple[DetectionResult, dict[str, Any]]:
+    """The detection result that ranks the heads, and the run's settings with the split the
+    ranking came from: read first, so bad input fails before a model loads. Evaluating on the
+    ranking's own needles or questions is a warning, and with `heldout` an error."""
     detection = scores if isinstance(scores, DetectionResult) else load_results(scores)
-    return detection, {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
+    ranked_on = split_of(detection.settings)
+    shared = shared_items(ranked_on, split_of(settings))
+    settings |= {"ranked_on": ranked_on, "shared_with_ranking": shared, "heldout": bool(shared == [])}
+    if shared is None:
+        if heldout:
+            raise InputError(f"--heldout: {settings['scores']} does not record the trials its ranking came from")
+    elif shared:
+        what = f"{len(shared)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
+        if heldout:
+            raise InputError(
+                f"--heldout: the evaluation grid shares {what} with the detection run ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}); choose other needles or --questions"
+            )
+        logger.warning(f"warning: evaluating on {what}: the result is in-grid, not held out (--heldout refuses this)")
+    return detection, settings
 
 
 def detect_grid(
     model: str | HookedTransformer,
-    grid: Grid,
+    grid: Grid | QAGrid,
     out: str | Path,
     *,
     options: RunOptions = RunOptions(),
@@ -115,7 +138,7 @@ def detect_grid(
 def ablate_grid(
     model: str | HookedTransformer,
     scores: str | Path | DetectionResult,
-    grid: Grid,
+    grid: Grid | QAGrid,
     out: str | Path,
     *,
     ks: Sequence[int] | None = None,
@@ -123,13 +146,15 @@ def ablate_grid(
     random_seeds: int = 3,
     method: str = "uniform",
     decode_only: bool = False,
+    heldout: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
     random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `thresholds`:
     instead of `ks`, mask the heads at or above each threshold (the paper's 0.1 is a choice:
-    what does it change?). `options`: as for `detect_grid`."""
-    detection, settings = _ranking(scores, grid)
+    what does it change?). `heldout`: refuse a grid that shares needles or questions with the
+    ranking's detection run. `options`: as for `detect_grid`."""
+    detection, settings = _ranking(scores, grid, heldout)
     if thresholds:
         by_threshold = ks_for_thresholds(detection, thresholds)
         ks = sorted({k for k in by_threshold.values() if k > 0})
@@ -157,7 +182,7 @@ def ablate_grid(
 def compress_grid(
     model: str | HookedTransformer,
     scores: str | Path | DetectionResult,
-    grid: Grid,
+    grid: Grid | QAGrid,
     out: str | Path,
     *,
     fractions: Sequence[float] = (0.1, 0.25, 0.5),
@@ -166,13 +191,15 @@ def compress_grid(
     random_seeds: int = 2,
     decode_only: bool = False,
     cache: str = "real",
+    heldout: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[CompressionResult, list[Path]]:
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
     full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
     the same bytes and RazorAttention's heads; saved with `save_compression`. `cache`: "real"
-    (a head-wise cache that frees the memory) or "masked" (simulated over the full cache)."""
-    detection, settings = _ranking(scores, grid)
+    (a head-wise cache that frees the memory) or "masked" (simulated over the full cache).
+    `heldout`: as for `ablate_grid`."""
+    detection, settings = _ranking(scores, grid, heldout)
     with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = compression_experiment(
@@ -278,9 +305,11 @@ def compare_files(
     *,
     top_k: int = TOP_K,
     threshold: float = DEFAULT_THRESHOLD,
+    resamples: int = 0,
     overwrite: bool = False,
 ) -> tuple[Comparison, list[Path]]:
-    """`rh-lens compare`: two results files of one architecture, saved with `save_comparison`."""
-    comparison = compare(load_results(a), load_results(b), top_k, threshold)
+    """`rh-lens compare`: two results files of one architecture, saved with `save_comparison`;
+    `resamples` > 0 adds bootstrap intervals (see `compare`)."""
+    comparison = compare(load_results(a), load_results(b), top_k, threshold, resamples)
     with run_directory(out, overwrite=overwrite):
         return comparison, save_comparison(comparison, out)

