@@ -12,6 +12,9 @@ from transformers import PreTrainedTokenizerFast
 from rh_lens.app import workflows
 from rh_lens.detection.records import load_results
 from rh_lens.errors import InputError, TrialError
+from rh_lens.interventions.base import Condition
+from rh_lens.interventions.masking import AblationResult
+from rh_lens.tasks.closed_book import CLOSED_BOOK_TEMPLATE, WORLD_QUESTIONS
 from rh_lens.tasks.documents import (
     DOCUMENT_TEMPLATE,
     QAGrid,
@@ -21,6 +24,7 @@ from rh_lens.tasks.documents import (
     select_questions,
     squad_corpus,
 )
+from rh_lens.tasks.grading import NiahRecord
 from rh_lens.tasks.niah import Grid, load_haystack, load_needles
 from rh_lens.tasks.splits import shared_items, split_of
 
@@ -242,6 +246,68 @@ def test_haystack_that_is_not_utf8_is_refused(tmp_path):
         load_haystack(tmp_path)  # a directory of .txt files, one of them not UTF-8
 
 
+# --- closed-book questions ------------------------------------------------------------------
+
+
+def test_world_questions_are_asked_alone_once_each():
+    grid = QAGrid("world", (0, 5), lengths=(1000, 2000), depths=(0, 50))
+    questions = grid.selected()
+    words = word_tokenizer(*(f"{q.question} {q.answer}" for q in questions), CLOSED_BOOK_TEMPLATE)
+    trials = grid.trials(words)
+    assert len(trials) == 5  # one per question: lengths and depths have nothing to place
+    for trial, question in zip(trials, questions):
+        assert trial.prompt == CLOSED_BOOK_TEMPLATE.format(question=question.question)
+        assert question.answer not in trial.prompt and trial.needle.real_needle == question.answer
+    settings = grid.settings()
+    assert settings["closed_book"] and settings["lengths"] == [] and len(settings["questions"]) == 5
+    assert len(load_corpus("world").questions) == len(WORLD_QUESTIONS) >= 30
+
+
+def test_closed_book_squad_leaves_the_documents_out(squad, tokenizer, tmp_path):
+    path = _write(tmp_path, "s.json", _squad())
+    open_book = QAGrid("squad", (0, 2), lengths=(200,), depths=(50,), data=str(path), prompt="plain")
+    closed = QAGrid("squad", (0, 2), data=str(path), prompt="plain", closed_book=True)
+    for a, b in zip(open_book.trials(tokenizer), closed.trials(tokenizer)):
+        assert "Document" in a.prompt and "Document" not in b.prompt and b.needle.question in b.prompt
+        assert a.needle.real_needle == b.needle.real_needle
+    # the same questions: a closed-book run on them is not held out from an open-book ranking
+    assert shared_items(split_of(open_book.settings()), split_of(closed.settings())) == [
+        f"squad:{q.id}" for q in sorted(closed.selected(), key=lambda q: q.id)
+    ]
+
+
+def test_detection_refuses_closed_book_questions(tmp_path):
+    with pytest.raises(InputError, match="no document to copy"):
+        workflows.detect_grid("unused", QAGrid("world", (0, 3)), tmp_path / "out")
+
+
+def test_retained_is_read_on_what_the_baseline_got_right():
+    def record(key, success):
+        return NiahRecord(
+            key=key, context_length=0, depth=0, needle_id=None, haystack=None, answer="a", generated_ids=[],
+            response="a" if success else "b", rouge_recall=float(success), success=success, outcome="retrieved",
+        )  # fmt: skip
+
+    def condition(name, group, right, **metadata):
+        return Condition(name, None, group, {"kind": group, "k": 1, **metadata}, [record(k, k in right) for k in "wxyz"])
+
+    result = AblationResult(
+        "ablation",
+        "m",
+        [
+            condition("none", "none", "wxy"),
+            condition("top", "top-1", "xz"),  # keeps 1 of the 3 it knew (z was never right unmasked)
+            condition("r0", "random-1", "wxy", seed=0),
+            condition("r1", "random-1", "wx", seed=1),
+        ],
+    )
+    rows = {row["condition"]: row for row in result.summary()}
+    assert rows["none"]["retained"] == 1.0 and rows["none"]["n_baseline_right"] == 3
+    assert rows["top-1"]["retained"] == pytest.approx(1 / 3)
+    assert rows["random-1"]["retained"] == pytest.approx(5 / 6)
+    assert rows["top-1"]["success_rate"] == 0.5
+
+
 # --- held-out splits --------------------------------------------------------------------------
 
 
@@ -309,3 +375,21 @@ def test_ruler_trials_on_a_real_tokenizer(ruler, real_model):
             a, b = trial.answer_span
             assert trial.needle.real_needle.lower() in tokenizer.decode(trial.prompt_ids[a:b]).lower()
             assert 900 <= len(trial.prompt_ids) <= 1000
+
+
+def test_closed_book_and_document_options_are_checked(tmp_path):
+    from rh_lens.app.cli import build_parser
+    from rh_lens.app.options import grid_from_args
+
+    def grid(*options):
+        return grid_from_args(
+            build_parser().parse_args(["ablate", "--model", "m", "--scores", "s", "--out", str(tmp_path), *options])
+        )
+
+    with pytest.raises(InputError, match="--closed-book is for --task squad"):
+        grid("--closed-book")
+    with pytest.raises(InputError, match="--needles is for --task niah"):
+        grid("--task", "world", "--needles", "bank")
+    closed = grid("--task", "squad", "--closed-book", "--questions", "5:9")
+    assert closed.is_closed_book and closed.questions == (5, 9)
+    assert grid("--task", "world").is_closed_book and not grid("--task", "hotpotqa").is_closed_book

@@ -128,14 +128,20 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         "--task",
         choices=("niah",) + TASKS,
         default="niah",
-        help="niah (needles in a haystack, the default), squad or hotpotqa (real questions among distractor paragraphs)",
+        help="niah (needles in a haystack, the default), squad or hotpotqa (real questions among distractor paragraphs), "
+        "world (built-in world-knowledge questions, asked closed-book)",
+    )
+    parser.add_argument(
+        "--closed-book",
+        action="store_true",
+        help="with --task squad/hotpotqa: ask each question alone, without its documents (answers from the weights)",
     )
     parser.add_argument(
         "--questions",
         type=question_range,
         default=(0, 20),
         metavar="START:STOP",
-        help="with --task squad/hotpotqa: questions START to STOP of the seeded order (default 0:20); "
+        help="with --task squad/hotpotqa/world: questions START to STOP of the seeded order (default 0:20); "
         "a disjoint range is a held-out split",
     )
     parser.add_argument("--question-seed", type=non_negative_int, default=0, help="seed of the question order (default 0)")
@@ -190,12 +196,21 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid:
+    if getattr(args, "closed_book", False) and args.task == "niah":
+        raise InputError("--closed-book is for --task squad or hotpotqa (or --task world, closed-book already)")
     if getattr(args, "task", "niah") != "niah":
         given = [name for name in ("needles", "haystack", "distractor") if getattr(args, name, None)]
         if given:
             raise InputError(f"--{given[0]} is for --task niah; --task {args.task} asks questions about real paragraphs")
         return QAGrid(
-            args.task, args.questions, tuple(args.lengths), tuple(args.depths), args.prompt, args.question_seed, args.data
+            args.task,
+            args.questions,
+            tuple(args.lengths),
+            tuple(args.depths),
+            args.prompt,
+            args.question_seed,
+            args.data,
+            getattr(args, "closed_book", False),
         )
     return Grid(
         tuple(needles_from_args(args)),

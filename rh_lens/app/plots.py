@@ -169,6 +169,31 @@ def recall_vs_k(result: AblationResult):
     return figure
 
 
+def heldout_bars(sets: dict[str, list[dict]], measure: str = "mean_recall", title: str = ""):
+    """Grouped bars, one group per evaluation set: `measure` ("mean_recall", "success_rate"
+    or "retained") of each masking condition, from `AblationResult.summary()` rows (random-K:
+    mean over seeds, spread as error bars)."""
+    conditions = list(dict.fromkeys(r["condition"] for rows in sets.values() for r in rows))
+    width = 0.8 / len(conditions)
+    figure, ax = plt.subplots(figsize=(1.2 + 1.6 * len(sets), 3.5), constrained_layout=True)
+    for i, condition in enumerate(conditions):
+        values, spreads = [], []
+        for rows in sets.values():
+            row = next((r for r in rows if r["condition"] == condition), None)
+            values.append(float("nan") if row is None or row[measure] is None else row[measure])
+            spreads.append(row["std_over_seeds"] if row is not None and measure == "mean_recall" else 0.0)
+        x = np.arange(len(sets)) + (i - (len(conditions) - 1) / 2) * width
+        ax.bar(x, values, width, yerr=spreads, capsize=2, label=condition)
+    ax.set_xticks(np.arange(len(sets)), list(sets))
+    ax.set_ylabel(
+        {"mean_recall": "mean ROUGE-1 recall", "success_rate": "retrieved", "retained": "kept right"}.get(measure, measure)
+    )
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return figure
+
+
 def threshold_sensitivity(result: AblationResult):
     """What the threshold changes: how many heads are retrieval heads, and NIAH recall with
     exactly those masked against as many random heads."""

@@ -149,21 +149,28 @@ def format_bootstrap(b: Bootstrap, top: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _kept(row: dict) -> str:
+    return "-" if row["retained"] is None else f"{100 * row['retained']:.0f}%"
+
+
 def format_ablation(result: AblationResult) -> str:
     """Mean recall per masking condition, with the spread over random seeds."""
     lines = [
         f"{result.model}: NIAH recall under {result.method} masking "
         f"({'decode steps only' if result.decode_only else 'all positions'})",
-        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'no answer word':>14}"
+        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'kept':>5}  {'no answer word':>14}"
         f"  {'distractor':>10}  {'invented':>8}",
     ]
-    for row in result.summary():
+    rows = result.summary()
+    for row in rows:
         spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] else ""
         lines.append(
             f"{row['condition']:<14} {row['k']:>4}  {row['mean_recall']:>11.3f}  {spread:>11}  "
-            f"{100 * row['success_rate']:>8.0f}%  {100 * row['absent_rate']:>13.0f}%"
+            f"{100 * row['success_rate']:>8.0f}%  {_kept(row):>5}  {100 * row['absent_rate']:>13.0f}%"
             f"  {100 * row['classes']['distractor']:>9.0f}%  {100 * row['classes']['invented']:>7.0f}%"
         )
+    if rows and rows[0]["n_baseline_right"]:
+        lines.append(f"kept: of the {rows[0]['n_baseline_right']} trials answered right unmasked, the share still right")
     for row in result.threshold_rows():
         random = f"{row['random_recall']:.3f}" if row["random_recall"] is not None else "-"
         top = f"{row['top_recall']:.3f}" if row["top_recall"] is not None else "-"

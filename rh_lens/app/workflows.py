@@ -115,6 +115,8 @@ def detect_grid(
     in one process.
     `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`). `checkpoint`:
     a training step of a model published with its checkpoints (see `load_model`)."""
+    if isinstance(grid, QAGrid) and grid.is_closed_book:
+        raise InputError("closed-book questions have no document to copy an answer from: detect on niah, squad or hotpotqa")
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else
     if checkpoint is not None:
         settings["checkpoint"] = checkpoint

@@ -183,6 +183,7 @@ class InterventionResult:
     model: str
     conditions: list[Condition]
     settings: dict[str, Any] = field(default_factory=dict)
+    baseline: ClassVar[str] = "none"  # the group acted on by nothing: what `retained` compares with
 
     def groups(self) -> dict[str, list[Condition]]:
         groups: dict[str, list[Condition]] = {}
@@ -193,9 +194,13 @@ class InterventionResult:
     def summary(self) -> list[dict[str, Any]]:
         """One row per group: its metadata (numbers that differ between seeds averaged), mean
         ROUGE-1 recall (mean and spread over seeds; `n_seeds` None for an unseeded group),
-        retrieved, no-answer-word and response-class rates."""
+        retrieved, no-answer-word and response-class rates; `retained`: of the trials the
+        baseline answered right, the fraction still answered right (None without a baseline).
+        Read on closed-book questions, `retained` is the accuracy a model keeps on what it knew."""
+        groups = self.groups()
+        right = {r.key for c in groups.get(self.baseline, []) for r in c.records if r.success}
         rows = []
-        for group, conditions in self.groups().items():
+        for group, conditions in groups.items():
             per_seed = [c.mean_recall() for c in conditions]
             records = [r for c in conditions for r in c.records]
             seeded = any(c.seed is not None for c in conditions)
@@ -208,6 +213,8 @@ class InterventionResult:
                     "n_seeds": len(conditions) if seeded else None,
                     "success_rate": float(np.mean([r.success for r in records])),
                     "absent_rate": float(np.mean([r.outcome == "absent" for r in records])),
+                    "retained": float(np.mean([r.success for r in records if r.key in right])) if right else None,
+                    "n_baseline_right": len(right),
                     "classes": {k: float(np.mean([r.response_class == k for r in records])) for k in RESPONSE_CLASSES},
                 }
             )

@@ -201,6 +201,8 @@ class CompressionResult(InterventionResult):
     method (random KV heads: one condition per seed, one group); metadata `method`,
     `full_fraction`, `seed`, `kv_kept` (mean over trials of the bytes kept / the full cache)."""
 
+    baseline: ClassVar[str] = "full"
+
     @property
     def sink(self) -> int:
         return self.settings["sink"]

@@ -52,7 +52,7 @@ RULER_FILES = {
     "hotpotqa": "long_context_eval/data/synthetic/json/hotpotqa.json",
     "essays": "long_context_eval/data/synthetic/json/PaulGrahamEssays.json",
 }
-TASKS = ("squad", "hotpotqa")
+TASKS = ("squad", "hotpotqa", "world")  # "world": closed-book questions only (tasks.closed_book)
 # Filling a context with whole paragraphs: stop when less room is left than a short paragraph
 # needs, or after this many paragraphs too long for the room left.
 MIN_ROOM, MAX_MISSES = 24, 50
@@ -224,8 +224,21 @@ def load_corpus(task: str, data: str | None = None) -> Corpus:
     of the same format)."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from niah, {', '.join(TASKS)}")
+    if task == "world":
+        if data:
+            raise InputError("the world-knowledge questions are built in; --data is for squad and hotpotqa")
+        return world_corpus()
     path = Path(data) if data else ruler_file(task)
     return squad_corpus(path) if task == "squad" else hotpotqa_corpus(path)
+
+
+def world_corpus() -> Corpus:
+    """The built-in closed-book questions (`closed_book.WORLD_QUESTIONS`) as a corpus without paragraphs."""
+    from rh_lens.tasks.closed_book import WORLD_QUESTIONS  # it builds on this module's trials
+
+    questions = tuple(Question(hashlib.sha1(q.encode()).hexdigest()[:8], q, a, (), 0, 0, (), "world") for q, a in WORLD_QUESTIONS)
+    digest = hashlib.sha256(json.dumps(WORLD_QUESTIONS).encode()).hexdigest()
+    return Corpus("world", questions, (), {}, digest)
 
 
 def select_questions(corpus: Corpus, questions: tuple[int, int], seed: int = 0) -> list[Question]:
@@ -321,7 +334,8 @@ def build_document_trial(
 class QAGrid:
     """Real-document trials: questions `questions[0]` to `questions[1]` of `task` in the seeded
     order, each at every context length and depth. It stands wherever a NIAH `Grid` does:
-    `trials(tokenizer, max_tokens)` and `settings()`."""
+    `trials(tokenizer, max_tokens)` and `settings()`. With `closed_book` (always for "world")
+    each question is asked once with no document, lengths and depths unused."""
 
     task: str = "squad"
     questions: tuple[int, int] = (0, 20)
@@ -330,6 +344,11 @@ class QAGrid:
     prompt: str = "auto"
     seed: int = 0
     data: str | None = None
+    closed_book: bool = False
+
+    @property
+    def is_closed_book(self) -> bool:
+        return self.closed_book or self.task == "world"
 
     def corpus(self) -> Corpus:
         return load_corpus(self.task, self.data)
@@ -340,6 +359,10 @@ class QAGrid:
     def trials(self, tokenizer, max_tokens: int | None = None) -> list[Trial]:
         if self.prompt not in PROMPTS:
             raise InputError(f"prompt must be one of {', '.join(PROMPTS)}, not {self.prompt!r}")
+        if self.is_closed_book:
+            from rh_lens.tasks.closed_book import closed_book_trial
+
+            return [closed_book_trial(tokenizer, q.question, q.answer, self.task, PROMPTS[self.prompt]) for q in self.selected()]
         corpus = self.corpus()
         return [
             build_document_trial(tokenizer, corpus, q, length, depth, PROMPTS[self.prompt], max_tokens, self.seed)
@@ -357,7 +380,8 @@ class QAGrid:
             "questions": [q.id for q in self.selected()],
             "question_range": list(self.questions),
             "question_seed": self.seed,
-            "lengths": list(self.lengths),
-            "depths": list(self.depths),
+            "closed_book": self.is_closed_book,
+            "lengths": [] if self.is_closed_book else list(self.lengths),
+            "depths": [] if self.is_closed_book else list(self.depths),
             "prompt": self.prompt,
         }
