@@ -393,3 +393,26 @@ def test_closed_book_and_document_options_are_checked(tmp_path):
     closed = grid("--task", "squad", "--closed-book", "--questions", "5:9")
     assert closed.is_closed_book and closed.questions == (5, 9)
     assert grid("--task", "world").is_closed_book and not grid("--task", "hotpotqa").is_closed_book
+
+
+def test_a_patching_pair_differs_only_in_the_answer_span(squad, tokenizer):
+    from rh_lens.interventions.patching import check_pair
+
+    question = _question(squad, "q-marsh")
+    clean = build_document_trial(tokenizer, squad, question, 120, 50, chat=False)
+    corrupted = build_document_trial(tokenizer, squad, question, 120, 50, chat=False, replace_answer="the stones and clouds")
+    check_pair(clean, corrupted)  # same length, same distractors, different only inside the span
+    a, b = clean.answer_span
+    assert tokenizer.decode(corrupted.prompt_ids[a:b]) == "the stones and clouds"
+    assert tokenizer.decode(clean.prompt_ids[a:b]) == "the marsh of Kell"
+
+
+def test_patching_a_document_question_needs_one_question_and_a_corrupted_answer(tmp_path):
+    data = str(_write(tmp_path, "s.json", _squad()))
+    with pytest.raises(InputError, match="one question"):
+        workflows.patch_needle(
+            "m", tmp_path / "a", needle=None, document=QAGrid("squad", (0, 2), data=data), corrupted_answer="x"
+        )
+    with pytest.raises(InputError, match="needs --corrupted-answer"):
+        workflows.patch_needle("m", tmp_path / "b", needle=None, document=QAGrid("squad", (0, 1), data=data))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -49,6 +49,7 @@ from rh_lens.heads import Head
 from rh_lens.interventions.masking import METHODS
 from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
 from rh_lens.model.generation import MAX_NEW_TOKENS
+from rh_lens.tasks.documents import QAGrid
 
 
 def run_detect(args: argparse.Namespace) -> None:
@@ -136,6 +137,9 @@ def run_patch(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         scores=args.scores,
         options=run_options_from_args(args),
+        document=None
+        if args.task == "niah"
+        else QAGrid(args.task, (args.question, args.question + 1), prompt=args.prompt, seed=args.question_seed, data=args.data),
     )
     print(format_patching(result, args.top, correlation))
     print(format_written(written))
@@ -290,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=positive_int, default=1000, help="prompt length in tokens (default 1000)")
     p.add_argument("--depth", type=percent, default=50, help="needle depth in percent (default 50)")
     p.add_argument("--needle", type=non_negative_int, default=0, help="which needle (index, default 0)")
+    p.add_argument(
+        "--task",
+        choices=("niah", "squad", "hotpotqa"),
+        default="niah",
+        help="niah (default), or one real-document question among distractor paragraphs (needs --corrupted-answer)",
+    )
+    p.add_argument(
+        "--question", type=non_negative_int, default=0, help="with --task squad/hotpotqa: which question of the seeded order"
+    )
+    p.add_argument("--question-seed", type=non_negative_int, default=0, help="seed of the question order (default 0)")
+    p.add_argument("--data", default=None, help="a SQuAD- or HotpotQA-format JSON file instead of RULER's copy")
     p.add_argument("--corrupted-answer", help="the corrupted prompt's answer, same token length (default: built-in alternatives)")
     p.add_argument(
         "--kinds",

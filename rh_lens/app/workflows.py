@@ -32,6 +32,7 @@ from rh_lens.interventions.patching import (
     METRICS,
     PatchingResult,
     activation_patching,
+    document_patching_pair,
     effect_vs_score,
     patching_pair,
 )
@@ -241,30 +242,51 @@ def patch_needle(
     batch_size: int = 8,
     scores: str | Path | None = None,
     options: RunOptions = RunOptions(),
+    document: QAGrid | None = None,
 ) -> tuple[PatchingResult, dict[str, Any] | None, list[Path]]:
-    """`rh-lens patch`: a clean/corrupted pair for `needle`, every requested patch, and
+    """`rh-lens patch`: a clean/corrupted pair for `needle` (or, with `document`, for the one
+    question of that grid among its distractor paragraphs), every requested patch, and
     with `scores` the correlation of head-output effect with retrieval score; saved with
     `save_patching`. Returns (result, correlation or None, paths)."""
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     detection = load_results(scores) if scores else None  # bad input fails first
-    text = load_haystack(haystack)
+    if document is not None:
+        if document.is_closed_book or len(document.selected()) != 1:
+            raise InputError("patching a real-document task takes one question with its documents (--question N)")
+        if corrupted_answer is None:
+            raise InputError("patching a real-document question needs --corrupted-answer (same token length as its answer)")
+        haystack, text = document.task, None
+    else:
+        text = load_haystack(haystack)
     if options.resume or options.workers:
         raise InputError("patching neither resumes nor runs on workers: it is one pair of prompts")
     with run_directory(out, overwrite=options.overwrite):
         model = _model(model, options)
-        haystack_ids = tokenize_haystack(model.tokenizer, text, context_length)
-        pair = patching_pair(
-            model,
-            needle,
-            haystack_ids,
-            context_length,
-            depth,
-            corrupted_answer,
-            PROMPTS[prompt],
-            haystack_name(haystack),
-            max_new_tokens=options.max_new_tokens,
-        )
+        if document is not None:
+            pair = document_patching_pair(
+                model,
+                document.corpus(),
+                document.selected()[0],
+                context_length,
+                depth,
+                corrupted_answer,
+                PROMPTS[document.prompt],
+                document.seed,
+                max_new_tokens=options.max_new_tokens,
+            )
+        else:
+            pair = patching_pair(
+                model,
+                needle,
+                tokenize_haystack(model.tokenizer, text, context_length),
+                context_length,
+                depth,
+                corrupted_answer,
+                PROMPTS[prompt],
+                haystack_name(haystack),
+                max_new_tokens=options.max_new_tokens,
+            )
         result = activation_patching(
             model,
             pair,
@@ -276,7 +298,8 @@ def patch_needle(
             batch_size,
             METRICS[metric](pair),
             progress=options.progress,
-            settings={"haystack": str(haystack)},
+            settings={"haystack": str(haystack)}
+            | ({} if document is None else {"question": document.selected()[0].id, "data_sha256": document.corpus().sha256}),
         )
         correlation = None
         if detection is not None and "head_out" in result.effects:

@@ -37,6 +37,7 @@ from rh_lens.errors import InputError, PairError, TrialError
 from rh_lens.heads import Head, all_heads, check_heads, heads_of
 from rh_lens.model.generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
 from rh_lens.model.tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
+from rh_lens.tasks.documents import Corpus, Question, build_document_trial
 from rh_lens.tasks.niah import Needle, Trial, build_trial, corrupt_needle
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
@@ -149,20 +150,53 @@ def patching_pair(
     candidates = [corrupted_answer] if corrupted_answer is not None else CORRUPTED_ANSWERS.get(needle.real_needle)
     if not candidates:
         raise PairError(f"no built-in corrupted answer for {needle.real_needle!r}: give one of the same token length")
-    clean = build_trial(tokenizer, haystack_ids, needle, context_length, depth, chat, model.cfg.n_ctx, haystack)
+
+    def trial(n: Needle) -> Trial:
+        return build_trial(tokenizer, haystack_ids, n, context_length, depth, chat, model.cfg.n_ctx, haystack)
+
+    return _pair(
+        model, trial(needle), [lambda a=a: trial(corrupt_needle(needle, a)) for a in candidates], lead_in, max_new_tokens
+    )
+
+
+def document_patching_pair(
+    model: HookedTransformer,
+    corpus: Corpus,
+    question: Question,
+    context_length: int,
+    depth: int,
+    corrupted_answer: str,
+    chat: bool | None = None,
+    seed: int = 0,
+    lead_in: bool = True,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> PatchingPair:
+    """A real-document question's clean trial and its twin whose gold paragraph says
+    `corrupted_answer` instead (same distractors, same depth): `patching_pair` for SQuAD and
+    HotpotQA. The corrupted answer must have the clean one's token length."""
+
+    def trial(answer: str | None) -> Trial:
+        return build_document_trial(
+            model.tokenizer, corpus, question, context_length, depth, chat, model.cfg.n_ctx, seed, replace_answer=answer
+        )
+
+    return _pair(model, trial(None), [lambda: trial(corrupted_answer)], lead_in, max_new_tokens)
+
+
+def _pair(
+    model: HookedTransformer, clean: Trial, corrupted: Sequence[Callable[[], Trial]], lead_in: bool, max_new_tokens: int
+) -> PatchingPair:
+    """The first corrupted trial that makes a valid pair with `clean`, and the lead-in."""
     errors = []
-    for answer in candidates:
+    for build in corrupted:
         try:
-            corrupted = build_trial(
-                tokenizer, haystack_ids, corrupt_needle(needle, answer), context_length, depth, chat, model.cfg.n_ctx, haystack
-            )
-            check_pair(clean, corrupted)
+            pair = PatchingPair(clean, build())
+            check_pair(pair.clean, pair.corrupted)
             break
         except (PairError, TrialError) as error:
             errors.append(str(error))
     else:
         raise PairError("; ".join(errors))
-    pair = PatchingPair(clean, corrupted)
     if lead_in:
         response = greedy_decode(model, clean.prompt_ids, max_new_tokens, record_attention=False).tokens
         if pair.clean_token in response:

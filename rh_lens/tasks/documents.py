@@ -39,6 +39,7 @@ from rh_lens.tasks.niah import (
     Trial,
     _encode,
     answer_chars,
+    corrupt_needle,
     locate_answer,
     overlap_locate,
     render_prompt,
@@ -272,18 +273,25 @@ def build_document_trial(
     chat: bool | None = None,
     max_tokens: int | None = None,
     seed: int = 0,
+    replace_answer: str | None = None,
 ) -> Trial:
     """One trial: the gold paragraphs at `depth` percent of the documents, distractor paragraphs of
     other articles (a seeded order per question, the same for every length and depth) as many
-    as fit in `context_length` tokens, then the question."""
+    as fit in `context_length` tokens, then the question. `replace_answer`: the gold paragraph
+    says this instead of the annotated answer, among the same distractors (a patching pair's
+    corrupted prompt)."""
     if not 0 <= depth <= 100:
         raise TrialError(f"depth {depth}: must be a percentage from 0 to 100")
     chat = resolve_chat(tokenizer, chat)
     needle = question.needle()
+    gold = list(question.gold)
+    if replace_answer is not None:
+        needle = corrupt_needle(needle, replace_answer)
+        gold[question.answer_in] = needle.needle
 
     def render(distractors: Sequence[str]) -> tuple[str, int]:
         at = round(len(distractors) * depth / 100)
-        docs = list(distractors[:at]) + list(question.gold) + list(distractors[at:])
+        docs = list(distractors[:at]) + gold + list(distractors[at:])
         context = "\n\n".join(_document(i + 1, d) for i, d in enumerate(docs))
         prompt, special = render_prompt(tokenizer, DOCUMENT_TEMPLATE.format(context=context, question=question.question), chat)
         return prompt, special
@@ -296,6 +304,8 @@ def build_document_trial(
             f"question take {needed} tokens"
         )
     rng = np.random.default_rng(_stable_seed(seed, question.id))
+    # Distractors are chosen by the annotated answer even with `replace_answer`: a pair's two
+    # prompts must hold the same distractors.
     answer, articles = question.answer.lower(), set(question.articles)
     chosen, used, misses = [], needed, 0
     for i in rng.permutation(len(corpus.paragraphs)):
@@ -324,7 +334,7 @@ def build_document_trial(
     if tokenizer.is_fast:
         span = locate_answer(tokenizer, prompt, prompt_ids, encoded["offset_mapping"], (gold_at + a, gold_at + b))
     else:
-        span = overlap_locate(prompt_ids, _encode(tokenizer, question.answer))
+        span = overlap_locate(prompt_ids, _encode(tokenizer, needle.real_needle))
     if max_tokens is not None and len(prompt_ids) > max_tokens:
         raise TrialError(f"trial of {len(prompt_ids)} tokens is longer than the model's context of {max_tokens} tokens")
     return Trial(context_length, depth, needle, corpus.task, prompt, prompt_ids, span, chat)
