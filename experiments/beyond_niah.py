@@ -4,8 +4,9 @@ Heads are always ranked on split A and judged on other trials:
 - NIAH A (the ranking): the 3 built-in needles in the pydoc haystack, 1000/2000 tokens,
   depths 0/25/50/75/100 (30 trials); SQuAD A: questions 0:10, 1000/2000 tokens, depths 0/50/100.
 - held out: the bank's second half (`bank-b`, 20 new needles) over RULER's essays; SQuAD
-  questions 10:30; HotpotQA questions 0:20 (1000 tokens, depths 0/50/100); the built-in
-  world-knowledge questions asked closed-book.
+  questions 10:30; HotpotQA questions 0:20 (1000 tokens; depths per model, see PLANS); the
+  built-in world-knowledge questions asked closed-book. `in-grid` (the 1.5B's core table) is
+  NIAH A's own needles at 1000 tokens.
 
 Every step is one `rh-lens` command (`--print` shows them), run with --resume into
 <runs>/<model>/<step>/ and skipped once its results file exists; then the tables are read
@@ -31,38 +32,55 @@ from rh_lens.interventions.compression import CompressionResult
 from rh_lens.interventions.masking import AblationResult
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
-DEPTHS_3 = ["--depths", "0", "50", "100"]
 DETECTIONS = {
     "niah": ["--lengths", "1000", "2000", "--depths", "0", "25", "50", "75", "100"],
-    "squad-a": ["--task", "squad", "--questions", "0:10", "--lengths", "1000", "2000", *DEPTHS_3],
+    "squad-a": ["--task", "squad", "--questions", "0:10", "--lengths", "1000", "2000", "--depths", "0", "50", "100"],
 }
-HELDOUT = {
-    "squad-b": ["--task", "squad", "--questions", "10:30", "--lengths", "1000", *DEPTHS_3],
-    "bank-b": ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", *DEPTHS_3],
-    "hotpotqa": ["--task", "hotpotqa", "--questions", "0:20", "--lengths", "1000", *DEPTHS_3],
+# The trials each masking / compression step is judged on (depths are set per model below).
+# All but "in-grid" (the ranking's own needles and haystack) are held out from NIAH A.
+MASKING_SETS = {
+    "squad-b": ["--task", "squad", "--questions", "10:30", "--lengths", "1000"],
+    "bank-b": ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000"],
+    "hotpotqa": ["--task", "hotpotqa", "--questions", "0:20", "--lengths", "1000"],
     "world": ["--task", "world", "--questions", "0:76"],
+    "in-grid": ["--lengths", "1000"],
 }
-COMPRESSION_SETS = {
-    "squad-b": ["--task", "squad", "--questions", "10:20", "--lengths", "1000", *DEPTHS_3],
-    "bank-b": ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", "--depths", "50"],
+COMPRESSION_SETS = {"squad-b": [*MASKING_SETS["squad-b"][:3], "10:20", "--lengths", "1000"], "bank-b": MASKING_SETS["bank-b"]}
+D3, D50 = ["--depths", "0", "50", "100"], ["--depths", "50"]
+# On a 2-core CPU a 1000-token trial costs ~4 s on SmolLM2, ~2x that on the 0.5B and ~5x on
+# the 1.5B, so the Qwen models' sets keep depth 50 only and two random seeds, the 0.5B is
+# compressed on SQuAD only, and the 1.5B runs the paper's core table (masking in-grid and on
+# new needles) only.
+PLANS = {
+    "smollm2-135m": {
+        "seeds": "3",
+        "ablate": {"squad-b": D3, "bank-b": D3, "hotpotqa": D3, "world": []},
+        "compress": {"squad-b": D3, "bank-b": D50},
+    },
+    "qwen2.5-coder-0.5b": {
+        "seeds": "2",
+        "ablate": {"world": [], "bank-b": D50, "squad-b": D50},
+        "compress": {"squad-b": D50},
+    },
+    "qwen2.5-coder-1.5b": {"seeds": "2", "ablate": {"in-grid": D3, "bank-b": D50}, "compress": {}},
 }
-MASKING = ["--top-k", "5", "14", "--random-seeds", "3", "--method", "uniform", "--heldout"]
-COMPRESSION = ["--full-fraction", "0.25", "--random-seeds", "2", "--sink", "4", "--window", "128", "--decode-only", "--heldout"]
+MASKING = ["--top-k", "5", "14", "--method", "uniform"]
+COMPRESSION = ["--full-fraction", "0.25", "--random-seeds", "2", "--sink", "4", "--window", "128", "--decode-only"]
 OUTPUT = {"detect": "results.json", "ablate": "ablation.json", "compress": "compression.json"}
 
 
 def steps(model: str, runs: Path) -> dict[str, list[str]]:
     """Step name -> the rh-lens command (without --out)."""
-    ranking = str(runs / model / "niah" / "results.json")
-    plan = {name: ["detect", "--model", model, *grid] for name, grid in DETECTIONS.items()}
-    plan |= {
-        f"ablate-{name}": ["ablate", "--model", model, "--scores", ranking, *MASKING, *grid] for name, grid in HELDOUT.items()
-    }
-    plan |= {
-        f"compress-{name}": ["compress", "--model", model, "--scores", ranking, *COMPRESSION, *grid]
-        for name, grid in COMPRESSION_SETS.items()
-    }
-    return plan
+    ranking = ["--model", model, "--scores", str(runs / model / "niah" / "results.json")]
+    plan = PLANS[model]
+    commands = {name: ["detect", "--model", model, *grid] for name, grid in DETECTIONS.items()}
+    for name, depths in plan["ablate"].items():
+        heldout = [] if name == "in-grid" else ["--heldout"]
+        masking = [*MASKING, "--random-seeds", plan["seeds"], *heldout]
+        commands[f"ablate-{name}"] = ["ablate", *ranking, *masking, *MASKING_SETS[name], *depths]
+    for name, depths in plan["compress"].items():
+        commands[f"compress-{name}"] = ["compress", *ranking, *COMPRESSION, "--heldout", *COMPRESSION_SETS[name], *depths]
+    return commands
 
 
 def run(model: str, runs: Path, only: list[str] | None, dry: bool) -> None:
@@ -104,8 +122,8 @@ def tabulate(model: str, runs: Path) -> dict:
             "n_heads": c.n_layers * c.n_heads,
             "intervals": c.intervals,
         }
-    for kind, cls, sets in (("ablate", AblationResult, HELDOUT), ("compress", CompressionResult, COMPRESSION_SETS)):
-        for name in sets:
+    for kind, cls in (("ablate", AblationResult), ("compress", CompressionResult)):
+        for name in PLANS[model][kind]:
             path = runs / model / f"{kind}-{name}" / OUTPUT[kind]
             if path.exists():
                 result = cls.load(path)
@@ -141,7 +159,7 @@ def markdown(tables: list[dict]) -> str:
                 f"| {m['n_above_squad']}/{m['n_heads']} {_percent(iv['fraction_above_b'])} | {m['n_above_both']} |"
             )
         lines.append("")
-    for kind, sets, title in (("ablate", HELDOUT, "Held-out masking"), ("compress", COMPRESSION_SETS, "Held-out compression")):
+    for kind, sets, title in (("ablate", MASKING_SETS, "Masking"), ("compress", COMPRESSION_SETS, "Compression")):
         for t in tables:
             for name in sets:
                 if f"{kind}-{name}" not in t:
