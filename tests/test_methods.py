@@ -6,7 +6,7 @@ import torch
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rh_lens.detection.methods import METHODS, attention_mass, copy_offsets, output, query_focused, shifted_copy
+from rh_lens.detection.methods import METHODS, attention_mass, copy_offsets, head_map, output, query_focused, shifted_copy
 from rh_lens.detection.run import detect
 from rh_lens.detection.trace import HeadTrace, TracedTrial, trace_trials
 from rh_lens.execution.options import RunOptions
@@ -33,7 +33,7 @@ def _top(scores):
 def test_the_planted_head_ranks_first(planted, name):
     model, _, traced = planted
     assert all(t.answer.success for t in traced)
-    assert _top(METHODS[name](model, traced)) == PLANTED
+    assert _top(head_map(name, model, traced).scores()) == PLANTED
 
 
 @pytest.mark.parametrize("name", ["query-focused", "razor"])
@@ -44,14 +44,14 @@ def test_attention_only_methods_cannot_tell_the_planted_head_from_its_decoy(plan
     # these methods see, so the decoy scores at least nearly as high as the planted head,
     # which alone writes the answer; both above every other head.
     model, _, traced = planted
-    scores = METHODS[name](model, traced)
+    scores = head_map(name, model, traced).scores()
     others = [scores[layer, head] for layer in range(2) for head in range(4) if (layer, head) not in (PLANTED, DECOY)]
     assert scores[DECOY] >= 0.9 * scores[PLANTED] and min(scores[PLANTED], scores[DECOY]) > max(others)
 
 
 def test_retrieval_from_the_trace_is_detects_score(planted):
     model, trials, traced = planted
-    assert torch.equal(METHODS["retrieval"](model, traced), detect(model, trials, options=QUIET).scores())
+    assert torch.equal(head_map("retrieval", model, traced).scores(), detect(model, trials, options=QUIET).scores())
 
 
 def _hand_trial(tokens, argmax_keys, observed, span=(4, 7), prompt_ids=None, success=True):
@@ -80,7 +80,7 @@ def test_attention_mass_by_hand():
     traced = _hand_trial([1, 2], None, {"top_keys": keys, "top_weights": weights})
     # step 1: keys 4 and 5 of the top 3 are inside: (0.5 + 0.2); step 2: 6 and 5: (0.4 + 0.3)
     expected = (0.5 + 0.2 + 0.4 + 0.3) / 3
-    assert attention_mass.trial_scores(traced).item() == pytest.approx(expected)
+    assert attention_mass.trial_score(traced).item() == pytest.approx(expected)
 
 
 def test_shifted_copy_credits_a_head_one_position_late():
@@ -89,20 +89,21 @@ def test_shifted_copy_credits_a_head_one_position_late():
     traced = [_hand_trial([1, 2, 3], argmax, {})]
     offsets, shares = copy_offsets(traced, 1, 3)
     assert offsets.tolist() == [[0, 1, 0]] and shares.tolist() == [[1.0, 1.0, 0.0]]
-    assert shifted_copy.score(_Cfg(1, 3), traced).tolist() == [[1.0, 1.0, 0.0]]
-    assert METHODS["retrieval"](_Cfg(1, 3), traced).tolist() == [[1.0, 0.0, 0.0]]
+    assert shifted_copy.trial_scores(_Cfg(1, 3), traced).tolist() == [[[1.0, 1.0, 0.0]]]
+    assert METHODS["retrieval"](_Cfg(1, 3), traced).tolist() == [[[1.0, 0.0, 0.0]]]
 
 
 def test_output_averages_the_steps_that_emit_answer_tokens():
     attribution = torch.tensor([2.0, 4.0, -1.0]).view(3, 1, 1)  # the last step emits a non-answer token
     traced = [_hand_trial([1, 3, 9], None, {"logit_attribution": attribution})]
     traced.append(_hand_trial([1], None, {"logit_attribution": torch.tensor([[[7.0]]])}, success=False))
-    assert output.score(_Cfg(1, 1), traced).item() == pytest.approx(3.0)  # the failed trial is left out
+    assert output.trial_scores(_Cfg(1, 1), traced).flatten().tolist() == [3.0, 7.0]
+    assert head_map("output", _Cfg(1, 1), traced).scores().item() == pytest.approx(3.0)  # the failed trial left out
 
 
 class _Cfg:
     def __init__(self, n_layers, n_heads):
-        self.cfg = type("cfg", (), {"n_layers": n_layers, "n_heads": n_heads})
+        self.cfg = type("cfg", (), {"n_layers": n_layers, "n_heads": n_heads, "model_name": "hand"})
 
 
 def _tiny(normalization: str) -> HookedTransformer:
@@ -176,4 +177,4 @@ def test_query_focused_is_a_direct_computation_from_run_with_cache(planted):
         return torch.stack([cache["pattern", l][0][:, rows][..., gold].sum(-1).mean(-1) for l in range(model.cfg.n_layers)])
 
     expected = mass(ids, range(q_at, q_at + len(question))) - mass(null, range(q_at, q_at + len(encode("N/A"))))
-    torch.testing.assert_close(query_focused.trial_scores(model, trial), expected)
+    torch.testing.assert_close(query_focused.trial_score(model, trial), expected)

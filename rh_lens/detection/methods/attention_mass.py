@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.methods.base import mean_over_successful
 from rh_lens.detection.trace import TracedTrial
 
 
-def trial_scores(traced: TracedTrial) -> Float[Tensor, "layer head"]:
+def trial_score(traced: TracedTrial) -> Float[Tensor, "layer head"]:
     start, end = traced.trial.answer_span
     k = end - start
     observed = traced.generation.observed
@@ -32,5 +32,5 @@ def trial_scores(traced: TracedTrial) -> Float[Tensor, "layer head"]:
     return (weights * inside).sum(dim=(0, -1)) / k
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
-    return mean_over_successful([trial_scores(t) for t in traced], traced)
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    return torch.stack([trial_score(t) for t in traced])

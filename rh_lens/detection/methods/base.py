@@ -1,27 +1,33 @@
 """What every head-finding method is: a function from a model and traced trials to one
-score per head (higher: the head matters more). Decode-time methods read the one decoding
-pass `rh_lens.detection.trace.trace_trials` records; prompt-only and data-free methods read
-the trials or nothing."""
+score per head and trial (higher: the head matters more there), `trial_scores(model,
+traced) -> [trial, layer, head]`. Decode-time methods read the one decoding pass
+`rh_lens.detection.trace.trace_trials` records; prompt-only methods read the trials; a
+data-free one gives every trial the same map.
+
+Every method's map is then the retrieval score's aggregation (`head_map`): the mean over the
+trials whose answer was retrieved, the same trials for every method. It comes as a
+`DetectionResult`, so what works on a detection (`compare`, `bootstrap`, `ablate --scores`,
+`compress --scores`) works on any method's map."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.scoring import retrieval_scores
+from rh_lens.detection.records import DetectionResult, TrialRecord
 from rh_lens.detection.trace import TracedTrial
 
-Method = Callable[[HookedTransformer, Sequence[TracedTrial]], Float[Tensor, "layer head"]]
+TrialScores = Callable[[HookedTransformer, Sequence[TracedTrial]], Float[Tensor, "trial layer head"]]
 
 
-def mean_over_successful(
-    per_trial: Sequence[Float[Tensor, "layer head"]], traced: Sequence[TracedTrial]
-) -> Float[Tensor, "layer head"]:
-    """The retrieval score's aggregation, for every decode-time method: the mean trial score
-    over the trials whose answer was retrieved."""
-    success = torch.tensor([t.answer.success for t in traced])
-    return retrieval_scores(torch.stack(list(per_trial)), success)
+def head_map(method: str, trial_scores: TrialScores, model: HookedTransformer, traced: Sequence[TracedTrial]) -> DetectionResult:
+    """One method's per-trial scores as a detection result (`settings["method"]` names it)."""
+    scores = trial_scores(model, traced)
+    records = [
+        TrialRecord(**vars(t.answer), answer_span=t.trial.answer_span, head_scores=s.tolist()) for t, s in zip(traced, scores)
+    ]
+    settings = {"method": method, "model": model.cfg.model_name}
+    return DetectionResult(model.cfg.model_name, model.cfg.n_layers, model.cfg.n_heads, records, settings=settings)

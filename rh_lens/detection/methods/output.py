@@ -13,11 +13,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.methods.base import mean_over_successful
 from rh_lens.detection.trace import TracedTrial
 
 
-def trial_scores(traced: TracedTrial) -> Float[Tensor, "layer head"]:
+def trial_score(traced: TracedTrial) -> Float[Tensor, "layer head"]:
     start, end = traced.trial.answer_span
     answer_tokens = set(traced.trial.prompt_ids[start:end])
     attribution = traced.generation.observed["logit_attribution"]  # [step, layer, head]
@@ -27,5 +26,5 @@ def trial_scores(traced: TracedTrial) -> Float[Tensor, "layer head"]:
     return attribution[steps].mean(dim=0)
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
-    return mean_over_successful([trial_scores(t) for t in traced], traced)
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    return torch.stack([trial_score(t) for t in traced])

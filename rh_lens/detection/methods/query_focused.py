@@ -2,7 +2,8 @@
 the prompt, the attention mass from the question's tokens to the gold text (the needle, or
 the gold paragraph), averaged over the question's tokens, minus the same with the question
 replaced by a null query ("N/A", QRHead's default), so a head that attends there whatever
-is asked scores 0. A head's score is the mean over all trials (no answer is decoded).
+is asked scores 0. It needs no decoding; its map still averages the trials answered right,
+as every method's does (`base.head_map`).
 
 Where rh_lens differs from QRHead's code: the query tokens are the question's own (QRHead
 also counts its instruction and chat suffix), and every gold token counts (QRHead drops the
@@ -69,11 +70,11 @@ def question_to_gold(model: HookedTransformer, ids: list[int], query: list[int],
     return mass
 
 
-def trial_scores(model: HookedTransformer, trial: Trial) -> Float[Tensor, "layer head"]:
+def trial_score(model: HookedTransformer, trial: Trial) -> Float[Tensor, "layer head"]:
     asked = question_to_gold(model, *spans(model.tokenizer, trial, trial.needle.question))
     null = question_to_gold(model, *spans(model.tokenizer, trial, NULL_QUERY))
     return asked - null
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
-    return torch.stack([trial_scores(model, t.trial) for t in traced]).mean(dim=0)
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    return torch.stack([trial_score(model, t.trial) for t in traced])

@@ -1,5 +1,5 @@
 """RazorAttention's data-free ranking (echo plus induction attention on a repeated random
-sequence, `rh_lens.detection.probes`): it reads no trial."""
+sequence, `rh_lens.detection.probes`): it reads no trial, every trial gets its map."""
 
 from __future__ import annotations
 
@@ -13,5 +13,5 @@ from rh_lens.detection.probes import razor_scores
 from rh_lens.detection.trace import TracedTrial
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
-    return razor_scores(model)
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    return razor_scores(model).expand(len(traced), -1, -1)  # the same map for every trial

@@ -11,12 +11,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.methods.base import mean_over_successful
 from rh_lens.detection.scoring import copy_scores
 from rh_lens.detection.trace import TracedTrial
 
 
-def trial_scores(traced: TracedTrial, shift: Tensor | int = 0) -> Float[Tensor, "layer head"]:
+def trial_score(traced: TracedTrial, shift: Tensor | int = 0) -> Float[Tensor, "layer head"]:
     """One trial's retrieval scores; with `shift` (per head, or one for all), each head's
     argmax is read `shift` positions earlier (see `shifted_copy`)."""
     g, trial = traced.generation, traced.trial
@@ -24,5 +23,5 @@ def trial_scores(traced: TracedTrial, shift: Tensor | int = 0) -> Float[Tensor, 
     return copy_scores(g.argmax_keys - shift, emitted, prompt, trial.answer_span)
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
-    return mean_over_successful([trial_scores(t) for t in traced], traced)
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    return torch.stack([trial_score(t) for t in traced])

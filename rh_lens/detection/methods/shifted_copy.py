@@ -17,8 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.methods.base import mean_over_successful
-from rh_lens.detection.methods.retrieval import trial_scores as retrieval_trial_scores
+from rh_lens.detection.methods import retrieval
 from rh_lens.detection.trace import TracedTrial
 
 
@@ -48,6 +47,6 @@ def copy_offsets(
     return offsets.view(n_layers, n_heads), shares.view(n_layers, n_heads)
 
 
-def score(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "layer head"]:
+def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
     offsets, _ = copy_offsets(traced, model.cfg.n_layers, model.cfg.n_heads)
-    return mean_over_successful([retrieval_trial_scores(t, shift=offsets) for t in traced], traced)
+    return torch.stack([retrieval.trial_score(t, shift=offsets) for t in traced])
