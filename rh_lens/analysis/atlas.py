@@ -54,7 +54,8 @@ class AtlasOptions:
     `head_fractions`: K for masking, as fractions of all heads; `random_seeds`: random-K
     draws (and random KV-head draws); `full_fraction`, `sink`, `window`, `kv_decode_only`:
     the KV policy (`compress`'s options); `masking`: how a head is masked (`ablate --method`);
-    `top_k`, `resamples`: the agreement's top-K overlap and bootstrap resamples."""
+    `top_k`, `resamples`: the agreement's top-K overlap (None: the largest K masked) and
+    bootstrap resamples."""
 
     methods: tuple[str, ...] = tuple(METHODS)
     head_fractions: tuple[float, ...] = (0.02, 0.05, 0.10)
@@ -64,7 +65,7 @@ class AtlasOptions:
     window: int = 128
     kv_decode_only: bool = True
     masking: str = "uniform"
-    top_k: int = 10
+    top_k: int | None = None
     resamples: int = 1000
 
     def __post_init__(self):
@@ -73,7 +74,7 @@ class AtlasOptions:
             raise InputError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}" if unknown else "no method")
         if not all(0 < f <= 1 for f in self.head_fractions) or not 0 < self.full_fraction <= 1:
             raise InputError("head fractions and the full fraction must be in (0, 1]")
-        if self.random_seeds < 1 or self.top_k < 1 or self.resamples < 0:
+        if self.random_seeds < 1 or (self.top_k is not None and self.top_k < 1) or self.resamples < 0:
             raise InputError("random_seeds and top_k must be >= 1, resamples >= 0")
 
     def ks(self, n_layers: int, n_heads: int) -> list[int]:
@@ -218,10 +219,10 @@ def _rows(result: InterventionResult, kv: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _agreement(maps: dict[str, DetectionResult], options: AtlasOptions) -> list[dict[str, Any]]:
+def _agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> list[dict[str, Any]]:
     rows = []
     for a, b in itertools.combinations(maps, 2):
-        c = compare(maps[a], maps[b], top_k=options.top_k, resamples=options.resamples, paired=True)
+        c = compare(maps[a], maps[b], top_k=top_k, resamples=resamples, paired=True)
         iv = c.intervals or {}
         rows.append(
             {
@@ -259,7 +260,7 @@ def build_atlas(
     settings = {**(settings or {}), "options": as_json, "ks": ks}
     with run_directory(out, run.resume, run.overwrite):
         maps = method_maps(model, detection_trials, options.methods, out, run)
-        agreement = _agreement(maps, options)
+        agreement = _agreement(maps, options.top_k or max(ks), options.resamples)
         conditions = atlas_conditions(model, maps, evaluation_trials, ks, options)
         result = run_conditions(model, evaluation_trials, conditions, experiment="evaluation", out_dir=out, options=run)
         atlas = Atlas(
