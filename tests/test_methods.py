@@ -178,3 +178,19 @@ def test_query_focused_is_a_direct_computation_from_run_with_cache(planted):
 
     expected = mass(ids, range(q_at, q_at + len(question))) - mass(null, range(q_at, q_at + len(encode("N/A"))))
     torch.testing.assert_close(query_focused.trial_score(model, trial), expected)
+
+
+def test_patching_ranks_the_planted_head_first_and_leaves_out_trials_it_cannot_pair(planted, monkeypatch):
+    import rh_lens.interventions.patching as patching
+    from rh_lens.detection.methods.base import head_map as method_map
+
+    model, trials, traced = planted
+    # the planted needle has no built-in corrupted answer, and its haystack is not a named one
+    monkeypatch.setattr(patching, "load_haystack", lambda name: haystack_text())
+    monkeypatch.setitem(patching.CORRUPTED_ANSWERS, NEEDLE.real_needle, ["echo delta charlie bravo alpha"])
+    result = method_map("patching", patching.head_patching_scores, model, traced)
+    assert _top(result.scores()) == PLANTED and result.scores()[PLANTED] == pytest.approx(1.0, abs=1e-3)
+    assert result.settings["unscored"] == []
+    monkeypatch.delitem(patching.CORRUPTED_ANSWERS, NEEDLE.real_needle)
+    unpaired = method_map("patching", patching.head_patching_scores, model, traced)
+    assert unpaired.settings["unscored"] == [t.key for t in trials] and not unpaired.successful

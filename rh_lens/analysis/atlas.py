@@ -2,10 +2,11 @@
 heads does on trials none of them saw.
 
 1. Maps: the detection trials are decoded once (`trace_trials`) and every method scores
-   every head on them (`rh_lens.detection.methods`); each map is a `DetectionResult`, saved
+   every head on them (`rh_lens.detection.methods`, and activation patching, opt-in:
+   `ATLAS_METHODS`); each map is a `DetectionResult`, saved
    as `<out>/maps/<method>.json` (what `ablate --scores`, `compare` and `show` read).
-2. Agreement: for every pair of maps, Spearman and top-K overlap, with paired bootstrap
-   intervals over the trials (`compare(..., paired=True)`).
+2. Agreement: for every pair of maps, Spearman and top-K overlap, with bootstrap intervals
+   over the trials, paired where both maps count the same trials (`compare(..., paired=True)`).
 3. Effect, on the evaluation trials: no masking; each method's top-K heads masked, K at each
    of `head_fractions` of all heads, against K random heads (seeds); and each method's ranking
    as a KV policy keeping `full_fraction` of the KV heads whole (the best of their query
@@ -26,7 +27,8 @@ from typing import Any
 from transformer_lens import HookedTransformer
 
 from rh_lens.analysis.analyses import compare
-from rh_lens.detection.methods import METHODS, head_map
+from rh_lens.detection.methods import METHODS
+from rh_lens.detection.methods.base import head_map
 from rh_lens.detection.records import DetectionResult, load_results, save_results
 from rh_lens.detection.trace import trace_trials
 from rh_lens.errors import InputError
@@ -43,9 +45,14 @@ from rh_lens.interventions.compression import (
     top_policy,
 )
 from rh_lens.interventions.masking import HeadMask, random_heads
+from rh_lens.interventions.patching import head_patching_scores
 from rh_lens.tasks.niah import Trial
 
 FORMAT = "rh_lens.atlas/1"
+# The detection layer's methods, and activation patching (built on interventions): each
+# `trial_scores(model, traced) -> [trial, layer, head]`.
+ATLAS_METHODS = {**METHODS, "patching": head_patching_scores}
+DEFAULT_METHODS = tuple(METHODS)  # patching is opt-in: two full forward passes and a patched tail per head and trial
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +64,7 @@ class AtlasOptions:
     `top_k`, `resamples`: the agreement's top-K overlap (None: the largest K masked) and
     bootstrap resamples."""
 
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     head_fractions: tuple[float, ...] = (0.02, 0.05, 0.10)
     random_seeds: int = 3
     full_fraction: float = 0.25
@@ -69,9 +76,9 @@ class AtlasOptions:
     resamples: int = 1000
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ATLAS_METHODS]
         if unknown or not self.methods:
-            raise InputError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}" if unknown else "no method")
+            raise InputError(f"unknown method {unknown[0]!r}: choose from {', '.join(ATLAS_METHODS)}" if unknown else "no method")
         if not all(0 < f <= 1 for f in self.head_fractions) or not 0 < self.full_fraction <= 1:
             raise InputError("head fractions and the full fraction must be in (0, 1]")
         if self.random_seeds < 1 or (self.top_k is not None and self.top_k < 1) or self.resamples < 0:
@@ -150,7 +157,7 @@ def method_maps(
     traced = trace_trials(model, trials, options)
     maps = {}
     for m in methods:
-        maps[m] = head_map(m, model, traced)
+        maps[m] = head_map(m, ATLAS_METHODS[m], model, traced)
         save_results(maps[m], paths[m])
     return maps
 
@@ -222,7 +229,10 @@ def _rows(result: InterventionResult, kv: bool) -> list[dict[str, Any]]:
 def _agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> list[dict[str, Any]]:
     rows = []
     for a, b in itertools.combinations(maps, 2):
-        c = compare(maps[a], maps[b], top_k=top_k, resamples=resamples, paired=True)
+        # paired resamples where both maps count the same trials (a method may leave some out)
+        paired = [t.key for t in maps[a].successful] == [t.key for t in maps[b].successful]
+        counted = maps[a].successful and maps[b].successful  # a map may count no trial (nothing to resample)
+        c = compare(maps[a], maps[b], top_k=top_k, resamples=resamples if counted else 0, paired=paired)
         iv = c.intervals or {}
         rows.append(
             {
@@ -233,6 +243,7 @@ def _agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> 
                 "top_k": c.top_k,
                 "top_k_overlap": c.top_k_overlap,
                 "top_k_interval": iv.get("top_k_overlap"),
+                "paired": paired,
             }
         )
     return rows

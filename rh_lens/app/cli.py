@@ -15,7 +15,7 @@ import sys
 
 from rh_lens import __version__
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K
-from rh_lens.analysis.atlas import AtlasOptions
+from rh_lens.analysis.atlas import ATLAS_METHODS, DEFAULT_METHODS, AtlasOptions
 from rh_lens.analysis.statistics import bootstrap
 from rh_lens.app import workflows
 from rh_lens.app.options import (
@@ -43,7 +43,6 @@ from rh_lens.app.reports import (
     format_ranking,
     format_written,
 )
-from rh_lens.detection.methods import METHODS as HEAD_METHODS
 from rh_lens.detection.records import load_results
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
 from rh_lens.errors import RhLensError
@@ -338,7 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the trials masking and the KV policies are judged on, in detect's grid options, e.g. "
         '"--needles bank-b --haystack ruler-essays --lengths 1000 --depths 50"',
     )
-    t.add_argument("--methods", nargs="+", choices=list(HEAD_METHODS), default=list(HEAD_METHODS), help="methods (default: all)")
+    t.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(ATLAS_METHODS),
+        default=list(DEFAULT_METHODS),
+        help="head-finding methods (default: all but patching, which costs two forward passes per trial)",
+    )
     t.add_argument(
         "--head-fractions",
         nargs="+",

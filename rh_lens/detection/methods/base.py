@@ -24,10 +24,22 @@ TrialScores = Callable[[HookedTransformer, Sequence[TracedTrial]], Float[Tensor,
 
 
 def head_map(method: str, trial_scores: TrialScores, model: HookedTransformer, traced: Sequence[TracedTrial]) -> DetectionResult:
-    """One method's per-trial scores as a detection result (`settings["method"]` names it)."""
+    """One method's per-trial scores as a detection result (`settings["method"]` names it).
+    A trial a method could not score (NaN scores, e.g. no corrupted twin to patch with) counts
+    as not retrieved there, with scores 0; `settings["unscored"]` lists such trials."""
     scores = trial_scores(model, traced)
+    scored = ~scores.isnan().flatten(1).any(dim=1)
     records = [
-        TrialRecord(**vars(t.answer), answer_span=t.trial.answer_span, head_scores=s.tolist()) for t, s in zip(traced, scores)
+        TrialRecord(
+            **(vars(t.answer) | {"success": t.answer.success and bool(ok)}),
+            answer_span=t.trial.answer_span,
+            head_scores=s.nan_to_num(0.0).tolist(),
+        )
+        for t, s, ok in zip(traced, scores, scored)
     ]
-    settings = {"method": method, "model": model.cfg.model_name}
+    settings = {
+        "method": method,
+        "model": model.cfg.model_name,
+        "unscored": [t.trial.key for t, ok in zip(traced, scored) if not ok],
+    }
     return DetectionResult(model.cfg.model_name, model.cfg.n_layers, model.cfg.n_heads, records, settings=settings)
