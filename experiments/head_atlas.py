@@ -5,8 +5,9 @@ Detection: NIAH split A (the 3 built-in needles in the pydoc haystack, 1000/2000
 depths 0/25/50/75/100: 30 trials), the split experiments/beyond_niah.py ranks on. Evaluation,
 sharing no needle or question with it (--heldout checks): the needle bank's second half over
 RULER's essays (20 needles, 1000 tokens, depth 50) and SQuAD questions 10:30 (1000 tokens,
-depth 50). Masking K at 2%, 5% and 10% of the heads, two random draws; KV policies at 25%
-full KV heads, sink 4 + window 128, decode-only.
+depth 50). Every method, patching included (the built-in needles have corrupted twins).
+Masking K at 2%, 5% and 10% of the heads, two random draws; KV policies at 25% full KV
+heads, sink 4 + window 128, decode-only.
 
 Every atlas is one `rh-lens atlas` command (`--print` shows them), run with --resume into
 <runs>/<model>/<set>/ and skipped once its atlas.json exists; then the tables of whatever
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from common import RESULTS_DIR
 
-from rh_lens.analysis.atlas import Atlas
+from rh_lens.analysis.atlas import ATLAS_METHODS, Atlas
 from rh_lens.app import cli
 from rh_lens.app.reports import format_atlas
 from rh_lens.execution.files import write_json
@@ -32,7 +33,19 @@ EVALUATION = {
     "bank-b": "--needles bank-b --haystack ruler-essays --lengths 1000 --depths 50",
     "squad-b": "--task squad --questions 10:30 --lengths 1000 --depths 50",
 }
-ATLAS = ["--random-seeds", "2", "--full-fraction", "0.25", "--sink", "4", "--window", "128", "--heldout"]
+ATLAS = [
+    "--methods",
+    *ATLAS_METHODS,
+    "--random-seeds",
+    "2",
+    "--full-fraction",
+    "0.25",
+    "--sink",
+    "4",
+    "--window",
+    "128",
+    "--heldout",
+]
 
 
 def commands(model: str, runs: Path) -> dict[str, list[str]]:
