@@ -24,7 +24,6 @@ per run) and `final_heads.png` (each run's final head map).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import multiprocessing
 import time
@@ -36,16 +35,17 @@ from common import RESULTS_DIR
 from tqdm.auto import tqdm
 
 from rh_lens.app.plots import head_map
+from rh_lens.detection import methods
 from rh_lens.detection.probes import repeat_attention
 from rh_lens.detection.run import detect
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD, retrieval_scores
+from rh_lens.detection.trace import trace_trials
 from rh_lens.errors import PairError
 from rh_lens.execution.files import write_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.heads import Head
 from rh_lens.interventions.masking import ablation_experiment, evaluate_niah
 from rh_lens.interventions.patching import activation_patching, patching_pair
-from rh_lens.model.generation import greedy_decode
 from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
 
 VARIANTS = {  # name -> (MLPs?, retrieval demand?)
@@ -76,25 +76,18 @@ def task_answer_budget(trials) -> int:
 
 
 def copy_offsets(model, trials) -> dict[str, list]:
-    """Where each head looks, relative to the prompt position of the token the model copies:
-    over every decode step that emits the next answer token of a trial, the most common
-    (argmax key - that token's position) and its share of the steps. The retrieval score
-    credits a head only at offset 0; a head that reads the token from a later position's
-    residual (where an earlier layer has moved it) copies at another offset and scores 0."""
-    counts = [collections.Counter() for _ in range(model.cfg.n_layers * model.cfg.n_heads)]
-    steps = 0
-    for trial in trials:
-        generation = greedy_decode(model, trial.prompt_ids, task_answer_budget(trials))
-        start, end = trial.answer_span
-        for i, token in enumerate(generation.tokens[: end - start]):
-            if token != trial.prompt_ids[start + i]:
-                break
-            steps += 1
-            for flat, key in enumerate(generation.argmax_keys[i].flatten().tolist()):
-                counts[flat][key - (start + i)] += 1
+    """Where each head looks, relative to the prompt position of the token the model copies
+    (`rh_lens.detection.methods.copy_offsets`): per head, its most common offset >= 0 and its
+    share of the steps that emit the answer in order (None for a head never at or after the
+    token). The retrieval score credits a head only at offset 0; a head that reads the token
+    from a later position's residual (where an earlier layer has moved it) copies at another
+    offset and scores 0. (Runs before this used [offset, count, share], negative offsets allowed.)"""
+    options = RunOptions(max_new_tokens=task_answer_budget(trials), progress=False)
+    offsets, shares = methods.copy_offsets(trace_trials(model, trials, options), model.cfg.n_layers, model.cfg.n_heads)
     return {
-        str(Head(*divmod(flat, model.cfg.n_heads))): [*c.most_common(1)[0], c.most_common(1)[0][1] / steps] if steps else None
-        for flat, c in enumerate(counts)
+        str(Head(layer, head)): [int(offsets[layer, head]), float(shares[layer, head])] if shares[layer, head] > 0 else None
+        for layer in range(model.cfg.n_layers)
+        for head in range(model.cfg.n_heads)
     }
 
 
@@ -236,7 +229,7 @@ def summary(run: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
         "patching_top": ranking[0] if ranking else None,
         "recall_patched_masked": run["final"].get("masking_patched", {}).get("recall"),
         "patching_top_offset": run["final"]["copy_offsets"].get(ranking[0][0]) if ranking else None,
-        "offsets": {head: o for head, o in run["final"]["copy_offsets"].items() if o and o[2] >= 0.5},
+        "offsets": {head: o for head, o in run["final"]["copy_offsets"].items() if o and o[-1] >= 0.5},
     }
 
 
@@ -248,7 +241,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         patch = f"{r['patching_top'][0]} ({r['patching_top'][1]:.2f})" if r["patching_top"] else "-"
-        offset = f"{r['patching_top_offset'][0]:+d} ({r['patching_top_offset'][2]:.0%})" if r["patching_top_offset"] else "-"
+        offset = f"{r['patching_top_offset'][0]:+d} ({r['patching_top_offset'][-1]:.0%})" if r["patching_top_offset"] else "-"
         lines.append(
             f"| {r['variant']} | {r['seed']} | {fmt(r['head_step'])} | {fmt(r['niah_step'])} | {fmt(r['loss_step'])} | {fmt(r['final_niah'])} "
             f"| {', '.join(r['retrieval_heads']) or 'none'} | {r['best_head']}: {fmt(r['best_head_induction'])} ({fmt(r['max_induction'])}) "

@@ -5,12 +5,13 @@ The public API, by part (each subpackage lists its own in `__all__`):
 - tasks: `Grid`, `Needle`, `Trial`, `build_trial`, questions about real documents (`QAGrid`,
   `load_corpus`), the needle bank (`NEEDLE_SPLITS`), grading (`answer_trial`, `answer_trials`, `rouge1_recall`);
 - detection: `detect`, `DetectionResult`, `load_results`, the score (`copy_scores`,
-  `retrieval_scores`), probes (`razor_scores`, `repeat_attention`);
+  `retrieval_scores`), probes (`razor_scores`, `repeat_attention`), other head-finding
+  methods (`head_map`, `trace_trials`, `HEAD_METHODS`);
 - execution: `RunOptions`, `run_trials`;
 - interventions: `mask_heads`, `HeadMask`, `ablation_experiment`, `KVPolicy`,
   `KVCompression`, `compression_experiment`, `activation_patching`, `evaluate`,
   `run_conditions`;
-- analysis: `analyze`, `compare`, `bootstrap`, ...;
+- analysis: `analyze`, `compare`, `bootstrap`, the head atlas (`build_atlas`), ...;
 - kv (`rh_lens.kv`, imported on demand: it registers an attention function with
   transformers): `HeadwiseCache` for plain transformers models, `policy_from_head_map`;
 - front ends (`rh_lens.app`, not imported here: it draws figures): one workflow per command.
@@ -20,10 +21,13 @@ __version__ = "0.4.0"
 
 from rh_lens.analysis import (
     Analysis,
+    Atlas,
+    AtlasOptions,
     Bootstrap,
     Comparison,
     analyze,
     bootstrap,
+    build_atlas,
     compare,
     coverage,
     distractors,
@@ -32,17 +36,20 @@ from rh_lens.analysis import (
 )
 from rh_lens.detection import (
     DEFAULT_THRESHOLD,
+    HEAD_METHODS,
     DetectionResult,
     TrialRecord,
     copy_events,
     copy_scores,
     detect,
+    head_map,
     load_results,
     razor_scores,
     repeat_attention,
     retrieval_scores,
     run_trial,
     save_results,
+    trace_trials,
 )
 from rh_lens.errors import InputError, ModelLoadError, ResultsFileError, RhLensError, RunDirectoryError, TrialError
 from rh_lens.execution import RunOptions, run_trials
@@ -93,6 +100,8 @@ __all__ = [
     "AblationResult",
     "Analysis",
     "Answer",
+    "Atlas",
+    "AtlasOptions",
     "BUILTIN_NEEDLES",
     "Bootstrap",
     "CATALOGUE",
@@ -101,6 +110,7 @@ __all__ = [
     "Condition",
     "DEFAULT_THRESHOLD",
     "DetectionResult",
+    "HEAD_METHODS",
     "Grid",
     "Head",
     "HeadMask",
@@ -129,6 +139,7 @@ __all__ = [
     "answer_trial",
     "answer_trials",
     "bootstrap",
+    "build_atlas",
     "build_trial",
     "compare",
     "compression_experiment",
@@ -136,6 +147,7 @@ __all__ = [
     "copy_scores",
     "coverage",
     "detect",
+    "head_map",
     "distractors",
     "dynamic_activation",
     "evaluate",
@@ -161,6 +173,7 @@ __all__ = [
     "run_trial",
     "run_trials",
     "save_results",
+    "trace_trials",
     "trial_grid",
     "universality",
 ]

@@ -190,3 +190,23 @@ def test_detect_checkpoint_is_loaded_and_recorded(inputs, monkeypatch):
     assert loads[0]["checkpoint"] == 4000
     assert json.loads((out / "results.json").read_text())["settings"]["checkpoint"] == 4000
     assert cli.main(argv + ["--checkpoint", "4000", "--workers", "2", "--out", str(tmp_path / "ray")]) == 1
+
+
+def test_atlas_prints_the_table_and_writes_figures(inputs, capsys):
+    tmp_path, argv = inputs
+    argv = [a if a != "detect" else "atlas" for a in argv if a not in ("--top", "3")]
+    evaluate = f"--haystack {tmp_path / 'hay'} --needles {tmp_path / 'needles.jsonl'} --lengths 280 --depths 50"
+    out = tmp_path / "atlas"
+    args = argv + ["--evaluate", evaluate, "--head-fractions", "0.1", "--random-seeds", "1", "--window", "16"]
+    args += ["--resamples", "20", "--out", str(out)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
+    assert float(rows["retrieval"][1]) == 0.0 and float(rows["query-focused"][1]) == 1.0  # top-1 masked
+    for name in ("atlas.json", "recall_vs_k.png", "recall_at_kv.png", "agreement.png", "maps.png", "maps/razor.json"):
+        assert (out / name).stat().st_size > 0
+    # the evaluation grid shares the detection grid's needle: --heldout refuses it, before any model loads
+    assert cli.main(args[:-1] + [str(tmp_path / "atlas2"), "--heldout"]) == 1
+    assert "--heldout: the evaluation grid shares 1 of the ranking's own needles" in capsys.readouterr().err
+    assert not (tmp_path / "atlas2").exists()
+    assert cli.main(args[:-1] + [str(tmp_path / "atlas3"), "--evaluate=--lengths x"]) == 2

@@ -24,3 +24,15 @@ def test_every_step_parses_and_held_out_steps_say_so(model, tmp_path):
             assert args.scores == str(tmp_path / model / "niah" / "results.json")
             # every evaluation but the in-grid one refuses to run on the ranking's own trials
             assert args.heldout == (not name.startswith("ablate-in-grid")), name
+
+
+head_atlas = pytest.importorskip("head_atlas")
+
+
+@pytest.mark.parametrize("model", head_atlas.MODELS)
+def test_every_atlas_parses_and_is_held_out(model, tmp_path):
+    parser = build_parser()
+    for name, command in head_atlas.commands(model, tmp_path).items():
+        args = parser.parse_args(command)
+        assert args.model == model and args.heldout and args.out == str(tmp_path / model / name)
+        assert args.evaluate.lengths == [1000]

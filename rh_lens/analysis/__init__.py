@@ -1,4 +1,4 @@
-"""What head maps say: dynamic activation, coverage, universality, comparisons, bootstrap intervals."""
+"""What head maps say: dynamic activation, coverage, universality, comparisons, bootstrap intervals, the head atlas."""
 
 from rh_lens.analysis.analyses import (
     Analysis,
@@ -10,6 +10,7 @@ from rh_lens.analysis.analyses import (
     dynamic_activation,
     universality,
 )
+from rh_lens.analysis.atlas import Atlas, AtlasOptions, build_atlas
 from rh_lens.analysis.statistics import Bootstrap, bootstrap
 
 __all__ = [
@@ -23,4 +24,7 @@ __all__ = [
     "universality",
     "Bootstrap",
     "bootstrap",
+    "Atlas",
+    "AtlasOptions",
+    "build_atlas",
 ]

@@ -307,11 +307,13 @@ def compare(
     resamples: int = 0,
     confidence: float = 0.95,
     seed: int = 0,
+    paired: bool = False,
 ) -> Comparison:
     """Pearson and Spearman (ties averaged) of the score vectors, top-K overlap |A ∩ B| / K,
     and the heads in both top-K lists with their ranks and scores. `resamples` > 0: bootstrap
     intervals of the Spearman, the overlap and each side's fraction of heads >= threshold, each
-    side's successful trials resampled independently (seeds `seed`, `seed + 1`)."""
+    side's successful trials resampled independently (seeds `seed`, `seed + 1`), or with
+    `paired` (two maps of the same trials, e.g. two methods') the same resampled trials for both."""
     if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
         raise InputError(
             f"cannot compare {a.model} ({a.n_layers}x{a.n_heads}) with {b.model} ({b.n_layers}x{b.n_heads}): "
@@ -356,12 +358,17 @@ def compare(
         scores_a=scores_a.tolist(),
         scores_b=scores_b.tolist(),
         warnings=warnings,
-        intervals=_comparison_intervals(a, b, top_k, threshold, resamples, confidence, seed) if resamples else None,
+        intervals=_comparison_intervals(a, b, top_k, threshold, resamples, confidence, seed, paired) if resamples else None,
     )
 
 
-def _comparison_intervals(a, b, top_k: int, threshold: float, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
-    ra, rb = resampled_scores(a, resamples, seed).numpy(), resampled_scores(b, resamples, seed + 1).numpy()
+def _comparison_intervals(
+    a, b, top_k: int, threshold: float, resamples: int, confidence: float, seed: int, paired: bool = False
+) -> dict[str, Any]:
+    if paired and [t.key for t in a.successful] != [t.key for t in b.successful]:
+        raise InputError("a paired bootstrap needs both results to hold the same successful trials, in the same order")
+    ra = resampled_scores(a, resamples, seed).numpy()
+    rb = resampled_scores(b, resamples, seed if paired else seed + 1).numpy()
     spearman = [_correlation(stats.spearmanr, x, y) for x, y in zip(ra, rb)]
     spearman = [r for r in spearman if r is not None]
 
@@ -378,6 +385,7 @@ def _comparison_intervals(a, b, top_k: int, threshold: float, resamples: int, co
         "n_resamples": resamples,
         "confidence": confidence,
         "seed": seed,
+        "paired": paired,
         "spearman": interval(spearman),
         "top_k_overlap": interval(overlap),
         "fraction_above_a": interval((ra >= threshold).mean(axis=1)),

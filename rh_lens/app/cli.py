@@ -1,4 +1,4 @@
-"""Command line: `rh-lens detect`, `show`, `ablate`, `compress`, `patch`, `analyze` and `compare`.
+"""Command line: `rh-lens detect`, `show`, `ablate`, `compress`, `atlas`, `patch`, `analyze` and `compare`.
 
 Thin: each command parses its options, calls one library function (`rh_lens.app.workflows`,
 or `load_results` for `show`) and prints the table `rh_lens.app.reports` formats. User errors
@@ -15,6 +15,7 @@ import sys
 
 from rh_lens import __version__
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K
+from rh_lens.analysis.atlas import ATLAS_METHODS, DEFAULT_METHODS, AtlasOptions
 from rh_lens.analysis.statistics import bootstrap
 from rh_lens.app import workflows
 from rh_lens.app.options import (
@@ -34,6 +35,7 @@ from rh_lens.app.options import (
 from rh_lens.app.reports import (
     format_ablation,
     format_analysis,
+    format_atlas,
     format_bootstrap,
     format_comparison,
     format_compression,
@@ -116,6 +118,44 @@ def run_compress(args: argparse.Namespace) -> None:
     )
     print(format_compression(result))
     print(format_written(written))
+
+
+def run_atlas(args: argparse.Namespace) -> None:
+    atlas_options = AtlasOptions(
+        methods=tuple(args.methods),
+        head_fractions=tuple(args.head_fractions),
+        random_seeds=args.random_seeds,
+        full_fraction=args.full_fraction,
+        sink=args.sink,
+        window=args.window,
+        masking=args.method,
+        resamples=args.resamples,
+    )
+    atlas, written = workflows.atlas_grid(
+        args.model,
+        grid_from_args(args),
+        grid_from_args(args.evaluate),
+        args.out,
+        atlas_options=atlas_options,
+        heldout=args.heldout,
+        options=run_options_from_args(args),
+    )
+    print(format_atlas(atlas))
+    print(format_written(written))
+
+
+class _GridParser(argparse.ArgumentParser):
+    """Parses the grid options inside --evaluate; a bad one is --evaluate's error."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentTypeError(message)
+
+
+def evaluation_grid(text: str) -> argparse.Namespace:
+    """--evaluate "GRID OPTIONS": the evaluation trials, in the grid options of detect."""
+    parser = _GridParser(prog="--evaluate", add_help=False)
+    add_grid_arguments(parser)
+    return parser.parse_args(shlex.split(text))
 
 
 def run_patch(args: argparse.Namespace) -> None:
@@ -284,6 +324,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     heldout_argument(k)
     k.set_defaults(run=run_compress)
+
+    t = commands.add_parser("atlas", help="every head-finding method on the same trials, judged by masking on other trials")
+    add_model_arguments(t)
+    add_grid_arguments(t)
+    run_arguments(t)
+    t.add_argument(
+        "--evaluate",
+        type=evaluation_grid,
+        required=True,
+        metavar='"GRID OPTIONS"',
+        help="the trials masking and the KV policies are judged on, in detect's grid options, e.g. "
+        '"--needles bank-b --haystack ruler-essays --lengths 1000 --depths 50"',
+    )
+    t.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(ATLAS_METHODS),
+        default=list(DEFAULT_METHODS),
+        help="head-finding methods (default: all but patching, which costs two forward passes per trial)",
+    )
+    t.add_argument(
+        "--head-fractions",
+        nargs="+",
+        type=unit_interval,
+        default=[0.02, 0.05, 0.10],
+        help="K for masking, as fractions of all heads (default 0.02 0.05 0.10)",
+    )
+    t.add_argument("--random-seeds", type=positive_int, default=3, help="random-K and random KV-head draws (default 3)")
+    t.add_argument("--method", choices=METHODS, default="uniform", help="how a head is masked (as ablate --method)")
+    t.add_argument("--full-fraction", type=unit_interval, default=0.25, help="KV heads kept full (default 0.25)")
+    t.add_argument("--sink", type=non_negative_int, default=4, help="first tokens every streaming head keeps (default 4)")
+    t.add_argument("--window", type=positive_int, default=128, help="recent tokens every streaming head keeps (default 128)")
+    t.add_argument("--resamples", type=non_negative_int, default=1000, help="bootstrap resamples of the agreement (default 1000)")
+    t.add_argument(
+        "--heldout",
+        action="store_true",
+        help="refuse an --evaluate grid that shares needles or questions with the detection grid",
+    )
+    t.set_defaults(run=run_atlas)
 
     p = commands.add_parser("patch", help="activation patching: which heads carry the needle's answer")
     add_model_arguments(p)

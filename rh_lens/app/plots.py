@@ -543,3 +543,83 @@ def effect_vs_score_scatter(correlation: dict, model: str = "", labels: int = 8)
         fontsize=9,
     )
     return figure
+
+
+# --- the head atlas ---
+
+
+def atlas_recall_vs_k(atlas):
+    """Mean recall with each method's top-K heads masked, one line per method; K random heads
+    (mean, spread over seeds) dashed, no masking dotted."""
+    figure, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    for method in [*atlas.methods, "random"]:
+        rows = sorted((r for r in atlas.masking if r["method"] == method), key=lambda r: r["k"])
+        style = dict(fmt="s--", color="grey") if method == "random" else dict(fmt="o-")
+        spread = [r["std_over_seeds"] for r in rows]
+        ax.errorbar([r["k"] for r in rows], [r["mean_recall"] for r in rows], yerr=spread, capsize=3, label=method, **style)
+    ax.axhline(atlas.recall("none", 0), color="black", linestyle=":", label="no masking")
+    ax.set_xticks(atlas.ks)
+    ax.set_xlabel("masked heads K (each method's top K)")
+    ax.set_ylabel("mean ROUGE-1 recall")
+    ax.set_ylim(-0.03, 1.05)
+    where = "held-out" if atlas.settings.get("heldout") else "in-grid"
+    ax.set_title(f"{atlas.model}: {where} recall under each method's top-K heads masked", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    return figure
+
+
+def atlas_kv_bars(atlas):
+    """Recall at the same KV bytes: each method's ranking as the policy, random KV heads and
+    StreamingLLM; the full cache as a line."""
+    rows = [r for r in atlas.kv if r["method"] != "full"]
+    full = next(r for r in atlas.kv if r["method"] == "full")
+    figure, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.4), constrained_layout=True)
+    colours = ["grey" if r["method"] in ("random", "streaming") else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [r["mean_recall"] for r in rows], yerr=[r["std_over_seeds"] for r in rows], color=colours, capsize=3)
+    ax.axhline(full["mean_recall"], color="black", linestyle=":", label="full cache")
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("mean ROUGE-1 recall")
+    ax.set_ylim(0, 1.05)
+    kept = np.mean([r["kv_kept"] for r in rows])
+    ax.set_title(f"{atlas.model}: {rows[0]['full_fraction']:.0%} of KV heads full ({kept:.0%} of the cache)", fontsize=9)
+    ax.legend(fontsize=7)
+    return figure
+
+
+def agreement_matrix(atlas):
+    """Spearman between every two methods' maps; each cell also gives the top-K overlap."""
+    n = len(atlas.methods)
+    rho, overlap = np.eye(n), np.eye(n)
+    index = {m: i for i, m in enumerate(atlas.methods)}
+    for r in atlas.agreement:
+        i, j = index[r["a"]], index[r["b"]]
+        rho[i, j] = rho[j, i] = np.nan if r["spearman"] is None else r["spearman"]
+        overlap[i, j] = overlap[j, i] = r["top_k_overlap"]
+    figure, ax = plt.subplots(figsize=(1.5 + 0.8 * n, 1 + 0.7 * n), constrained_layout=True)
+    image = ax.imshow(rho, cmap="RdBu_r", vmin=-1, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ax.text(j, i, f"{rho[i, j]:.2f}\n{overlap[i, j]:.0%}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(n), atlas.methods, rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(n), atlas.methods, fontsize=7)
+    top_k = atlas.agreement[0]["top_k"] if atlas.agreement else 0
+    figure.colorbar(image, ax=ax, label="Spearman")
+    ax.set_title(f"{atlas.model}: Spearman (top-{top_k} overlap)", fontsize=9)
+    return figure
+
+
+def atlas_maps(atlas):
+    """Every method's layer x head map side by side, each scaled to its own largest score
+    (methods have different units); the method's top K (the largest K masked) outlined."""
+    n = len(atlas.methods)
+    figure, axes = plt.subplots(1, n, figsize=(1.2 + 2.2 * n, 3.2), constrained_layout=True, squeeze=False)
+    k = max(atlas.ks)
+    for ax, method in zip(axes[0], atlas.methods):
+        scores = np.asarray(atlas.maps[method], dtype=float)
+        cut = max(np.sort(scores.ravel())[-k], np.nextafter(0, 1))  # a head scoring 0 is in no top K
+        head_map(ax, scores, threshold=cut, vmax=max(1e-9, float(scores.max())))
+        ax.set_title(method, fontsize=8)
+        _layer_head_axes(ax, atlas.n_layers, atlas.n_heads)
+    figure.suptitle(f"{atlas.model}: each method's map (its top {k} outlined)", fontsize=9)
+    return figure

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from rh_lens.analysis.analyses import Analysis, Comparison
+from rh_lens.analysis.atlas import Atlas
 from rh_lens.analysis.statistics import Bootstrap
 from rh_lens.app.plots import (
+    agreement_matrix,
     analysis_figures,
+    atlas_kv_bars,
+    atlas_maps,
+    atlas_recall_vs_k,
     compression_heatmaps,
     effect_vs_score_scatter,
     mlp_effects,
@@ -74,6 +79,17 @@ def save_compression(result: CompressionResult, out: str | Path) -> list[Path]:
             paths += export_duo_attention(
                 condition.intervention.policy, out / "duo_attention" / f"{condition.metadata['full_fraction']:g}"
             )
+    return paths
+
+
+def save_atlas(atlas: Atlas, out: str | Path) -> list[Path]:
+    """atlas.json (rewritten), recall_vs_k.png (each method's top-K masked), recall_at_kv.png
+    (each method's KV policy at the same bytes), agreement.png and maps.png."""
+    out = Path(out)
+    paths = [out / "atlas.json", out / "recall_vs_k.png", out / "recall_at_kv.png", out / "agreement.png", out / "maps.png"]
+    write_json(paths[0], atlas.to_json())
+    for path, figure in zip(paths[1:], (atlas_recall_vs_k, atlas_kv_bars, agreement_matrix, atlas_maps)):
+        save_figure(figure(atlas), path)
     return paths
 
 
@@ -311,3 +327,38 @@ def format_comparison(comparison: Comparison) -> str:
     for row in comparison.shared_top:
         lines.append(f"{row['head']:<12} {row['rank_a']:>6} {row['rank_b']:>6} {row['score_a']:>8.3f} {row['score_b']:>8.3f}")
     return "\n".join(lines)
+
+
+def format_atlas(atlas: Atlas) -> str:
+    """Per method: recall with its top-K masked at each K (random-K and no masking for
+    reference), recall under its KV policy, and its Spearman with every other method."""
+    ks = atlas.ks
+    random = {r["k"]: r for r in atlas.masking if r["method"] == "random"}
+    kv = {r["method"]: r for r in atlas.kv}
+    short = {m: m[:6] for m in atlas.methods}
+    header = (
+        f"{'method':<15}"
+        + "".join(f"{f'top-{k}':>9}" for k in ks)
+        + f"{'KV':>8}   Spearman with "
+        + " ".join(f"{short[m]:>6}" for m in atlas.methods)
+    )
+    where = "held-out" if atlas.settings.get("heldout") else "in-grid (the evaluation shares trials with the detection)"
+    lines = [f"{atlas.model}: recall on the evaluation trials, {where}; no masking {atlas.recall('none', 0):.3f}", header]
+    for row in atlas.table():
+        m = row["method"]
+        masked = "".join(f"{_number(row['recall_masked'][k]):>9}" for k in ks)
+        rho = " ".join(f"{'-' if o == m else _number(row['spearman'].get(o), '.2f'):>6}" for o in atlas.methods)
+        lines.append(f"{m:<15}{masked}{_number(row['kv_recall']):>8}   {' ' * 14}{rho}")
+    lines.append(
+        f"{'random':<15}"
+        + "".join(f"{_number(random[k]['mean_recall']) if k in random else '-':>9}" for k in ks)
+        + f"{_number(kv.get('random', {}).get('mean_recall')):>8}"
+    )
+    lines.append(f"{'streaming':<15}{'':>{9 * len(ks)}}{_number(kv.get('streaming', {}).get('mean_recall')):>8}")
+    kept = next((r["kv_kept"] for r in atlas.kv if r["method"] not in ("full",)), None)
+    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full, {_number(kept, '.1%')} of the cache kept")
+    return "\n".join(lines)
+
+
+def _number(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)

@@ -16,7 +16,16 @@ from typing import Any
 from transformer_lens import HookedTransformer
 
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
-from rh_lens.app.reports import save_ablation, save_analysis, save_comparison, save_compression, save_detection, save_patching
+from rh_lens.analysis.atlas import Atlas, AtlasOptions, build_atlas
+from rh_lens.app.reports import (
+    save_ablation,
+    save_analysis,
+    save_atlas,
+    save_comparison,
+    save_compression,
+    save_detection,
+    save_patching,
+)
 from rh_lens.detection.records import DetectionResult, load_results
 from rh_lens.detection.run import detect
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
@@ -80,12 +89,18 @@ def _ranking(
     ranking's own needles or questions is a warning, and with `heldout` an error."""
     detection = scores if isinstance(scores, DetectionResult) else load_results(scores)
     settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
-    ranked_on = split_of(detection.settings)
-    shared = shared_items(ranked_on, split_of(settings))
-    settings |= {"ranked_on": ranked_on, "shared_with_ranking": shared, "heldout": bool(shared == [])}
+    return detection, settings | _split_check(detection.settings, settings, heldout, settings["scores"])
+
+
+def _split_check(ranked: dict[str, Any], evaluated: dict[str, Any], heldout: bool, source: str) -> dict[str, Any]:
+    """Which split a ranking came from and what an evaluation shares with it. Sharing
+    needles or questions is a warning, and with `heldout` an error; so is a ranking that does
+    not record its trials, with `heldout`."""
+    ranked_on = split_of(ranked)
+    shared = shared_items(ranked_on, split_of(evaluated))
     if shared is None:
         if heldout:
-            raise InputError(f"--heldout: {settings['scores']} does not record the trials its ranking came from")
+            raise InputError(f"--heldout: {source} does not record the trials its ranking came from")
     elif shared:
         what = f"{len(shared)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
         if heldout:
@@ -94,7 +109,7 @@ def _ranking(
                 f"{', ...' if len(shared) > 3 else ''}); choose other needles or --questions"
             )
         logger.warning(f"warning: evaluating on {what}: the result is in-grid, not held out (--heldout refuses this)")
-    return detection, settings
+    return {"ranked_on": ranked_on, "shared_with_ranking": shared, "heldout": bool(shared == [])}
 
 
 def detect_grid(
@@ -221,6 +236,31 @@ def compress_grid(
             executor=executor,
         )
         return result, save_compression(result, out)
+
+
+def atlas_grid(
+    model: str | HookedTransformer,
+    grid: Grid | QAGrid,
+    evaluation: Grid | QAGrid,
+    out: str | Path,
+    *,
+    atlas_options: AtlasOptions = AtlasOptions(),
+    heldout: bool = False,
+    options: RunOptions = RunOptions(),
+) -> tuple[Atlas, list[Path]]:
+    """`rh-lens atlas`: every method's map on `grid`'s trials, judged on `evaluation`'s
+    (`rh_lens.analysis.atlas`), saved with `save_atlas`. `heldout`: refuse an evaluation grid
+    that shares needles or questions with `grid`. `options`: as for `detect_grid` (no workers)."""
+    if options.workers:
+        raise InputError("the atlas runs in one process: leave out --workers")
+    settings = {"detection": grid.settings(), "evaluation": evaluation.settings()}
+    settings |= _split_check(settings["detection"], settings["evaluation"], heldout, "the detection grid")
+    with run_directory(out, options.resume, options.overwrite):
+        model = _model(model, options)
+        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+        evaluation_trials = evaluation.trials(model.tokenizer, model.cfg.n_ctx)
+        atlas = build_atlas(model, trials, evaluation_trials, out, options=atlas_options, run=options, settings=settings)
+        return atlas, save_atlas(atlas, out)
 
 
 def patch_needle(

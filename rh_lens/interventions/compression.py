@@ -233,7 +233,6 @@ def compression_conditions(
     """The full cache, then per fraction the retrieval policy, random KV heads per seed,
     StreamingLLM at the same bytes, and RazorAttention's ranking (when `razor` scores are
     given); each with the share of the cache it keeps over these trials."""
-    cfg = model.cfg
     conditions = [Condition("full", None, "full", {"method": "full", "full_fraction": 1.0, "kv_kept": 1.0})]
     for fraction in fractions:
         policies = [("retrieval", None, retrieval_policy(model, detection, fraction, sink, window))]
@@ -242,14 +241,22 @@ def compression_conditions(
         if razor is not None:
             policies.append(("razor", None, razor_policy(model, razor, fraction, sink, window)))
         for method, seed, policy in policies:
-            kept = [kv_bytes(policy, len(t.prompt_ids), cfg.d_head, cfg.dtype.itemsize, native_windows(model)) for t in trials]
             group = f"{method}-{fraction:g}"
-            metadata = {"method": method, "full_fraction": fraction, "kv_kept": float(np.mean([k / f for k, f in kept]))}
-            if seed is not None:
-                metadata["seed"] = seed
+            metadata = {"method": method, "full_fraction": fraction} | ({"seed": seed} if seed is not None else {})
             name = group + (f"-seed{seed}" if seed is not None else "")
-            conditions.append(Condition(name, KVCompression(policy, decode_only, cache), group, metadata))
+            conditions.append(kv_condition(model, trials, policy, name, group, metadata, decode_only=decode_only, cache=cache))
     return conditions
+
+
+def kv_condition(
+    model, trials: Sequence[Trial], policy: KVPolicy, name: str, group: str, metadata: dict[str, Any], *, decode_only, cache
+) -> Condition:
+    """Decoding under `policy`, with `kv_kept` in its metadata: the mean over these trials of
+    the bytes it keeps / the full cache's."""
+    cfg = model.cfg
+    kept = [kv_bytes(policy, len(t.prompt_ids), cfg.d_head, cfg.dtype.itemsize, native_windows(model)) for t in trials]
+    metadata = {**metadata, "kv_kept": float(np.mean([k / f for k, f in kept]))}
+    return Condition(name, KVCompression(policy, decode_only, cache), group, metadata)
 
 
 def compression_experiment(

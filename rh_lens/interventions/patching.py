@@ -33,12 +33,13 @@ from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name
 
 from rh_lens.detection.records import DetectionResult
+from rh_lens.detection.trace import TracedTrial
 from rh_lens.errors import InputError, PairError, TrialError
 from rh_lens.heads import Head, all_heads, check_heads, heads_of
 from rh_lens.model.generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
 from rh_lens.model.tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
 from rh_lens.tasks.documents import Corpus, Question, build_document_trial
-from rh_lens.tasks.niah import Needle, Trial, build_trial, corrupt_needle
+from rh_lens.tasks.niah import Needle, Trial, build_trial, corrupt_needle, load_haystack, tokenize_haystack
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
 KINDS = (
@@ -691,3 +692,31 @@ def effect_vs_score(
         "effect": effect,
         "score": score,
     }
+
+
+# --- patching as a head-finding method (the atlas's `patching`) -----------------------------
+
+
+def head_patching_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:
+    """Each trial's head-output patching effect at the answer position (denoising, the
+    normalised logit difference): a head-finding method over traced trials, as those of
+    `rh_lens.detection.methods`. The corrupted twin of a trial is its needle with a built-in
+    corrupted answer (`CORRUPTED_ANSWERS`) in the same haystack; a trial without one, whose
+    rebuilt prompt is not the traced one, or whose answers the model barely tells apart gets
+    NaN (not scored: left out of the map)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    scores = torch.full((len(traced), n_layers, n_heads), float("nan"))
+    for i, t in enumerate(traced):
+        trial = t.trial
+        try:
+            haystack_ids = tokenize_haystack(model.tokenizer, load_haystack(trial.haystack), trial.context_length)
+            pair = patching_pair(
+                model, trial.needle, haystack_ids, trial.context_length, trial.depth, chat=trial.chat, haystack=trial.haystack
+            )
+            if pair.clean.prompt_ids != trial.prompt_ids:
+                continue
+            result = activation_patching(model, pair, kinds=("head_out",), directions=("denoise",), progress=False)
+        except (PairError, InputError, TrialError):
+            continue
+        scores[i] = result.effect("head_out", "denoise")
+    return scores

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -103,6 +104,24 @@ class Generation:
     tokens: list[int]
     argmax_keys: Int[Tensor, "step layer head"] | None
     seconds: float | None = None
+    observed: dict[str, Tensor] | None = None  # what the `StepObserver`s kept, per step
+
+
+class StepObserver(Protocol):
+    """Something more to read at each decode step than where each head looks (e.g. how much
+    attention its top keys get, what its output writes toward the emitted token). Its `hooks`
+    run at decode steps after the caller's; `begin` starts each batch of `n_rows` prompts;
+    `after_step` gets the tokens the live rows just emitted (`rows`: which of the batch's
+    prompts each live row is; `padding`: each live row's left padding, so key positions
+    minus it are prompt positions); `finish` hands over what it kept for one prompt."""
+
+    hooks: Sequence[Hook]
+
+    def begin(self, n_rows: int) -> None: ...
+
+    def after_step(self, emitted: Int[Tensor, " row"], rows: list[int], padding: Int[Tensor, " row"]) -> None: ...
+
+    def finish(self, row: int) -> dict[str, Tensor]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +306,7 @@ def decode_prompts(
     decoding: Decoding = Decoding(),
     record_attention: bool = True,
     decode_hooks: Sequence[Hook] = (),
+    observers: Sequence[StepObserver] = (),
 ) -> Iterator[tuple[int, Generation]]:
     """Greedy decoding of many prompts (each as `greedy_decode` decodes one), yielding
     (index, generation) as each prompt's answer ends. Prompts are taken in the order given,
@@ -294,7 +314,8 @@ def decode_prompts(
     `decoding.share_prefix`; pass them in `prefix_order` to share the most), then the batch
     is decoded together, left-padded to its longest prompt; a row whose answer has ended
     leaves the batch at once. Hooks on the model act on every row; `key_positions` gives
-    them each key's position in its own prompt."""
+    them each key's position in its own prompt. `observers` read more at each decode step
+    (see `StepObserver`); what they keep is each generation's `observed`."""
     prompts = [torch.as_tensor(p, dtype=torch.long, device=model.cfg.device) for p in prompts]
     if not prompts:
         return
@@ -306,7 +327,7 @@ def decode_prompts(
     for start in range(0, len(prompts), batch_size):
         batch = range(start, min(len(prompts), start + batch_size))
         yield from _decode_batch(
-            model, [prompts[i] for i in batch], list(batch), prefixes, decoding, record_attention, decode_hooks
+            model, [prompts[i] for i in batch], list(batch), prefixes, decoding, record_attention, decode_hooks, observers
         )
 
 
@@ -326,7 +347,9 @@ def _headwise_rows(model, prompts, prefixes: PrefixCache, decoding: Decoding, pr
     return rows[0] if len(rows) == 1 else stack_kv_caches(model, rows, capacity)
 
 
-def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Decoding, record_attention, decode_hooks):
+def _decode_batch(
+    model, prompts, indices, prefixes: PrefixCache, decoding: Decoding, record_attention, decode_hooks, observers=()
+):
     """Prefill each prompt, then decode them all together (see `decode_prompts`)."""
     prefill_seconds = []
     if decoding.kv_policy is not None:
@@ -353,6 +376,9 @@ def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Deco
     hooks = list(decode_hooks)
     if record_attention:  # after the caller's hooks, so it sees the pattern they leave
         hooks.append((lambda name: name.endswith("attn.hook_pattern"), record))
+    for observer in observers:
+        observer.begin(len(prompts))
+        hooks.extend(observer.hooks)
     eos_ids = _eos_ids(model)
     rows = list(range(len(prompts)))  # the prompts still decoding, by their place in `prompts`
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -367,7 +393,10 @@ def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Deco
                 logits = forward(model, fed, cache)
             finally:
                 _LEFT_PADDING.reset(padded)
-            emitted = logits[:, -1].argmax(dim=-1).tolist()  # the one host synchronisation of a step
+            emitted_ids = logits[:, -1].argmax(dim=-1)
+            for observer in observers:
+                observer.after_step(emitted_ids, rows, padding)
+            emitted = emitted_ids.tolist()  # the one host synchronisation of a step
             if record_attention:
                 positions = step_argmax[:, : len(rows)] - padding[None, :, None]  # prompt positions
             ended = []
@@ -383,7 +412,9 @@ def _decode_batch(model, prompts, indices, prefixes: PrefixCache, decoding: Deco
             for j in ended:
                 row = rows[j]
                 argmax_keys = torch.stack(argmaxes[row]).cpu() if record_attention else None
-                yield indices[row], Generation(tokens[row], argmax_keys, prefill_seconds[row] + decode_seconds[row])
+                observed = {key: value for o in observers for key, value in o.finish(row).items()} if observers else None
+                seconds = prefill_seconds[row] + decode_seconds[row]
+                yield indices[row], Generation(tokens[row], argmax_keys, seconds, observed)
             if len(ended) == len(rows):
                 return
             if ended:  # the rows whose answer ended leave the batch, and padding no row needs goes

@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation, decode_prompts
+from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation, StepObserver, decode_prompts
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
 
@@ -144,12 +144,13 @@ def answer_trials(
     decoding: Decoding = Decoding(),
     record_attention: bool = True,
     decode_hooks: Sequence[Hook] = (),
+    observers: Sequence[StepObserver] = (),
 ) -> Iterator[tuple[int, Answer, Generation]]:
     """`answer_trial` for many trials, decoded as `decoding` says (prefixes shared, rows
     decoded together: `rh_lens.model.generation.decode_prompts`): (index, answer,
     generation) as each trial's answer ends."""
     prompts = [trial.prompt_ids for trial in trials]
-    for i, generation in decode_prompts(model, prompts, decoding, record_attention, decode_hooks):
+    for i, generation in decode_prompts(model, prompts, decoding, record_attention, decode_hooks, observers):
         yield i, grade(model, trials[i], generation), generation
 
 

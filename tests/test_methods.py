@@ -1,0 +1,196 @@
+"""Head-finding methods: each on the planted model, on hand-computed cases, and the
+decode-time trace and query-focused score against TransformerLens's own run_with_cache."""
+
+import pytest
+import torch
+from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from rh_lens.detection.methods import METHODS, attention_mass, copy_offsets, head_map, output, query_focused, shifted_copy
+from rh_lens.detection.run import detect
+from rh_lens.detection.trace import HeadTrace, TracedTrial, trace_trials
+from rh_lens.execution.options import RunOptions
+from rh_lens.model.generation import Decoding, Generation, decode_prompts
+from rh_lens.tasks.grading import Answer
+from rh_lens.tasks.niah import Needle, Trial, build_trial, tokenize_haystack
+
+QUIET = RunOptions(progress=False)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = build_planted_model()
+    haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
+    trials = [build_trial(model.tokenizer, haystack, NEEDLE, length, depth) for length in (260, 300) for depth in (20, 80)]
+    return model, trials, trace_trials(model, trials, QUIET)
+
+
+def _top(scores):
+    return divmod(int(scores.flatten().argmax()), scores.size(1))
+
+
+@pytest.mark.parametrize("name", ["retrieval", "attention-mass", "shifted-copy", "output"])
+def test_the_planted_head_ranks_first(planted, name):
+    model, _, traced = planted
+    assert all(t.answer.success for t in traced)
+    assert _top(head_map(name, model, traced).scores()) == PLANTED
+
+
+@pytest.mark.parametrize("name", ["query-focused", "razor"])
+def test_attention_only_methods_cannot_tell_the_planted_head_from_its_decoy(planted, name):
+    # The decoy (a duplicate-token head) attends from each token to its earlier copy: from
+    # the question's "secret" / "code" into the needle (query-focused) and, on a repeated
+    # sequence, to the previous occurrence (RazorAttention's echo). Where a head looks is all
+    # these methods see, so the decoy scores at least nearly as high as the planted head,
+    # which alone writes the answer; both above every other head.
+    model, _, traced = planted
+    scores = head_map(name, model, traced).scores()
+    others = [scores[layer, head] for layer in range(2) for head in range(4) if (layer, head) not in (PLANTED, DECOY)]
+    assert scores[DECOY] >= 0.9 * scores[PLANTED] and min(scores[PLANTED], scores[DECOY]) > max(others)
+
+
+def test_retrieval_from_the_trace_is_detects_score(planted):
+    model, trials, traced = planted
+    assert torch.equal(head_map("retrieval", model, traced).scores(), detect(model, trials, options=QUIET).scores())
+
+
+def _hand_trial(tokens, argmax_keys, observed, span=(4, 7), prompt_ids=None, success=True):
+    prompt_ids = prompt_ids or [9, 9, 9, 9, 1, 2, 3, 9, 9, 9]
+    needle = Needle(needle="n", question="q", real_needle="a b c")
+    trial = Trial(100, 50, needle, "hay", "p", prompt_ids, span, False)
+    answer = Answer(
+        key="t",
+        context_length=100,
+        depth=50,
+        needle_id="n",
+        haystack="hay",
+        answer="a b c",
+        generated_ids=tokens,
+        response="",
+        rouge_recall=1.0,
+        success=success,
+    )
+    return TracedTrial(trial, answer, Generation(tokens, argmax_keys, None, observed))
+
+
+def test_attention_mass_by_hand():
+    # one layer, one head, span [4, 7) (k = 3), two steps; keys kept in weight order
+    keys = torch.tensor([[4, 9, 5, 0], [6, 5, 1, 2]]).view(2, 1, 1, 4)
+    weights = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]).view(2, 1, 1, 4)
+    traced = _hand_trial([1, 2], None, {"top_keys": keys, "top_weights": weights})
+    # step 1: keys 4 and 5 of the top 3 are inside: (0.5 + 0.2); step 2: 6 and 5: (0.4 + 0.3)
+    expected = (0.5 + 0.2 + 0.4 + 0.3) / 3
+    assert attention_mass.trial_score(traced).item() == pytest.approx(expected)
+
+
+def test_shifted_copy_credits_a_head_one_position_late():
+    # head 0 looks at the copied token itself, head 1 one position after it, head 2 one before
+    argmax = torch.tensor([[[4, 5, 3]], [[5, 6, 4]], [[6, 7, 5]]])  # [step, layer 1, head 3]
+    traced = [_hand_trial([1, 2, 3], argmax, {})]
+    offsets, shares = copy_offsets(traced, 1, 3)
+    assert offsets.tolist() == [[0, 1, 0]] and shares.tolist() == [[1.0, 1.0, 0.0]]
+    assert shifted_copy.trial_scores(_Cfg(1, 3), traced).tolist() == [[[1.0, 1.0, 0.0]]]
+    assert METHODS["retrieval"](_Cfg(1, 3), traced).tolist() == [[[1.0, 0.0, 0.0]]]
+
+
+def test_output_averages_the_steps_that_emit_answer_tokens():
+    attribution = torch.tensor([2.0, 4.0, -1.0]).view(3, 1, 1)  # the last step emits a non-answer token
+    traced = [_hand_trial([1, 3, 9], None, {"logit_attribution": attribution})]
+    traced.append(_hand_trial([1], None, {"logit_attribution": torch.tensor([[[7.0]]])}, success=False))
+    assert output.trial_scores(_Cfg(1, 1), traced).flatten().tolist() == [3.0, 7.0]
+    assert head_map("output", _Cfg(1, 1), traced).scores().item() == pytest.approx(3.0)  # the failed trial left out
+
+
+class _Cfg:
+    def __init__(self, n_layers, n_heads):
+        self.cfg = type("cfg", (), {"n_layers": n_layers, "n_heads": n_heads, "model_name": "hand"})
+
+
+def _tiny(normalization: str) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=40,
+        act_fn="silu",
+        normalization_type=normalization,
+        positional_embedding_type="rotary",
+        device="cpu",
+    )
+    model = HookedTransformer(cfg)
+    for p in model.parameters():  # random weights, big enough that attention is not uniform
+        torch.nn.init.normal_(p, std=0.3)
+    # folding moves value biases (and the norms' biases folded into them) out of z into b_O:
+    # leave none to move, so z and hence each head's output are the same in both models
+    for name, p in model.named_parameters():
+        if name.endswith("b_V") or (".ln" in name and name.endswith(".b")):
+            p.data.zero_()
+    return model
+
+
+@pytest.mark.parametrize("normalization", ["RMS", "LN"])
+def test_the_trace_is_transformer_lens_run_with_cache(normalization):
+    model = _tiny(normalization)
+    prompts = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (12, 17)]
+    decoding = Decoding(max_new_tokens=6, batch_size=2)  # left padding: positions must come back as prompt positions
+    generations = dict(decode_prompts(model, prompts, decoding, observers=[HeadTrace(model, top_k=3)]))
+    folded = HookedTransformer(model.cfg)
+    folded.load_state_dict(model.state_dict())
+    folded.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)  # the norm into W_U
+    for i, prompt in enumerate(prompts):
+        g = generations[i]
+        sequence = torch.tensor([prompt + g.tokens[:-1]])
+        _, cache = folded.run_with_cache(sequence)
+        heads = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
+        for step, token in enumerate(g.tokens):
+            pos = len(prompt) - 1 + step
+            expected = cache.logit_attrs(heads[:, :, pos], tokens=torch.tensor([token]), pos_slice=pos)
+            got = g.observed["logit_attribution"][step].flatten()
+            torch.testing.assert_close(got, expected[:, 0], rtol=1e-4, atol=1e-4)
+            for layer in range(model.cfg.n_layers):
+                row = cache["pattern", layer][0, :, pos]
+                torch.testing.assert_close(g.observed["top_weights"][step, layer], row.topk(3).values, rtol=1e-4, atol=1e-5)
+                assert torch.equal(g.observed["top_keys"][step, layer, :, 0], row.argmax(dim=-1))
+
+
+def test_query_focused_is_a_direct_computation_from_run_with_cache(planted):
+    model, trials, _ = planted
+    trial = trials[0]
+    ids = trial.prompt_ids
+
+    def find(sub):
+        return next(i for i in range(len(ids) - len(sub), -1, -1) if ids[i : i + len(sub)] == sub)
+
+    encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    question, needle = encode(trial.needle.question), encode(trial.needle.needle)
+    q_at, n_at = find(question), find(needle)
+    null = ids[:q_at] + encode(query_focused.NULL_QUERY) + ids[q_at + len(question) :]
+
+    def mass(tokens, rows):
+        _, cache = model.run_with_cache(torch.tensor([tokens]))
+        gold = range(n_at, n_at + len(needle))
+        return torch.stack([cache["pattern", l][0][:, rows][..., gold].sum(-1).mean(-1) for l in range(model.cfg.n_layers)])
+
+    expected = mass(ids, range(q_at, q_at + len(question))) - mass(null, range(q_at, q_at + len(encode("N/A"))))
+    torch.testing.assert_close(query_focused.trial_score(model, trial), expected)
+
+
+def test_patching_ranks_the_planted_head_first_and_leaves_out_trials_it_cannot_pair(planted, monkeypatch):
+    import rh_lens.interventions.patching as patching
+    from rh_lens.detection.methods.base import head_map as method_map
+
+    model, trials, traced = planted
+    # the planted needle has no built-in corrupted answer, and its haystack is not a named one
+    monkeypatch.setattr(patching, "load_haystack", lambda name: haystack_text())
+    monkeypatch.setitem(patching.CORRUPTED_ANSWERS, NEEDLE.real_needle, ["echo delta charlie bravo alpha"])
+    result = method_map("patching", patching.head_patching_scores, model, traced)
+    assert _top(result.scores()) == PLANTED and result.scores()[PLANTED] == pytest.approx(1.0, abs=1e-3)
+    assert result.settings["unscored"] == []
+    monkeypatch.delitem(patching.CORRUPTED_ANSWERS, NEEDLE.real_needle)
+    unpaired = method_map("patching", patching.head_patching_scores, model, traced)
+    assert unpaired.settings["unscored"] == [t.key for t in trials] and not unpaired.successful
