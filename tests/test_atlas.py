@@ -82,3 +82,24 @@ def test_bad_options():
         AtlasOptions(methods=("retrieval", "nope"))
     with pytest.raises(InputError, match="fractions"):
         AtlasOptions(head_fractions=(0.0,))
+
+
+def test_top_heads_and_results_file_entries():
+    maps = {"m": [[0.5, 0.0], [0.5, 0.9]]}
+    atlas = Atlas(model="x", n_layers=2, n_heads=2, methods=["m"], ks=[2], maps=maps, agreement=[], masking=[], kv=[])
+    # best first, a tie broken by (layer, head): what the masking condition of K=2 masks
+    assert atlas.top_heads("m", 2) == [Head(1, 1), Head(0, 0)]
+    entry = {"set": "bank-b", **atlas.to_json()}  # an entry of experiments' head_atlas.json
+    assert Atlas.from_json(entry) == atlas
+    with pytest.raises(InputError, match="not an rh_lens atlas"):
+        Atlas.from_json({"format": "rh_lens.detection/1"})
+
+
+def test_resume_computes_only_the_maps_it_lacks(atlas_run):
+    model, detection, evaluation, out, atlas = atlas_run
+    kept = (out / "maps" / "retrieval.json").stat().st_mtime_ns
+    (out / "maps" / "razor.json").unlink()
+    (out / "atlas.json").unlink()
+    again = build_atlas(model, detection, evaluation, out, options=OPTIONS, run=RunOptions(progress=False, resume=True))
+    assert (out / "maps" / "razor.json").exists() and (out / "maps" / "retrieval.json").stat().st_mtime_ns == kept
+    assert again.maps == atlas.maps and again.masking == atlas.masking

@@ -6,11 +6,22 @@ import torch
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rh_lens.detection.methods import METHODS, attention_mass, copy_offsets, head_map, output, query_focused, shifted_copy
+from rh_lens.detection.methods import (
+    METHODS,
+    attention_mass,
+    copy_offsets,
+    duo_gates,
+    head_map,
+    output,
+    query_focused,
+    shifted_copy,
+)
 from rh_lens.detection.run import detect
 from rh_lens.detection.trace import HeadTrace, TracedTrial, trace_trials
 from rh_lens.execution.options import RunOptions
+from rh_lens.interventions.compression import KVCompression
 from rh_lens.model.generation import Decoding, Generation, decode_prompts
+from rh_lens.model.headwise import KVPolicy
 from rh_lens.tasks.grading import Answer
 from rh_lens.tasks.niah import Needle, Trial, build_trial, tokenize_haystack
 
@@ -194,3 +205,35 @@ def test_patching_ranks_the_planted_head_first_and_leaves_out_trials_it_cannot_p
     monkeypatch.delitem(patching.CORRUPTED_ANSWERS, NEEDLE.real_needle)
     unpaired = method_map("patching", patching.head_patching_scores, model, traced)
     assert unpaired.settings["unscored"] == [t.key for t in trials] and not unpaired.successful
+
+
+def test_learned_gates_keep_the_planted_head_full():
+    # A 16-token window: only the planted head needs the far-back answer; the previous-token
+    # head works inside any window and the other heads write nothing, so the L1 term closes them.
+    model = build_planted_model()
+    haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
+    trials = [build_trial(model.tokenizer, haystack, NEEDLE, 260, depth) for depth in (20, 50, 80)]
+    traced = trace_trials(model, trials, QUIET)
+    training = duo_gates.GateTraining(steps=60, window=16)
+    gates = duo_gates.trial_scores(model, traced, training)[0]
+    assert gates[PLANTED] > 0.9
+    assert max(gates[layer, head] for layer in range(2) for head in range(4) if (layer, head) != PLANTED) < 0.1
+    assert all(p.requires_grad for p in model.parameters())  # the model is handed back as it was
+
+
+def test_gate_mixing_at_0_is_the_streaming_cache_and_at_1_the_full_model():
+    # gate 0 on every head must be the masked KV simulation with no full head (an independent
+    # implementation of the same streaming rule); gate 1, the model untouched
+    model = build_planted_model()
+    ids = tokenize_haystack(model.tokenizer, haystack_text(), 120)
+    policy = KVPolicy("streaming", 2, 4, 4, frozenset(), sink=2, window=8)
+    final = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=final)
+        with KVCompression(policy, cache="masked")(model):
+            _, streamed = model.run_with_cache(torch.tensor([ids]), names_filter=final)
+        closed = duo_gates._final_hidden(model, ids, torch.zeros(2, 4), policy)
+        opened = duo_gates._final_hidden(model, ids, torch.ones(2, 4), policy)
+    assert not torch.allclose(cache[final][0], streamed[final][0])  # the window matters here
+    torch.testing.assert_close(closed, streamed[final][0])
+    torch.testing.assert_close(opened, cache[final][0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer
 from rh_lens.analysis.analyses import compare
 from rh_lens.detection.methods import METHODS
 from rh_lens.detection.methods.base import head_map
-from rh_lens.detection.records import DetectionResult, load_results, save_results
+from rh_lens.detection.records import DetectionResult, load_results, rank_heads, save_results
 from rh_lens.detection.trace import trace_trials
 from rh_lens.errors import InputError
 from rh_lens.execution.files import read_json, write_json
@@ -52,7 +52,10 @@ FORMAT = "rh_lens.atlas/1"
 # The detection layer's methods, and activation patching (built on interventions): each
 # `trial_scores(model, traced) -> [trial, layer, head]`.
 ATLAS_METHODS = {**METHODS, "patching": head_patching_scores}
-DEFAULT_METHODS = tuple(METHODS)  # patching is opt-in: two full forward passes and a patched tail per head and trial
+# opt-in: learned gates train (a forward and a backward pass per step); patching runs two
+# full forward passes and a patched tail per head and trial
+OPT_IN_METHODS = ("duo-gates", "patching")
+DEFAULT_METHODS = tuple(m for m in ATLAS_METHODS if m not in OPT_IN_METHODS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,11 +114,20 @@ class Atlas:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def load(cls, path: str | Path) -> Atlas:
-        data = read_json(path)
+    def from_json(cls, data: dict[str, Any], source: str = "atlas") -> Atlas:
+        """An atlas from `to_json`'s dict; keys it does not know (e.g. a results file's "set") are ignored."""
         if data.get("format") != FORMAT:
-            raise InputError(f"{path}: not an rh_lens atlas (format {data.get('format')!r})")
-        return cls(**{k: v for k, v in data.items() if k != "format"})
+            raise InputError(f"{source}: not an rh_lens atlas (format {data.get('format')!r})")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Atlas:
+        return cls.from_json(read_json(path), str(path))
+
+    def top_heads(self, method: str, k: int) -> list[Head]:
+        """The method's top `k` heads, as its masking condition chose them."""
+        return [Head(layer, head) for layer, head, _ in rank_heads(self.maps[method], k)]
 
     def recall(self, method: str, k: int) -> float | None:
         return next((r["mean_recall"] for r in self.masking if r["method"] == method and r["k"] == k), None)
@@ -149,17 +161,17 @@ def _ranking(result: DetectionResult) -> list[Head]:
 def method_maps(
     model: HookedTransformer, trials: Sequence[Trial], methods: Sequence[str], out_dir: Path, options: RunOptions
 ) -> dict[str, DetectionResult]:
-    """Every method's map on the detection trials, from one traced decoding; read back from
-    `<out_dir>/maps/` when a resumed atlas has them all."""
+    """Every method's map on the detection trials, from one traced decoding; a resumed atlas
+    reads back the maps `<out_dir>/maps/` has and computes only the others."""
     paths = {m: out_dir / "maps" / f"{m}.json" for m in methods}
-    if options.resume and all(p.exists() for p in paths.values()):
-        return {m: load_results(p) for m, p in paths.items()}
-    traced = trace_trials(model, trials, options)
-    maps = {}
-    for m in methods:
-        maps[m] = head_map(m, ATLAS_METHODS[m], model, traced)
-        save_results(maps[m], paths[m])
-    return maps
+    maps = {m: load_results(p) for m, p in paths.items() if options.resume and p.exists()}
+    missing = [m for m in methods if m not in maps]
+    if missing:
+        traced = trace_trials(model, trials, options)
+        for m in missing:
+            maps[m] = head_map(m, ATLAS_METHODS[m], model, traced)
+            save_results(maps[m], paths[m])
+    return {m: maps[m] for m in methods}
 
 
 def atlas_conditions(

@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(ATLAS_METHODS),
         default=list(DEFAULT_METHODS),
-        help="head-finding methods (default: all but patching, which costs two forward passes per trial)",
+        help="head-finding methods (default: all but duo-gates and patching: gate training and two forward passes per trial)",
     )
     t.add_argument(
         "--head-fractions",

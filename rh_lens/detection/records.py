@@ -25,6 +25,13 @@ from rh_lens.tasks.grading import Answer
 FORMAT = "rh_lens.detection/1"
 
 
+def rank_heads(scores: Float[Tensor, "layer head"] | list[list[float]], top: int | None = None) -> list[tuple[int, int, float]]:
+    """(layer, head, score), best first; ties broken by (layer, head) so rankings are stable."""
+    heads = [(layer, head, float(s)) for layer, row in enumerate(scores) for head, s in enumerate(row)]
+    heads.sort(key=lambda h: (-h[2], h[0], h[1]))
+    return heads[:top] if top is not None else heads
+
+
 @dataclass(kw_only=True)
 class TrialRecord(Answer):
     """A detection trial: the graded answer and every head's score. `head_scores[layer][head]`
@@ -72,11 +79,8 @@ class DetectionResult:
         return retrieval_scores(trial_scores, success)
 
     def ranking(self, top: int | None = None) -> list[tuple[int, int, float]]:
-        """(layer, head, score), best first; ties broken by (layer, head) so rankings are stable."""
-        scores = self.scores()
-        heads = [(layer, head, float(scores[layer, head])) for layer in range(self.n_layers) for head in range(self.n_heads)]
-        heads.sort(key=lambda h: (-h[2], h[0], h[1]))
-        return heads[:top] if top is not None else heads
+        """(layer, head, score), best first (see `rank_heads`)."""
+        return rank_heads(self.scores(), top)
 
     def retrieval_heads(self, threshold: float | None = None) -> list[tuple[int, int, float]]:
         limit = self.threshold if threshold is None else threshold

@@ -12,13 +12,14 @@ traced)` is a method's map as a `DetectionResult` (see `base`).
 | output | decoding | direct logit attribution to the answer tokens emitted |
 | query-focused | prompt | QRHead: question-to-gold attention minus a null query's |
 | razor | nothing | RazorAttention: echo + induction on random repeated tokens |
+| duo-gates | training | DuoAttention: gates mixing full and streaming attention, learned by distillation |
 """
 
 from collections.abc import Sequence
 
 from transformer_lens import HookedTransformer
 
-from rh_lens.detection.methods import attention_mass, output, query_focused, razor, retrieval, shifted_copy
+from rh_lens.detection.methods import attention_mass, duo_gates, output, query_focused, razor, retrieval, shifted_copy
 from rh_lens.detection.methods.base import TrialScores
 from rh_lens.detection.methods.base import head_map as _head_map
 from rh_lens.detection.methods.shifted_copy import copy_offsets
@@ -32,6 +33,7 @@ METHODS: dict[str, TrialScores] = {
     "output": output.trial_scores,
     "query-focused": query_focused.trial_scores,
     "razor": razor.trial_scores,
+    "duo-gates": duo_gates.trial_scores,
 }
 
 
