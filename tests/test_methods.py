@@ -18,6 +18,7 @@ from rh_lens.detection.methods import (
 )
 from rh_lens.detection.run import detect
 from rh_lens.detection.trace import HeadTrace, TracedTrial, trace_trials
+from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.interventions.compression import KVCompression
 from rh_lens.model.generation import Decoding, Generation, decode_prompts
@@ -237,3 +238,11 @@ def test_gate_mixing_at_0_is_the_streaming_cache_and_at_1_the_full_model():
     assert not torch.allclose(cache[final][0], streamed[final][0])  # the window matters here
     torch.testing.assert_close(closed, streamed[final][0])
     torch.testing.assert_close(opened, cache[final][0])
+
+
+def test_gate_training_refuses_samples_it_cannot_use():
+    model = build_planted_model()
+    with pytest.raises(InputError, match="max_tokens"):
+        duo_gates.learned_gates(model, [([1, 2, 3] * 50, 100)], duo_gates.GateTraining(steps=1, max_tokens=100), progress=False)
+    with pytest.raises(InputError, match="inside them"):
+        duo_gates.learned_gates(model, [([1, 2, 3], 3)], duo_gates.GateTraining(steps=1), progress=False)

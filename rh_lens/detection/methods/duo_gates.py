@@ -39,9 +39,11 @@ from rh_lens.model.headwise import KVPolicy
 @dataclass(frozen=True)
 class GateTraining:
     """`lr`, `l1`: DuoAttention's defaults (its `--lr`, `--reg_weight`); `sink`, `window`: the
-    streaming heads' keys (the atlas's KV policy by default)."""
+    streaming heads' keys (the atlas's KV policy by default); `max_tokens`: longer samples are
+    left out (memory: SmolLM2-135M took 7.8 GB at 1,000 tokens and over 17 GB at 2,000)."""
 
     steps: int = 150
+    max_tokens: int = 1100
     lr: float = 0.1
     l1: float = 0.05
     sink: int = 4
@@ -90,8 +92,11 @@ def learned_gates(
 ) -> Float[Tensor, "layer kv_head"]:
     """Train one gate per KV head on `samples`: (token ids, first supervised position), the
     positions from there to the end being those whose hidden states must stay the full model's."""
-    if not samples or any(not 0 <= start < len(ids) for ids, start in samples):
+    if any(not 0 <= start < len(ids) for ids, start in samples):
         raise InputError("gate training needs samples whose supervised positions lie inside them")
+    samples = [s for s in samples if len(s[0]) <= training.max_tokens]
+    if not samples:
+        raise InputError(f"no sample of at most {training.max_tokens} tokens to train the gates on (GateTraining.max_tokens)")
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     policy = KVPolicy("streaming", cfg.n_layers, cfg.n_heads, n_kv, frozenset(), training.sink, training.window)
