@@ -22,6 +22,7 @@ from rh_lens.detection.records import load_results
 
 CPU_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:

@@ -103,3 +103,16 @@ def test_resume_computes_only_the_maps_it_lacks(atlas_run):
     again = build_atlas(model, detection, evaluation, out, options=OPTIONS, run=RunOptions(progress=False, resume=True))
     assert (out / "maps" / "razor.json").exists() and (out / "maps" / "retrieval.json").stat().st_mtime_ns == kept
     assert again.maps == atlas.maps and again.masking == atlas.masking
+
+
+def test_overview_figure_draws_each_atlas_at_its_smallest_k(atlas_run):
+    from rh_lens.app.plots import atlas_overview
+
+    _, _, _, _, atlas = atlas_run
+    figure = atlas_overview({"one": atlas, "two": atlas})
+    left, right = figure.axes
+    heights = {c.get_label(): [b.get_height() for b in c] for c in left.containers}
+    assert heights["retrieval"] == [0.0, 0.0] and heights["razor"] == [1.0, 1.0]  # planted vs decoy head masked
+    assert set(heights) == {*atlas.methods, "random"}
+    kv = {c.get_label(): [b.get_height() for b in c] for c in right.containers}
+    assert kv["retrieval"] == [1.0, 1.0] and kv["streaming"][0] < 0.5

@@ -623,3 +623,47 @@ def atlas_maps(atlas):
         _layer_head_axes(ax, atlas.n_layers, atlas.n_heads)
     figure.suptitle(f"{atlas.model}: each method's map (its top {k} outlined)", fontsize=9)
     return figure
+
+
+def atlas_overview(atlases: dict):
+    """Several atlases (name -> Atlas) side by side: left, recall with each method's top K
+    masked at each atlas's smallest K, next to K random heads (mean over seeds); right, recall
+    under each method's KV policy, next to random KV heads and StreamingLLM at the same bytes.
+    A black tick marks each atlas's recall with nothing masked / the full cache."""
+    methods = list(dict.fromkeys(m for a in atlases.values() for m in a.methods))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(3 + 2.4 * len(atlases), 3.8), constrained_layout=True)
+    colours = dict(zip(methods, plt.cm.tab10.colors))
+
+    def bars(ax, values: dict[str, list[float]], baselines: list[float]):
+        width = 0.85 / len(values)
+        for i, (name, ys) in enumerate(values.items()):
+            x = np.arange(len(atlases)) + (i - (len(values) - 1) / 2) * width
+            ax.bar(x, ys, width, label=name, color=colours.get(name, "lightgrey" if name == "random" else "dimgrey"))
+        ax.scatter(np.arange(len(atlases)), baselines, marker="_", s=2000, color="black", zorder=3)
+        ax.set_xticks(np.arange(len(atlases)), list(atlases), fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("mean ROUGE-1 recall")
+
+    def masked(a, method):
+        row = next((r for r in a.masking if r["method"] == method and r["k"] == a.ks[0]), None)
+        return float("nan") if row is None else row["mean_recall"]
+
+    def kv(a, method):
+        row = next((r for r in a.kv if r["method"] == method), None)
+        return float("nan") if row is None else row["mean_recall"]
+
+    bars(
+        left,
+        {m: [masked(a, m) for a in atlases.values()] for m in [*methods, "random"]},
+        [a.recall("none", 0) for a in atlases.values()],
+    )
+    left.set_title("each method's top K masked (K: the atlas's smallest)\ntick: nothing masked", fontsize=8)
+    bars(
+        right,
+        {m: [kv(a, m) for a in atlases.values()] for m in [*methods, "random", "streaming"]},
+        [kv(a, "full") for a in atlases.values()],
+    )
+    right.set_title("each method's ranking as the KV policy, same bytes\ntick: the full cache", fontsize=8)
+    handles, labels = right.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 9), fontsize=7)
+    return figure
