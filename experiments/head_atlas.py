@@ -7,7 +7,9 @@ sharing no needle or question with it (--heldout checks): the needle bank's seco
 RULER's essays (20 needles, 1000 tokens, depth 50) and SQuAD questions 10:30 (1000 tokens,
 depth 50). Every method, patching included (the built-in needles have corrupted twins).
 Masking K at 2%, 5% and 10% of the heads, two random draws; KV policies at 25% full KV
-heads, sink 4 + window 128, decode-only.
+heads, sink 4 + window 128, decode-only. Every method but duo-gates by default: training the
+gates takes 150 steps of ~40 s on SmolLM2 at one CPU thread (docs/head-atlas.md); add it with
+--methods.
 
 Every atlas is one `rh-lens atlas` command (`--print` shows them), run with --resume into
 <runs>/<model>/<set>/ and skipped once its atlas.json exists; then the tables of whatever
@@ -36,9 +38,8 @@ EVALUATION = {
     "bank-b": "--needles bank-b --haystack ruler-essays --lengths 1000 --depths 50",
     "squad-b": "--task squad --questions 10:30 --lengths 1000 --depths 50",
 }
+METHODS = [m for m in ATLAS_METHODS if m != "duo-gates"]
 ATLAS = [
-    "--methods",
-    *ATLAS_METHODS,
     "--random-seeds",
     "2",
     "--full-fraction",
@@ -51,10 +52,11 @@ ATLAS = [
 ]
 
 
-def commands(model: str, runs: Path) -> dict[str, list[str]]:
+def commands(model: str, runs: Path, methods: list[str]) -> dict[str, list[str]]:
     """Evaluation set -> the rh-lens command line of its atlas."""
     return {
-        name: ["atlas", "--model", model, *DETECTION, "--evaluate", grid, *ATLAS, "--out", str(runs / model / name), "--resume"]
+        name: ["atlas", "--model", model, *DETECTION, "--evaluate", grid, "--methods", *methods, *ATLAS]
+        + ["--out", str(runs / model / name), "--resume"]
         for name, grid in EVALUATION.items()
     }
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--sets", nargs="+", choices=list(EVALUATION), default=list(EVALUATION))
+    parser.add_argument("--methods", nargs="+", choices=list(ATLAS_METHODS), default=METHODS)
     parser.add_argument("--runs", type=Path, default=Path("runs/head_atlas"), help="where the runs go")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--figures-dir", type=Path, default=DOCS_DIR, help="where the figures go (default docs/)")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tabulate-only", action="store_true", help="read the finished atlases, run nothing")
     args = parser.parse_args(argv)
     for model in args.models:
-        for name, argv_ in commands(model, args.runs).items():
+        for name, argv_ in commands(model, args.runs, args.methods).items():
             done = (args.runs / model / name / "atlas.json").exists()
             if name not in args.sets or args.tabulate_only or (done and not args.print):
                 continue

@@ -32,7 +32,7 @@ head_atlas = pytest.importorskip("head_atlas")
 @pytest.mark.parametrize("model", head_atlas.MODELS)
 def test_every_atlas_parses_and_is_held_out(model, tmp_path):
     parser = build_parser()
-    for name, command in head_atlas.commands(model, tmp_path).items():
+    for name, command in head_atlas.commands(model, tmp_path, head_atlas.METHODS).items():
         args = parser.parse_args(command)
         assert args.model == model and args.heldout and args.out == str(tmp_path / model / name)
         assert args.evaluate.lengths == [1000]
