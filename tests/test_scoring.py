@@ -58,6 +58,13 @@ def test_keys_past_the_prompt_never_count():
     assert scores.item() == 0.0
 
 
+def test_keys_before_the_prompt_never_count():
+    # a shifted argmax (shifted-copy) can point before position 0, even past -len(prompt)
+    prompt = torch.tensor([1, 2, 3])
+    scores = copy_scores(torch.tensor([[[-1, -3, -1005]]]), torch.tensor([3]), prompt, (0, 3))
+    assert scores.tolist() == [[0.0, 0.0, 0.0]]
+
+
 def test_span_must_lie_in_prompt():
     with pytest.raises(ValueError):
         copy_scores(torch.zeros(1, 1, 1, dtype=torch.long), torch.tensor([1]), torch.arange(5), (3, 9))

@@ -56,7 +56,8 @@ def copy_events(
     if not 0 <= start < end <= len(prompt_ids):
         raise ValueError(f"answer span {answer_span} is not inside a prompt of {len(prompt_ids)} tokens")
     in_span = (argmax_keys >= start) & (argmax_keys < end)
-    attended_token = prompt_ids[argmax_keys.clamp(max=len(prompt_ids) - 1)]
+    # keys outside the prompt (generated tokens; before it, once a shift is applied) are never in the span
+    attended_token = prompt_ids[argmax_keys.clamp(0, len(prompt_ids) - 1)]
     return in_span & (attended_token == emitted[:, None, None])
 
 
