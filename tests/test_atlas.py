@@ -1,6 +1,7 @@
 """The head atlas on the planted model: every method's map, their agreement, and what masking
 each method's top head and keeping each method's KV heads do on other trials."""
 
+import shutil
 import pytest
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 
@@ -102,6 +103,15 @@ def test_resume_computes_only_the_maps_it_lacks(atlas_run):
     (out / "atlas.json").unlink()
     again = build_atlas(model, detection, evaluation, out, options=OPTIONS, run=RunOptions(progress=False, resume=True))
     assert (out / "maps" / "razor.json").exists() and (out / "maps" / "retrieval.json").stat().st_mtime_ns == kept
+    assert again.maps == atlas.maps and again.masking == atlas.masking
+
+
+def test_an_atlas_stopped_among_its_maps_resumes(atlas_run, tmp_path):
+    model, detection, evaluation, out, atlas = atlas_run
+    stopped = tmp_path / "stopped"
+    (stopped / "maps").mkdir(parents=True)  # died after its first map: no run.json or conditions yet
+    shutil.copy(out / "maps" / "retrieval.json", stopped / "maps")
+    again = build_atlas(model, detection, evaluation, stopped, options=OPTIONS, run=RunOptions(progress=False, resume=True))
     assert again.maps == atlas.maps and again.masking == atlas.masking
 
 

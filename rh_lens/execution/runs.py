@@ -36,7 +36,7 @@ from rh_lens.tasks.niah import Trial
 R = TypeVar("R")  # a dataclass record (an `Answer`) with `key`, `success`, `rouge_recall`, `prompt_sha256`, `from_json`
 
 LOCK_NAME = ".rh_lens.lock"
-RUN_STATE = ("run.json", "trials", "conditions")  # what a run leaves to resume from
+RUN_STATE = ("run.json", "trials", "conditions", "maps")  # what a run leaves to resume from (maps: an atlas's)
 
 _held: dict[Path, int] = {}  # run directories this process holds, with their nesting depth
 
@@ -99,7 +99,7 @@ def _check_directory(path: Path, resume: bool, overwrite: bool) -> None:
     if resume and is_run:
         return
     if resume:
-        raise RunDirectoryError(f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/ or conditions/)")
+        raise RunDirectoryError(f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/, conditions/ or maps/)")
     what = (
         "an earlier rh-lens run: --resume continues it"
         if is_run
