@@ -2,6 +2,7 @@
 each method's top head and keeping each method's KV heads do on other trials."""
 
 import shutil
+
 import pytest
 from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 
