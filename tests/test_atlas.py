@@ -66,6 +66,8 @@ def test_agreement_and_table(atlas_run):
     assert same["spearman"] > 0.5 and same["spearman_interval"] is not None
     table = {row["method"]: row for row in atlas.table()}
     assert table["retrieval"]["recall_masked"] == {1: 0.0}
+    kv = {r["method"]: r for r in atlas.kv}
+    assert table["retrieval"]["kv_kept"] == kv["retrieval"]["kv_kept"] < 1.0
     assert set(table["retrieval"]["spearman"]) == set(atlas.methods) - {"retrieval"}
 
 

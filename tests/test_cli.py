@@ -203,6 +203,9 @@ def test_atlas_prints_the_table_and_writes_figures(inputs, capsys):
     printed = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
     assert float(rows["retrieval"][1]) == 0.0 and float(rows["query-focused"][1]) == 1.0  # top-1 masked
+    kept = json.loads((out / "atlas.json").read_text())["kv"]
+    kept = next(r["kv_kept"] for r in kept if r["method"] == "streaming")
+    assert rows["streaming"][2] == f"{kept:.0%}"  # the streaming row: its recall, then the cache it keeps
     for name in ("atlas.json", "recall_vs_k.png", "recall_at_kv.png", "agreement.png", "maps.png", "maps/razor.json"):
         assert (out / name).stat().st_size > 0
     # the evaluation grid shares the detection grid's needle: --heldout refuses it, before any model loads

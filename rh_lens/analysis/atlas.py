@@ -134,7 +134,9 @@ class Atlas:
 
     def table(self) -> list[dict[str, Any]]:
         """Per method: Spearman with every other method, recall with its top-K masked at each
-        K, and recall (and what it kept of the full cache's right answers) under its KV policy."""
+        K, and recall (and what it kept of the full cache's right answers) under its KV policy,
+        with the fraction of the cache that policy keeps (it varies by method where layers
+        differ, e.g. Gemma-3's sliding-window layers hold at most their window)."""
         kv = {r["method"]: r for r in self.kv}
         rows = []
         for m in self.methods:
@@ -149,6 +151,7 @@ class Atlas:
                     "recall_masked": {k: self.recall(m, k) for k in self.ks},
                     "kv_recall": kv.get(m, {}).get("mean_recall"),
                     "kv_retained": kv.get(m, {}).get("retained"),
+                    "kv_kept": kv.get(m, {}).get("kv_kept"),
                 }
             )
         return rows

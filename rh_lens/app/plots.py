@@ -628,7 +628,8 @@ def atlas_maps(atlas):
 def atlas_overview(atlases: dict):
     """Several atlases (name -> Atlas) side by side: left, recall with each method's top K
     masked at each atlas's smallest K, next to K random heads (mean over seeds); right, recall
-    under each method's KV policy, next to random KV heads and StreamingLLM at the same bytes.
+    under each method's KV policy, next to random KV heads and StreamingLLM at the same bytes
+    (as sized for uniform layers).
     A black tick marks each atlas's recall with nothing masked / the full cache."""
     methods = list(dict.fromkeys(m for a in atlases.values() for m in a.methods))
     figure, (left, right) = plt.subplots(1, 2, figsize=(3 + 2.4 * len(atlases), 3.8), constrained_layout=True)
@@ -663,7 +664,9 @@ def atlas_overview(atlases: dict):
         {m: [kv(a, m) for a in atlases.values()] for m in [*methods, "random", "streaming"]},
         [kv(a, "full") for a in atlases.values()],
     )
-    right.set_title("each method's ranking as the KV policy, same bytes\ntick: the full cache", fontsize=8)
+    # "same full KV heads", not "same bytes": where layers differ (Gemma-3's sliding-window
+    # layers) the bytes kept depend on which layers' heads are full; the table says how many
+    right.set_title("each ranking as the KV policy, same number of full KV heads\ntick: the full cache", fontsize=8)
     handles, labels = right.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 9), fontsize=7)
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=7)
     return figure

@@ -339,7 +339,7 @@ def format_atlas(atlas: Atlas) -> str:
     header = (
         f"{'method':<15}"
         + "".join(f"{f'top-{k}':>9}" for k in ks)
-        + f"{'KV':>8}   Spearman with "
+        + f"{'KV':>8}{'kept':>7}   Spearman with "
         + " ".join(f"{short[m]:>6}" for m in atlas.methods)
     )
     where = "held-out" if atlas.settings.get("heldout") else "in-grid (the evaluation shares trials with the detection)"
@@ -348,15 +348,19 @@ def format_atlas(atlas: Atlas) -> str:
         m = row["method"]
         masked = "".join(f"{_number(row['recall_masked'][k]):>9}" for k in ks)
         rho = " ".join(f"{'-' if o == m else _number(row['spearman'].get(o), '.2f'):>6}" for o in atlas.methods)
-        lines.append(f"{m:<15}{masked}{_number(row['kv_recall']):>8}   {' ' * 14}{rho}")
+        lines.append(f"{m:<15}{masked}{_number(row['kv_recall']):>8}{_number(row['kv_kept'], '.0%'):>7}   {' ' * 14}{rho}")
     lines.append(
         f"{'random':<15}"
         + "".join(f"{_number(random[k]['mean_recall']) if k in random else '-':>9}" for k in ks)
         + f"{_number(kv.get('random', {}).get('mean_recall')):>8}"
+        + f"{_number(kv.get('random', {}).get('kv_kept'), '.0%'):>7}"
     )
-    lines.append(f"{'streaming':<15}{'':>{9 * len(ks)}}{_number(kv.get('streaming', {}).get('mean_recall')):>8}")
-    kept = next((r["kv_kept"] for r in atlas.kv if r["method"] not in ("full",)), None)
-    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full, {_number(kept, '.1%')} of the cache kept")
+    streaming = kv.get("streaming", {})
+    lines.append(
+        f"{'streaming':<15}{'':>{9 * len(ks)}}{_number(streaming.get('mean_recall')):>8}"
+        + f"{_number(streaming.get('kv_kept'), '.0%'):>7}"
+    )
+    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
     return "\n".join(lines)
 
 
