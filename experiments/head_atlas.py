@@ -12,7 +12,9 @@ gates takes 150 steps of ~40 s on SmolLM2 at one CPU thread (docs/head-atlas.md)
 --methods.
 
 Every atlas is one `rh-lens atlas` command (`--print` shows them), run with --resume into
-<runs>/<model>/<set>/ and skipped once its atlas.json exists; then the tables of whatever
+<runs>/<model>/<set>/ and skipped once its atlas.json exists. The maps depend only on the
+detection trials, which every set shares, so a set starts from the maps of a finished one
+(its maps/ copied) and computes only what they lack. Then the tables of whatever
 has finished are written to <results>/head_atlas.json and .md, and their figures to docs/
 (head-atlas-overview.png: every atlas at the smallest K and at the same KV bytes; one
 recall-vs-K figure per atlas).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 from pathlib import Path
 
 from common import DOCS_DIR, RESULTS_DIR
@@ -61,6 +64,19 @@ def commands(model: str, runs: Path, methods: list[str]) -> dict[str, list[str]]
     }
 
 
+def reuse_maps(model_runs: Path, name: str) -> Path | None:
+    """Copy a finished sibling atlas's maps/ into set `name`'s run before it starts (the
+    detection grid is the same for every set); returns where they came from, if anywhere."""
+    target = model_runs / name / "maps"
+    if target.exists():
+        return None
+    for sibling in sorted(model_runs.glob("*/atlas.json")):
+        if sibling.parent.name != name and (sibling.parent / "maps").is_dir():
+            shutil.copytree(sibling.parent / "maps", target)
+            return sibling.parent
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -79,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if args.print:
                 print(shlex.join(["rh-lens", *argv_]))
-            elif cli.main(argv_):
+                continue
+            if source := reuse_maps(args.runs / model, name):
+                print(f"{model} {name}: starting from the maps of {source}")
+            if cli.main(argv_):
                 raise SystemExit(f"{model} {name} failed")
     if args.print:
         return

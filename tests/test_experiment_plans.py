@@ -36,3 +36,20 @@ def test_every_atlas_parses_and_is_held_out(model, tmp_path):
         args = parser.parse_args(command)
         assert args.model == model and args.heldout and args.out == str(tmp_path / model / name)
         assert args.evaluate.lengths == [1000]
+
+
+def test_a_set_starts_from_the_maps_of_a_finished_one(tmp_path):
+    # reuse is sound only while every set ranks on the same detection grid: the commands
+    # differ in their evaluation grid and their run directory alone
+    def detection(argv):
+        return [a for i, a in enumerate(argv) if i == 0 or argv[i - 1] not in ("--evaluate", "--out")]
+
+    plans = list(head_atlas.commands("m", tmp_path, head_atlas.METHODS).values())
+    assert len(plans) > 1 and all(detection(p) == detection(plans[0]) for p in plans)
+    (tmp_path / "bank-b" / "maps").mkdir(parents=True)
+    (tmp_path / "bank-b" / "maps" / "retrieval.json").write_text("{}")
+    assert head_atlas.reuse_maps(tmp_path, "squad-b") is None  # bank-b has not finished
+    (tmp_path / "bank-b" / "atlas.json").write_text("{}")
+    assert head_atlas.reuse_maps(tmp_path, "squad-b") == tmp_path / "bank-b"
+    assert (tmp_path / "squad-b" / "maps" / "retrieval.json").read_text() == "{}"
+    assert head_atlas.reuse_maps(tmp_path, "squad-b") is None  # its own maps are kept
