@@ -344,22 +344,19 @@ def format_atlas(atlas: Atlas) -> str:
     )
     where = "held-out" if atlas.settings.get("heldout") else "in-grid (the evaluation shares trials with the detection)"
     lines = [f"{atlas.model}: recall on the evaluation trials, {where}; no masking {atlas.recall('none', 0):.3f}", header]
+
+    def kv_cells(recall, kept) -> str:  # recall under the KV policy, and the share of the cache it keeps
+        return f"{_number(recall):>8}{_number(kept, '.0%'):>7}"
+
     for row in atlas.table():
         m = row["method"]
         masked = "".join(f"{_number(row['recall_masked'][k]):>9}" for k in ks)
         rho = " ".join(f"{'-' if o == m else _number(row['spearman'].get(o), '.2f'):>6}" for o in atlas.methods)
-        lines.append(f"{m:<15}{masked}{_number(row['kv_recall']):>8}{_number(row['kv_kept'], '.0%'):>7}   {' ' * 14}{rho}")
-    lines.append(
-        f"{'random':<15}"
-        + "".join(f"{_number(random[k]['mean_recall']) if k in random else '-':>9}" for k in ks)
-        + f"{_number(kv.get('random', {}).get('mean_recall')):>8}"
-        + f"{_number(kv.get('random', {}).get('kv_kept'), '.0%'):>7}"
-    )
-    streaming = kv.get("streaming", {})
-    lines.append(
-        f"{'streaming':<15}{'':>{9 * len(ks)}}{_number(streaming.get('mean_recall')):>8}"
-        + f"{_number(streaming.get('kv_kept'), '.0%'):>7}"
-    )
+        lines.append(f"{m:<15}{masked}{kv_cells(row['kv_recall'], row['kv_kept'])}   {' ' * 14}{rho}")
+    random_masked = "".join(f"{_number(random[k]['mean_recall']) if k in random else '-':>9}" for k in ks)
+    for name, masked in (("random", random_masked), ("streaming", " " * 9 * len(ks))):
+        policy = kv.get(name, {})
+        lines.append(f"{name:<15}{masked}{kv_cells(policy.get('mean_recall'), policy.get('kv_kept'))}")
     lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
     return "\n".join(lines)
 
