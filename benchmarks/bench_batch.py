@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--json", help="write the table's rows as plain data to this JSON file (e.g. experiments/results/...)")
     args = parser.parse_args()
 
     import torch
@@ -70,6 +71,7 @@ def main() -> None:
         "| context | trials | batch | prefix sharing | wall s | trials/min | prompt tokens/s | vs batch 1 alone | peak memory GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for length in args.lengths:
         prompts = trial_prompts(model.cfg.d_vocab, length, args.trials)
         ordered = [prompts[i] for i in prefix_order(prompts)]
@@ -88,12 +90,24 @@ def main() -> None:
                 assert len(generations) == len(prompts)
                 baseline = baseline or seconds
                 peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")
+                rows.append(
+                    {"context": length, "trials": len(prompts), "batch_size": batch_size, "share_prefix": share}
+                    | {"seconds": seconds, "trials_per_min": 60 * len(prompts) / seconds}
+                    | {"prompt_tokens_per_s": sum(map(len, prompts)) / seconds, "vs_batch_1_alone": seconds / baseline}
+                    | {"peak_memory_gib": peak / (1 << 30)}
+                )
                 print(
                     f"| {length} | {len(prompts)} | {batch_size} | {'yes' if share else 'no'} | {seconds:.1f} "
                     f"| {60 * len(prompts) / seconds:.1f} | {sum(map(len, prompts)) / seconds:.0f} | {seconds / baseline:.2f}x "
                     f"| {peak / (1 << 30):.1f} |",
                     flush=True,
                 )
+    if args.json:
+        from rh_lens.execution.files import write_json
+
+        settings = {"shape": args.shape, "layers": model.cfg.n_layers, "dtype": args.dtype, "device": name}
+        settings["new_tokens"] = args.new_tokens
+        write_json(args.json, {"benchmark": "bench_batch", "settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

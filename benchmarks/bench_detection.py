@@ -92,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", nargs="+", type=int, default=[1000, 2000, 4000])
+    parser.add_argument("--json", help="write the table's rows as plain data to this JSON file (e.g. experiments/results/...)")
     parser.add_argument("--worker", choices=["rh_lens", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--new-tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,6 +119,7 @@ def main() -> None:
             f"| {ours['seconds'] / base['seconds']:.2f}x | {ours['peak_mb']:.0f} ({ours['added_mb']:.0f}) "
             f"| {base['peak_mb']:.0f} ({base['added_mb']:.0f}) |"
         )
+    growth = {}
     if len(rows) > 1:
         tokens = [ours["prompt_tokens"] / 1000 for _, ours, _ in rows]
         for name, column in (("rh_lens", 1), ("transformers", 2)):
@@ -125,7 +127,30 @@ def main() -> None:
             slope = sum((t - sum(tokens) / len(tokens)) * (p - sum(peaks) / len(peaks)) for t, p in zip(tokens, peaks)) / sum(
                 (t - sum(tokens) / len(tokens)) ** 2 for t in tokens
             )  # least squares over the rows
+            growth[name] = slope
             print(f"peak RSS growth per 1K prompt tokens, {name}: {slope:.1f} MB")
+    if args.json:
+        from rh_lens.execution.files import write_json
+
+        table = [
+            {
+                "context": length,
+                "prompt_tokens": ours["prompt_tokens"],
+                "new_tokens": ours["new_tokens"],
+                "rh_lens_s": ours["seconds"],
+                "transformers_s": base["seconds"],
+                "time_ratio": ours["seconds"] / base["seconds"],
+                "rh_lens_peak_mb": ours["peak_mb"],
+                "rh_lens_added_mb": ours["added_mb"],
+                "transformers_peak_mb": base["peak_mb"],
+                "transformers_added_mb": base["added_mb"],
+            }
+            for length, ours, base in rows
+        ]
+        settings = {"model": args.model, "dtype": "float32", "torch_threads": rows[0][1]["torch_threads"]}
+        write_json(
+            args.json, {"benchmark": "bench_detection", "settings": settings, "rows": table, "peak_mb_per_1k_tokens": growth}
+        )
 
 
 if __name__ == "__main__":

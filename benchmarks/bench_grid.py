@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="batch size of the batch/both variants (default: rh_lens's)")
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "transformers"])
     parser.add_argument("--save", help="also write every worker's output (records included) to this JSON file")
+    parser.add_argument("--json", help="write the table's rows as plain data to this JSON file (e.g. experiments/results/...)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--new-tokens", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,17 +164,31 @@ def main() -> None:
         "| variant | batch | wall s | trials/min | vs sequential | vs transformers | peak RSS MB (added) | same ids | same scores |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for variant, run in runs.items():
-        ratio = f"{run['seconds'] / sequential['seconds']:.2f}x" if sequential else "-"
-        versus = f"{run['seconds'] / transformers['seconds']:.2f}x" if transformers else "-"
+        row = {"variant": variant, "batch_size": run["batch_size"], "trials": run["trials"], "seconds": run["seconds"]}
+        row["trials_per_min"] = 60 * run["trials"] / run["seconds"]
+        row["vs_sequential"] = run["seconds"] / sequential["seconds"] if sequential else None
+        row["vs_transformers"] = run["seconds"] / transformers["seconds"] if transformers else None
+        row |= {"peak_mb": run["peak_mb"], "added_mb": run["added_mb"], "same_ids": None, "same_scores": None}
+        ratio = f"{row['vs_sequential']:.2f}x" if sequential else "-"
+        versus = f"{row['vs_transformers']:.2f}x" if transformers else "-"
         same = "-", "-"
         if sequential and run["records"]:
             ids, scores, gap = identity(run["records"], sequential["records"])
+            row |= {"same_ids": ids, "same_scores": scores, "max_score_diff": gap}
             same = f"{ids}/{run['trials']}", f"{scores}/{run['trials']}" + (f" (max diff {gap:.3f})" if gap else "")
+        rows.append(row)
         print(
-            f"| {variant} | {run['batch_size']} | {run['seconds']:.1f} | {60 * run['trials'] / run['seconds']:.1f} | {ratio} | {versus} "
+            f"| {variant} | {run['batch_size']} | {run['seconds']:.1f} | {row['trials_per_min']:.1f} | {ratio} | {versus} "
             f"| {run['peak_mb']:.0f} ({run['added_mb']:.0f}) | {same[0]} | {same[1]} |"
         )
+    if args.json:
+        from rh_lens.execution.files import write_json
+
+        settings = {"model": args.model, "lengths": args.lengths, "depths": args.depths, "needles": args.needles}
+        settings |= {"dtype": "float32", "torch_threads": first["torch_threads"], "prompt_tokens": first["prompt_tokens"]}
+        write_json(args.json, {"benchmark": "bench_grid", "settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

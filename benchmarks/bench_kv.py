@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
     parser.add_argument("--variants", nargs="+", help="default: rh-full, rh-F per fraction, hf-dynamic, hf-F per fraction")
     parser.add_argument("--save", help="also write every worker's output to this JSON file")
+    parser.add_argument("--json", help="write the table's rows as plain data to this JSON file (e.g. experiments/results/...)")
     parser.add_argument(
         "--table",
         nargs="+",
@@ -196,7 +197,34 @@ def main() -> None:
     print_table(runs, args)
 
 
-def print_table(runs: list[dict], args) -> None:
+def table_rows(runs: list[dict]) -> list[dict]:
+    """The table's rows as plain data: the numbers it prints, unrounded."""
+    rows = []
+    for run in runs:
+        family = run["variant"].split("-")[0]
+        base = next(
+            r
+            for r in runs
+            if r["length"] == run["length"] and r["variant"] == family + ("-full" if family == "rh" else "-dynamic")
+        )
+        rows.append(
+            {
+                "length": run["length"],
+                "prompt_tokens": run["prompt_tokens"],
+                "variant": run["variant"],
+                "cache_mb_measured": run["measured_bytes"] / 2**20,
+                "cache_mb_predicted": run["predicted_bytes"] / 2**20,
+                "vs_full_cache": run["measured_bytes"] / run["full_bytes"],
+                "peak_rss_added_mb": run["peak_added_mb"],
+                "prefill_s": run["prefill_s"],
+                "decode_ms_per_token": run["decode_ms"],
+                "decode_vs_its_full_cache": run["decode_ms"] / base["decode_ms"],
+            }
+        )
+    return rows
+
+
+def print_table(runs: list[dict], args) -> list[dict]:
     print(
         f"model {args.model}, fp32, CPU, {runs[0]['torch_threads']} torch threads; sink {args.sink}, window {args.window}, "
         f"{args.steps} decode steps; full KV heads: a seeded random draw"
@@ -205,18 +233,20 @@ def print_table(runs: list[dict], args) -> None:
         "| tokens | variant | cache MB measured | predicted | vs full cache | peak RSS added MB | prefill s | decode ms/token | vs its full cache |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        family = run["variant"].split("-")[0]
-        base = next(
-            r
-            for r in runs
-            if r["length"] == run["length"] and r["variant"] == family + ("-full" if family == "rh" else "-dynamic")
-        )
+    rows = table_rows(runs)
+    for row in rows:
         print(
-            f"| {run['prompt_tokens']} | {run['variant']} | {run['measured_bytes'] / 2**20:.1f} | {run['predicted_bytes'] / 2**20:.1f} "
-            f"| {run['measured_bytes'] / run['full_bytes']:.2f}x | {run['peak_added_mb']:.0f} | {run['prefill_s']:.1f} "
-            f"| {run['decode_ms']:.1f} | {run['decode_ms'] / base['decode_ms']:.2f}x |"
+            f"| {row['prompt_tokens']} | {row['variant']} | {row['cache_mb_measured']:.1f} | {row['cache_mb_predicted']:.1f} "
+            f"| {row['vs_full_cache']:.2f}x | {row['peak_rss_added_mb']:.0f} | {row['prefill_s']:.1f} "
+            f"| {row['decode_ms_per_token']:.1f} | {row['decode_vs_its_full_cache']:.2f}x |"
         )
+    if args.json:
+        from rh_lens.execution.files import write_json
+
+        settings = {"model": args.model, "sink": args.sink, "window": args.window, "steps": args.steps}
+        settings["torch_threads"] = runs[0]["torch_threads"]
+        write_json(args.json, {"benchmark": "bench_kv", "settings": settings, "rows": rows})
+    return rows
 
 
 if __name__ == "__main__":

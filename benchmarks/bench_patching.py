@@ -19,6 +19,7 @@ import torch
 from transformer_lens import patching
 
 from rh_lens import BUILTIN_NEEDLES, load_model
+from rh_lens.execution.files import write_json
 from rh_lens.interventions.patching import cache_run, head_patches, patching_pair, resid_patches, run_patches
 from rh_lens.tasks.niah import load_haystack, tokenize_haystack
 
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=60, help="first N heads in (layer, head) order")
     parser.add_argument("--tail", type=int, default=8, help="last positions patched in the residual stream")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", help="write the table's rows as plain data to this JSON file (e.g. experiments/results/...)")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -81,6 +83,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for length, n, name, runs, ours_s, theirs_s, diff in rows:
         print(f"| {length} | {n} | {name} | {runs} | {ours_s:.1f} | {theirs_s:.1f} | {theirs_s / ours_s:.0f}x | {diff:.1e} |")
+    if args.json:
+        keys = ["context", "prompt_tokens", "patches", "runs", "rh_lens_s", "transformer_lens_s", "max_abs_diff"]
+        table = [dict(zip(keys, row)) | {"speed_up": row[5] / row[4]} for row in rows]
+        settings = {"model": args.model, "heads": args.heads, "tail": args.tail, "batch_size": args.batch_size}
+        settings |= {"dtype": "float32", "torch_threads": torch.get_num_threads()}
+        write_json(args.json, {"benchmark": "bench_patching", "settings": settings, "rows": table})
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ def main() -> None:
     )
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--json", help="write the tables' rows as plain data to this JSON file (e.g. experiments/results/...)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -225,6 +226,14 @@ def main() -> None:
     def cache_name(fraction: float | None) -> str:
         return "full cache" if fraction is None else f"head-wise, {fraction:g} full"
 
+    settings = {"shape": args.shape, "layers": s["n_layers"], "dtype": args.dtype, "sink": args.sink, "window": args.window}
+
+    def save(data: dict) -> None:
+        if args.json:
+            from rh_lens.execution.files import write_json
+
+            write_json(args.json, {"benchmark": "bench_scale", "settings": settings, **data})
+
     if args.predict_only:
         print(f"sink {args.sink}, window {args.window}")
         print(
@@ -233,9 +242,11 @@ def main() -> None:
             + " |"
         )
         print("|---|---|---|---|---|---|" + "---|" * len(args.gpu_memory))
+        predicted, longest_rows = [], []
         for fraction in caches:
             for length in args.lengths:
                 p = predict(s, length, dtype_bytes, fraction, args.sink, args.window)
+                predicted.append({"full_fraction": fraction, "prompt_tokens": length} | {k: p[k] / GIB for k in p})
                 fits = " | ".join("yes" if p["total"] / GIB < g else "no" for g in args.gpu_memory)
                 print(
                     f"| {cache_name(fraction)} | {length} | {p['weights'] / GIB:.1f} | {p['kv'] / GIB:.2f} | {p['transient'] / GIB:.2f} "
@@ -246,7 +257,9 @@ def main() -> None:
         print("|---|" + "---|" * len(args.gpu_memory))
         for fraction in caches:
             longest = [longest_context(s, g, dtype_bytes, fraction, args.sink, args.window) for g in args.gpu_memory]
+            longest_rows.append({"full_fraction": fraction, "longest_context": dict(zip(map(str, args.gpu_memory), longest))})
             print(f"| {cache_name(fraction)} | " + " | ".join(f"{n:,}" for n in longest) + " |")
+        save({"predicted_gib": predicted, "gpu_memory_gib": args.gpu_memory, "longest": longest_rows})
         return
     rows = []
     for fraction in caches:
@@ -279,13 +292,21 @@ def main() -> None:
         "| cache | prompt tokens | seconds | prompt tokens/s | measured GiB | predicted GiB (weights + KV + transient) | measured / predicted |"
     )
     print("|---|---|---|---|---|---|---|")
+    measured = []
     for row in rows:
         p = predict(s, row["length"], dtype_bytes, row["fraction"], args.sink, args.window)
+        measured.append(
+            {"full_fraction": row["fraction"], "prompt_tokens": row["length"], "seconds": row["seconds"]}
+            | {"tokens_per_s": row["length"] / row["seconds"], "measured_gib": row["peak"] / GIB}
+            | {f"predicted_{k}_gib": p[k] / GIB for k in p}
+            | {"measured_over_predicted": row["peak"] / p["total"], "device": row["device"], "threads": row["threads"]}
+        )
         print(
             f"| {cache_name(row['fraction'])} | {row['length']} | {row['seconds']:.1f} | {row['length'] / row['seconds']:.0f} "
             f"| {row['peak'] / GIB:.2f} | {p['total'] / GIB:.2f} ({p['weights'] / GIB:.2f} + {p['kv'] / GIB:.2f} + {p['transient'] / GIB:.2f}) "
             f"| {row['peak'] / p['total']:.2f} |"
         )
+    save({"new_tokens": args.new_tokens, "rows": measured})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 #      longest context each cache fits on 80 and 141 GiB.
 #
 # Needs rh_lens installed (pip install -e .) in an environment with a CUDA torch.
-#   benchmarks/gpu_check.sh                 # on the GPU; tables on stdout and in $OUT (default .)
+#   benchmarks/gpu_check.sh                 # on the GPU; tables on stdout and in $OUT (default .), as .md and .json
 #   benchmarks/gpu_check.sh --cpu-dry-run   # the same steps, 2 layers and short prompts, on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ else
 fi
 python -c "import torch, transformer_lens, rh_lens; print('torch', torch.__version__, 'transformer-lens', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '', 'rh_lens', rh_lens.__version__)"
 timeout 300 python benchmarks/bench_batch.py "${common[@]}" --lengths "${batch_lengths[@]}" --trials "$trials" --batch-sizes 1 8 \
-    | tee "$OUT/bench_batch.md"
-timeout 270 python benchmarks/bench_scale.py "${common[@]}" --lengths "${scale_lengths[@]}" --full-fraction 0.25 | tee "$OUT/bench_scale.md"
-python benchmarks/bench_scale.py --shape llama-2-7b --predict-only --lengths 32768 131072 --full-fraction 0.25 | tee "$OUT/predict_llama2.md"
+    --json "$OUT/bench_batch.json" | tee "$OUT/bench_batch.md"
+timeout 270 python benchmarks/bench_scale.py "${common[@]}" --lengths "${scale_lengths[@]}" --full-fraction 0.25 \
+    --json "$OUT/bench_scale.json" | tee "$OUT/bench_scale.md"
+python benchmarks/bench_scale.py --shape llama-2-7b --predict-only --lengths 32768 131072 --full-fraction 0.25 \
+    --json "$OUT/predict_llama2.json" | tee "$OUT/predict_llama2.md"

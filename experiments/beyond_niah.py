@@ -30,6 +30,7 @@ from rh_lens.detection.records import load_results
 from rh_lens.execution.files import write_json
 from rh_lens.interventions.compression import CompressionResult
 from rh_lens.interventions.masking import AblationResult
+from rh_lens.tasks.splits import held_out
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 DETECTIONS = {
@@ -138,7 +139,7 @@ def tabulate(model: str, runs: Path) -> dict:
             path = runs / model / f"{kind}-{name}" / OUTPUT[kind]
             if path.exists():
                 result = cls.load(path)
-                heldout = result.settings.get("heldout")
+                heldout = held_out(result.settings)  # what the split check found (results before it: ids only)
                 found[f"{kind}-{name}"] = {"heldout": heldout, "rows": _rows(result)}
     return found
 

@@ -12,6 +12,8 @@ The public API, by part (each subpackage lists its own in `__all__`):
   `KVCompression`, `compression_experiment`, `activation_patching`, `evaluate`,
   `run_conditions`;
 - analysis: `analyze`, `compare`, `bootstrap`, the head atlas (`build_atlas`), ...;
+- uncertainty: `wilson`, `bootstrap_interval`, `paired_test` (every table's intervals and
+  paired tests; `InterventionResult.paired` and `.comparisons` use them);
 - kv (`rh_lens.kv`, imported on demand: it registers an attention function with
   transformers): `HeadwiseCache` for plain transformers models, `policy_from_head_map`;
 - front ends (`rh_lens.app`, not imported here: it draws figures): one workflow per command.
@@ -95,8 +97,13 @@ from rh_lens.tasks import (
     rouge1_recall,
     trial_grid,
 )
+from rh_lens.uncertainty import PairedTest, bootstrap_interval, paired_test, wilson
 
 __all__ = [
+    "PairedTest",
+    "bootstrap_interval",
+    "paired_test",
+    "wilson",
     "AblationResult",
     "Analysis",
     "Answer",

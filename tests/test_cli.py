@@ -1,6 +1,7 @@
 """The command line, end to end on the planted-head model (no download)."""
 
 import json
+import re
 
 import pytest
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
@@ -75,10 +76,17 @@ def test_ablate_prints_summary_and_writes_figures(inputs, capsys):
     capsys.readouterr()
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:5]}
-    assert float(rows["none"][2]) == 1.0 and float(rows["top-1"][2]) < 0.5 and float(rows["random-1"][2]) == 1.0
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:5]}  # condition, K, trials, recall [low, high]
+    assert float(rows["none"][3]) == 1.0 and float(rows["top-1"][3]) < 0.5 and float(rows["random-1"][3]) == 1.0
+    assert rows["none"][2] == rows["top-1"][2] != "0"
     for name in ("niah_heatmaps.png", "recall_vs_k.png", "ablation.json"):
         assert (out / name).stat().st_size > 0
+    # `show` reads the run back: the same table, intervals and the paired tests included
+    assert cli.main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.strip() in printed
+    test = next(line for line in shown.splitlines() if line.strip().startswith("top-1 vs random-1"))
+    assert test.endswith("a < b") or test.endswith("tie")
 
 
 def test_patch_prints_top_heads_and_writes_figures(inputs, capsys):
@@ -149,8 +157,12 @@ def test_compress_prints_the_table_and_writes_curve_heatmaps_and_splits(inputs, 
     ]
     capsys.readouterr()
     assert cli.main(args) == 0
-    rows = {tuple(line.split()[:2]): line.split() for line in capsys.readouterr().out.splitlines()[2:7]}
-    assert float(rows[("full", "all")][4]) == 1.0 and float(rows[("retrieval", "0.125")][4]) == 1.0
+    printed = capsys.readouterr().out
+    rows = {
+        tuple(line.split()[:2]): line.split() for line in printed.splitlines()[2:7]
+    }  # method, full, kept, ratio, trials, recall
+    assert float(rows[("full", "all")][5]) == 1.0 and float(rows[("retrieval", "0.125")][5]) == 1.0
+    assert "retrieval-0.125 vs streaming-0.125" in printed
     for name in ("compression.json", "recall_vs_kv.png", "niah_heatmaps.png", "duo_attention/0.125/full_attention_heads.tsv"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "compression.json").read_text())["settings"]["cache"] == cache
@@ -201,15 +213,20 @@ def test_atlas_prints_the_table_and_writes_figures(inputs, capsys):
     args += ["--resamples", "20", "--out", str(out)]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
+    table = printed.split("\nKV:")[0].splitlines()[2:]  # the recall table, before the Spearman table
+    rows = {line.split()[0]: line.split() for line in table}
     assert float(rows["retrieval"][1]) == 0.0 and float(rows["query-focused"][1]) == 1.0  # top-1 masked
     kept = json.loads((out / "atlas.json").read_text())["kv"]
     kept = next(r["kv_kept"] for r in kept if r["method"] == "streaming")
-    assert rows["streaming"][2] == f"{kept:.0%}"  # the streaming row: its recall, then the cache it keeps
+    assert rows["streaming"][-1] == f"{kept:.0%}"  # the streaming row: its recall, then the cache it keeps
+    # paired tests, a shared head set naming every method that chose it
+    assert re.search(r"top-1 retrieval/\S+ vs random: ", printed) and "KV retrieval/" in printed
     for name in ("atlas.json", "recall_vs_k.png", "recall_at_kv.png", "agreement.png", "maps.png", "maps/razor.json"):
         assert (out / name).stat().st_size > 0
     # the evaluation grid shares the detection grid's needle: --heldout refuses it, before any model loads
     assert cli.main(args[:-1] + [str(tmp_path / "atlas2"), "--heldout"]) == 1
     assert "--heldout: the evaluation grid shares 1 of the ranking's own needles" in capsys.readouterr().err
     assert not (tmp_path / "atlas2").exists()
+    assert cli.main(args[:-1] + [str(tmp_path / "atlas2"), "--other-haystack"]) == 1  # the same haystack, too
+    assert "same_haystack" in capsys.readouterr().err
     assert cli.main(args[:-1] + [str(tmp_path / "atlas3"), "--evaluate=--lengths x"]) == 2

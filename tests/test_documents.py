@@ -333,8 +333,10 @@ def test_ablate_warns_on_the_rankings_own_needles_and_heldout_refuses(caplog, tm
         workflows.ablate_grid("no-model-is-loaded", detection, in_grid, tmp_path / "out", heldout=True)
     assert not (tmp_path / "out").exists()  # refused before anything is written
     caplog.clear()
-    _, settings = workflows._ranking(detection, Grid(needles=tuple(load_needles("long"))), heldout=True)
+    # other needles of other facts (the long set asks the Fennick Island question again: tests/test_splits.py)
+    _, settings = workflows._ranking(detection, Grid(needles=tuple(load_needles("bank-b"))), heldout=True)
     assert settings["heldout"] is True and settings["shared_with_ranking"] == [] and not caplog.text
+    assert settings["shares_nothing"] is True and settings["split_check"]["violations"] == []
 
 
 def test_heldout_needs_a_ranking_that_records_its_trials(tmp_path):

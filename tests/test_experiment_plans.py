@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rh_lens.app.cli import build_parser
+from rh_lens.tasks.niah import load_needles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 beyond_niah = pytest.importorskip("beyond_niah")
@@ -53,3 +54,19 @@ def test_a_set_starts_from_the_maps_of_a_finished_one(tmp_path):
     assert head_atlas.reuse_maps(tmp_path, "squad-b") == tmp_path / "bank-b"
     assert (tmp_path / "squad-b" / "maps" / "retrieval.json").read_text() == "{}"
     assert head_atlas.reuse_maps(tmp_path, "squad-b") is None  # its own maps are kept
+
+
+rigor = pytest.importorskip("rigor")
+
+
+@pytest.mark.parametrize("model", rigor.MODELS)
+def test_the_power_plan_is_held_out_with_100_trials_over_3_lengths_and_3_depths(model, tmp_path):
+    parser = build_parser()
+    for name, command in rigor.steps(model, tmp_path).items():
+        args = parser.parse_args([*command, "--out", str(tmp_path / name)])
+        if command[0] == "detect":
+            continue
+        assert args.heldout and args.random_seeds >= 2, name
+        assert len(args.lengths) >= 3 and len(args.depths) >= 3 and args.haystack != ["pydoc"], name
+        n_needles = len(load_needles(args.needles))
+        assert n_needles * len(args.lengths) * len(args.depths) >= 100

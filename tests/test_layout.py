@@ -11,7 +11,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rh_lens"
 # Lowest first; a module may import from its own layer or any layer before it.
-LAYERS = [{"errors", "heads"}, {"model"}, {"tasks"}, {"execution"}, {"detection"}, {"interventions", "analysis", "kv"}, {"app"}]
+LAYERS = [
+    {"errors", "heads", "uncertainty"},
+    {"model"},
+    {"tasks"},
+    {"execution"},
+    {"detection"},
+    {"interventions", "analysis", "kv"},
+    {"app"},
+]
 SUBPACKAGES = ["model", "tasks", "detection", "execution", "interventions", "analysis", "kv", "app"]
 
 

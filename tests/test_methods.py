@@ -14,6 +14,7 @@ from rh_lens.detection.methods import (
     head_map,
     output,
     query_focused,
+    razor,
     shifted_copy,
 )
 from rh_lens.detection.run import detect
@@ -90,9 +91,34 @@ def test_attention_mass_by_hand():
     keys = torch.tensor([[4, 9, 5, 0], [6, 5, 1, 2]]).view(2, 1, 1, 4)
     weights = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]).view(2, 1, 1, 4)
     traced = _hand_trial([1, 2], None, {"top_keys": keys, "top_weights": weights})
-    # step 1: keys 4 and 5 of the top 3 are inside: (0.5 + 0.2); step 2: 6 and 5: (0.4 + 0.3)
-    expected = (0.5 + 0.2 + 0.4 + 0.3) / 3
+    # step 1: keys 4 and 5 of the top 3 are inside: (0.5 + 0.2); step 2: 6 and 5: (0.4 + 0.3);
+    # each weight / (k x N), N = 3 answer tokens (HeadKV's published scores, without their x 10)
+    expected = (0.5 + 0.2 + 0.4 + 0.3) / (3 * 3)
     assert attention_mass.trial_score(traced).item() == pytest.approx(expected)
+
+
+def test_attention_mass_is_headkvs_published_formula_on_a_hand_made_decoding():
+    # HeadKV's retrieval_calculate as it computed the published head_score files
+    # (FYYFU/HeadKV Important_Head/retrieval_head_detection_r2.py L217-L227 @ 84e4c2b), written
+    # out: per step, its top-k keys (k = span length) and for each inside the span
+    # 10 * v / (span * answer_tokens_num); decoding stops after answer_tokens_num tokens (L254)
+    start, end = 4, 7
+    rows = [  # one attention row per decode step, over 10 keys; the 4th step comes after the answer
+        [0.0, 0.1, 0.0, 0.0, 0.5, 0.0, 0.2, 0.1, 0.1, 0.0],
+        [0.1, 0.0, 0.0, 0.0, 0.0, 0.6, 0.0, 0.3, 0.0, 0.0],
+        [0.0, 0.0, 0.3, 0.0, 0.1, 0.2, 0.4, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0],
+    ]
+    answer_tokens_num = end - start
+    headkv = 0.0
+    for row in rows[:answer_tokens_num]:
+        top = sorted(range(len(row)), key=lambda i: -row[i])[: end - start]
+        headkv += sum(10 * row[i] / ((end - start) * answer_tokens_num) for i in top if start <= i < end)
+    # by hand: step 1 keys 4 (0.5), 6 (0.2); step 2 key 5 (0.6); step 3 keys 6 (0.4), 5 (0.2)
+    assert headkv == pytest.approx(10 * (0.5 + 0.2 + 0.6 + 0.4 + 0.2) / 9)
+    weights, keys = torch.tensor(rows).topk(4, dim=-1)
+    traced = _hand_trial([1, 2, 3, 9], None, {"top_keys": keys.view(4, 1, 1, 4), "top_weights": weights.view(4, 1, 1, 4)})
+    assert attention_mass.trial_score(traced).item() == pytest.approx(headkv / 10)
 
 
 def test_shifted_copy_credits_a_head_one_position_late():
@@ -183,13 +209,34 @@ def test_query_focused_is_a_direct_computation_from_run_with_cache(planted):
     q_at, n_at = find(question), find(needle)
     null = ids[:q_at] + encode(query_focused.NULL_QUERY) + ids[q_at + len(question) :]
 
-    def mass(tokens, rows):
+    def mass(tokens, rows):  # [layer, head, gold token]: attention from the query rows, averaged over them
         _, cache = model.run_with_cache(torch.tensor([tokens]))
         gold = range(n_at, n_at + len(needle))
-        return torch.stack([cache["pattern", l][0][:, rows][..., gold].sum(-1).mean(-1) for l in range(model.cfg.n_layers)])
+        return torch.stack([cache["pattern", l][0][:, rows][..., gold].mean(-2) for l in range(model.cfg.n_layers)])
 
-    expected = mass(ids, range(q_at, q_at + len(question))) - mass(null, range(q_at, q_at + len(encode("N/A"))))
+    calibrated = mass(ids, range(q_at, q_at + len(question))) - mass(null, range(q_at, q_at + len(encode("N/A"))))
+    expected = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            values = calibrated[layer, head].tolist()
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            expected[layer, head] = sum(v for v in values if v > mean - 2 * std)  # QRHead's drop of low outliers
     torch.testing.assert_close(query_focused.trial_score(model, trial), expected)
+
+
+def test_query_focused_drops_gold_tokens_under_mean_minus_two_std():
+    # princeton-pli/QRHead attn_retriever.py L304-L311: per head, the document's calibrated token
+    # scores not above mean - 2 std (Bessel) are dropped, the rest summed
+    calibrated = torch.tensor(
+        [
+            [1.0] * 9 + [-5.0],  # mean 0.4, std 1.897: threshold -3.39 drops the -5
+            [0.5] * 10,  # constant: nothing is above mean - 0, QRHead's strict > drops all
+            [float(i) for i in range(1, 11)],  # no outlier: the plain sum
+        ]
+    ).view(1, 3, 10)
+    assert query_focused.calibrated_sum(calibrated).flatten().tolist() == pytest.approx([9.0, 0.0, 55.0])
+    assert query_focused.calibrated_sum(torch.tensor([[[-2.0]]])).item() == -2.0  # one gold token is kept
 
 
 def test_patching_ranks_the_planted_head_first_and_leaves_out_trials_it_cannot_pair(planted, monkeypatch):
@@ -238,6 +285,85 @@ def test_gate_mixing_at_0_is_the_streaming_cache_and_at_1_the_full_model():
     assert not torch.allclose(cache[final][0], streamed[final][0])  # the window matters here
     torch.testing.assert_close(closed, streamed[final][0])
     torch.testing.assert_close(opened, cache[final][0])
+
+
+def test_gate_training_uses_duo_attentions_published_settings_and_schedule():
+    # mit-han-lab/duo-attention scripts/run_train.sh: lr 0.02, reg_weight 0.05 in every published run
+    training = duo_gates.GateTraining()
+    assert (training.lr, training.l1) == (0.02, 0.05)
+    for steps in (150, 60, 7):
+        ramp = steps // 5  # duo_attn/train.py L346-L353, written out
+        published = [min(1, max((s + 1) / ramp, 0.1), max((steps - s) / ramp, 0.1)) for s in range(steps)]
+        ours = [duo_gates.lr_factor(s, steps) for s in range(steps)]
+        assert ours == pytest.approx(published) and max(ours) == 1.0  # never over the set lr
+
+
+def test_gates_never_leave_0_1_during_training(monkeypatch):
+    # DuoAttention clamps the gates to [0, 1] before every step (duo_attn/train.py L98-L102): with
+    # a learning rate big enough that one AdamW step overshoots both ends, every step must still
+    # see gates inside [0, 1], and some must have been clamped to an end
+    model = build_planted_model()
+    haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
+    trial = build_trial(model.tokenizer, haystack, NEEDLE, 260, 50)
+    start, end = trial.answer_span
+    sample = (list(trial.prompt_ids) + list(trial.prompt_ids[start : end - 1]), len(trial.prompt_ids) - 1)
+    seen = []
+    forward = duo_gates._final_hidden
+
+    def recording(model, ids, gates, policy):
+        if gates is not None:
+            seen.append(gates.detach().clone())
+        return forward(model, ids, gates, policy)
+
+    monkeypatch.setattr(duo_gates, "_final_hidden", recording)
+    training = duo_gates.GateTraining(steps=10, window=16, lr=5.0)
+    gates = duo_gates.learned_gates(model, [sample], training, progress=False)
+    assert len(seen) == 10 and all(float(g.min()) >= 0.0 and float(g.max()) <= 1.0 for g in seen)
+    assert any(bool((g == 0).any()) for g in seen[1:])  # the L1 term drove gates past 0: clamped back
+    assert float(gates.min()) >= 0.0 and float(gates.max()) <= 1.0
+
+
+def test_gate_mixing_clamps_the_gates_as_duo_attention_does():
+    # duo_attn/patch/llama.py L120-L129: the gate is clamped to [0, 1] where it mixes
+    model = build_planted_model()
+    ids = tokenize_haystack(model.tokenizer, haystack_text(), 120)
+    policy = KVPolicy("streaming", 2, 4, 4, frozenset(), sink=2, window=8)
+    with torch.no_grad():
+        for outside, inside in ((3.0, 1.0), (-2.0, 0.0)):
+            torch.testing.assert_close(
+                duo_gates._final_hidden(model, ids, torch.full((2, 4), outside), policy),
+                duo_gates._final_hidden(model, ids, torch.full((2, 4), inside), policy),
+            )
+
+
+def test_razor_union_ranks_the_papers_selection_first():
+    # RazorAttention keeps the union of the top 1% of heads by echo score and the top 14% by
+    # induction score: the union, found by hand with sets, must be the map's top heads
+    generator = torch.Generator().manual_seed(0)
+    echo, induction = torch.rand(20, 10, generator=generator), torch.rand(20, 10, generator=generator)
+    flat_echo, flat_induction = echo.flatten().tolist(), induction.flatten().tolist()
+    top_echo = set(sorted(range(200), key=lambda i: -flat_echo[i])[:2])  # 1% of 200 heads
+    top_induction = set(sorted(range(200), key=lambda i: -flat_induction[i])[:28])  # 14%
+    union = top_echo | top_induction
+    scores = razor.union_scores(echo, induction).flatten()
+    assert set(scores.topk(len(union)).indices.tolist()) == union
+    assert {i for i in range(200) if scores[i] >= 1 - 0.15 - 1e-6} == union
+    # nested: at every K the top K are top echo and top induction heads, in the paper's proportion
+    for k in (1, 5, 15):
+        top = set(scores.topk(k).indices.tolist())
+        ranked_echo = sorted(range(200), key=lambda i: -flat_echo[i])
+        ranked_induction = sorted(range(200), key=lambda i: -flat_induction[i])
+        assert all(i in ranked_echo[: len(top)] or i in ranked_induction[: len(top)] for i in top)
+
+
+def test_razor_keeps_the_sum_by_default_and_gives_the_papers_union_when_asked(planted):
+    # the atlas's razor map is echo + induction (a named deviation): on the planted model it ranks
+    # the duplicate-token decoy first; the paper's union ranks the top induction head, the planted one
+    model, _, traced = planted
+    assert _top(razor.trial_scores(model, traced)[0]) == DECOY
+    assert _top(razor.trial_scores(model, traced, rule="union")[0]) == PLANTED
+    with pytest.raises(ValueError, match="unknown rule"):
+        razor.trial_scores(model, traced, rule="max")
 
 
 def test_gate_training_refuses_samples_it_cannot_use():

@@ -20,7 +20,8 @@ Three steps, two environments:
      python experiments/kvpress_check/kvpress_check.py run --prompts runs/kvpress/prompts.json \\
          --split runs/compress-kv/duo_attention/0.25 --out runs/kvpress/kvpress.json
 3. either: python experiments/kvpress_check/kvpress_check.py compare \\
-         --compression runs/compress-kv/compression.json --kvpress runs/kvpress/kvpress.json
+         --compression runs/compress-kv/compression.json --kvpress runs/kvpress/kvpress.json \\
+         --json experiments/results/kvpress_check_smollm2-135m_0.25.json
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def compare(args) -> None:
     print(
         f"same response in {same_text}/{n} trials, same tokens in {same_tokens}/{n} (retrieval policy, {fraction:g} of KV heads full)"
     )
+    if args.json:
+        result = {"compression": str(args.compression), "kvpress": str(args.kvpress), "full_fraction": fraction}
+        result |= {"sink": theirs["sink"], "recent": theirs["recent"], "trials": n}
+        result |= {"same_response": same_text, "same_tokens": same_tokens}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -140,6 +147,7 @@ def main() -> None:
     c = steps.add_parser("compare")
     c.add_argument("--compression", required=True)
     c.add_argument("--kvpress", required=True)
+    c.add_argument("--json", help="also write the counts as plain data to this file (e.g. experiments/results/...)")
     args = parser.parse_args()
     {"prompts": prompts, "run": run, "compare": compare}[args.step](args)
 

@@ -13,6 +13,9 @@ heads does on trials none of them saw.
    heads, as `compress` ranks them), against random KV heads and StreamingLLM at the same
    bytes. A head set two methods share runs once. Every condition's trials are saved as they
    finish under `<out>/conditions/`, so an interrupted atlas resumes (`RunOptions.resume`).
+   Every recall carries its 95% interval over the evaluation trials, and every comparison a
+   table invites (each method against random heads and against the retrieval score, at each
+   K and as a KV policy) a paired test on the same trials (`rh_lens.uncertainty`).
 `atlas.json` holds all of it as plain data; `Atlas.table()` is one row per method.
 """
 
@@ -96,8 +99,9 @@ class AtlasOptions:
 class Atlas:
     """One model's atlas (see the module docstring). `maps`: method -> [layer][head] scores;
     `agreement`: one row per pair of methods; `masking`: rows of (method or "none" /
-    "random", k, mean_recall, std_over_seeds, retained, success_rate); `kv`: rows of (method
-    or "full" / "random" / "streaming", full_fraction, kv_kept, mean_recall, ...)."""
+    "random", k, mean_recall, std_over_seeds, retained, success_rate, their intervals and
+    n_trials); `kv`: rows of (method or "full" / "random" / "streaming", full_fraction,
+    kv_kept, mean_recall, ...); `tests`: paired tests, each naming the methods on either side."""
 
     model: str
     n_layers: int
@@ -109,6 +113,7 @@ class Atlas:
     masking: list[dict[str, Any]]
     kv: list[dict[str, Any]]
     settings: dict[str, Any] = field(default_factory=dict)
+    tests: list[dict[str, Any]] = field(default_factory=list)  # paired tests (absent from atlases before them)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
@@ -130,7 +135,13 @@ class Atlas:
         return [Head(layer, head) for layer, head, _ in rank_heads(self.maps[method], k)]
 
     def recall(self, method: str, k: int) -> float | None:
-        return next((r["mean_recall"] for r in self.masking if r["method"] == method and r["k"] == k), None)
+        return self._masking_row(method, k).get("mean_recall")
+
+    def recall_interval(self, method: str, k: int) -> tuple[float, float] | None:
+        return self._masking_row(method, k).get("recall_interval")
+
+    def _masking_row(self, method: str, k: int) -> dict[str, Any]:
+        return next((r for r in self.masking if r["method"] == method and r["k"] == k), {})
 
     def table(self) -> list[dict[str, Any]]:
         """Per method: Spearman with every other method, recall with its top-K masked at each
@@ -149,7 +160,9 @@ class Atlas:
                     "method": m,
                     "spearman": spearman,
                     "recall_masked": {k: self.recall(m, k) for k in self.ks},
+                    "recall_masked_interval": {k: self.recall_interval(m, k) for k in self.ks},
                     "kv_recall": kv.get(m, {}).get("mean_recall"),
+                    "kv_recall_interval": kv.get(m, {}).get("recall_interval"),
                     "kv_retained": kv.get(m, {}).get("retained"),
                     "kv_kept": kv.get(m, {}).get("kv_kept"),
                 }
@@ -229,7 +242,8 @@ def atlas_conditions(
 def _rows(result: InterventionResult, kv: bool) -> list[dict[str, Any]]:
     """One row per method (a shared head set's row repeated for each method that chose it),
     the masking rows or the KV rows, both led by "none" (for KV: "full", the whole cache)."""
-    keep = ("k", "full_fraction", "kv_kept", "mean_recall", "std_over_seeds", "n_seeds", "success_rate", "retained")
+    keep = ("k", "full_fraction", "kv_kept", "mean_recall", "recall_interval", "std_over_seeds", "n_seeds", "n_trials")
+    keep += ("success_rate", "success_interval", "retained", "retained_interval")
     rows = []
     for row in result.summary():
         if row["kind"] == "none":
@@ -239,6 +253,40 @@ def _rows(result: InterventionResult, kv: bool) -> list[dict[str, Any]]:
         for m in row.get("methods") or [row["method"]]:
             rows.append({"method": m, **{key: row[key] for key in keep if key in row}})
     return rows
+
+
+def effects(evaluation: InterventionResult, ks: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """The atlas's `masking`, `kv` and `tests` from its evaluation result (`<out>/evaluation.json`,
+    every trial's record): how an atlas written before intervals and tests gets them."""
+    return {"masking": _rows(evaluation, kv=False), "kv": _rows(evaluation, kv=True), "tests": _tests(evaluation, ks)}
+
+
+def _tests(result: InterventionResult, ks: Sequence[int]) -> list[dict[str, Any]]:
+    """Paired tests on the evaluation trials: at each K every method's masking against random-K
+    and against the retrieval score's, and every KV policy against random KV heads,
+    StreamingLLM and the retrieval score's policy. A head set several methods share is one
+    group: its test names all of them."""
+    groups = result.groups()
+    methods = {g: c[0].metadata.get("methods") or [c[0].metadata.get("method")] for g, c in groups.items()}
+
+    def chosen_by(method: str, prefix: str) -> str | None:
+        return next((g for g in groups if g.startswith(prefix) and method in methods[g]), None)
+
+    pairs = []
+    for k in ks:
+        tops = [g for g in groups if g.startswith(f"top-{k}-")]
+        retrieval = chosen_by("retrieval", f"top-{k}-")
+        pairs += [("masking", k, g, f"random-{k}") for g in tops if f"random-{k}" in groups]
+        pairs += [("masking", k, g, retrieval) for g in tops if retrieval not in (None, g)]
+    policies = [g for g in groups if g.startswith("kv-") and g not in ("kv-random", "kv-streaming")]
+    retrieval = chosen_by("retrieval", "kv-")
+    for g in policies:
+        pairs += [("kv", None, g, other) for other in ("kv-random", "kv-streaming") if other in groups]
+        pairs += [("kv", None, g, retrieval)] if retrieval not in (None, g) else []
+    return [
+        {"kind": kind, "k": k, "a_methods": methods[a], "b_methods": methods[b], **result.paired(a, b).to_json()}
+        for kind, k, a, b in pairs
+    ]
 
 
 def _agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> list[dict[str, Any]]:
@@ -297,9 +345,8 @@ def build_atlas(
             ks=ks,
             maps={m: r.scores().tolist() for m, r in maps.items()},
             agreement=agreement,
-            masking=_rows(result, kv=False),
-            kv=_rows(result, kv=True),
             settings=settings,
+            **effects(result, ks),
         )
         write_json(out / "atlas.json", atlas.to_json())
     return atlas

@@ -15,13 +15,14 @@ import sys
 
 from rh_lens import __version__
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K
-from rh_lens.analysis.atlas import ATLAS_METHODS, DEFAULT_METHODS, AtlasOptions
+from rh_lens.analysis.atlas import ATLAS_METHODS, DEFAULT_METHODS, Atlas, AtlasOptions
 from rh_lens.analysis.statistics import bootstrap
 from rh_lens.app import workflows
 from rh_lens.app.options import (
     add_decoding_arguments,
     add_grid_arguments,
     add_model_arguments,
+    add_other_haystack_argument,
     add_parallel_arguments,
     add_text_arguments,
     grid_from_args,
@@ -43,12 +44,12 @@ from rh_lens.app.reports import (
     format_ranking,
     format_written,
 )
-from rh_lens.detection.records import load_results
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
 from rh_lens.errors import RhLensError
 from rh_lens.execution.runs import saved_trials
 from rh_lens.heads import Head
-from rh_lens.interventions.masking import METHODS
+from rh_lens.interventions.compression import CompressionResult
+from rh_lens.interventions.masking import METHODS, AblationResult
 from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
 from rh_lens.model.generation import MAX_NEW_TOKENS
 from rh_lens.tasks.documents import QAGrid
@@ -76,8 +77,14 @@ def run_detect(args: argparse.Namespace) -> None:
 
 
 def run_show(args: argparse.Namespace) -> None:
-    result = load_results(args.results)
-    if args.ci:
+    result = workflows.load_any(args.results)
+    if isinstance(result, AblationResult):
+        print(format_ablation(result))
+    elif isinstance(result, CompressionResult):
+        print(format_compression(result))
+    elif isinstance(result, Atlas):
+        print(format_atlas(result))
+    elif args.ci:
         print(format_bootstrap(bootstrap(result, args.resamples, args.ci_top_k, args.confidence, args.seed), args.top))
     else:
         print(format_ranking(result, args.top, args.threshold))
@@ -95,6 +102,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         method=args.method,
         decode_only=args.decode_only,
         heldout=args.heldout,
+        other_haystack=args.other_haystack,
         options=run_options_from_args(args),
     )
     print(format_ablation(result))
@@ -114,6 +122,7 @@ def run_compress(args: argparse.Namespace) -> None:
         decode_only=args.decode_only,
         cache=args.cache,
         heldout=args.heldout,
+        other_haystack=args.other_haystack,
         options=run_options_from_args(args),
     )
     print(format_compression(result))
@@ -138,6 +147,7 @@ def run_atlas(args: argparse.Namespace) -> None:
         args.out,
         atlas_options=atlas_options,
         heldout=args.heldout,
+        other_haystack=args.other_haystack,
         options=run_options_from_args(args),
     )
     print(format_atlas(atlas))
@@ -227,12 +237,14 @@ def out_arguments(p: argparse.ArgumentParser, resume: bool = False) -> None:
         choice.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
-def heldout_argument(p: argparse.ArgumentParser) -> None:
+def heldout_argument(p: argparse.ArgumentParser, ranking: str = "the --scores ranking was detected on") -> None:
     p.add_argument(
         "--heldout",
         action="store_true",
-        help="refuse to evaluate on needles or questions the --scores ranking was detected on (without it: a warning)",
+        help=f"refuse to evaluate on needles or questions {ranking}, compared by content: the same or a near-duplicate "
+        "needle, question or answer, a shared paragraph or article (without it: a warning)",
     )
+    add_other_haystack_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,11 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sink", type=non_negative_int, default=4, help="first tokens every streaming head keeps (default 4)")
     t.add_argument("--window", type=positive_int, default=128, help="recent tokens every streaming head keeps (default 128)")
     t.add_argument("--resamples", type=non_negative_int, default=1000, help="bootstrap resamples of the agreement (default 1000)")
-    t.add_argument(
-        "--heldout",
-        action="store_true",
-        help="refuse an --evaluate grid that shares needles or questions with the detection grid",
-    )
+    heldout_argument(t, "of the detection grid (--evaluate's trials against the maps')")
     t.set_defaults(run=run_atlas)
 
     p = commands.add_parser("patch", help="activation patching: which heads carry the needle's answer")
@@ -416,8 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     out_arguments(p)
     p.set_defaults(run=run_patch)
 
-    s = commands.add_parser("show", help="print the ranking of a results file (ours or the reference's format)")
-    s.add_argument("results")
+    s = commands.add_parser(
+        "show",
+        help="print a results file: a ranking (ours or the reference's format), or an ablate, compress or atlas result "
+        "with its 95%% intervals and paired tests",
+    )
+    s.add_argument("results", help="a results file, or a run directory holding one")
     s.add_argument("--top", type=positive_int, default=20)
     s.add_argument("--threshold", type=unit_interval, default=None, help="retrieval-head threshold (default: the file's)")
     s.add_argument("--ci", action="store_true", help="bootstrap intervals of the scores and the stability of the top K")

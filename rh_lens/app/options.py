@@ -144,6 +144,14 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --task squad/hotpotqa/world: questions START to STOP of the seeded order (default 0:20); "
         "a disjoint range is a held-out split",
     )
+    parser.add_argument(
+        "--disjoint-from",
+        type=question_range,
+        default=None,
+        metavar="START:STOP",
+        help="with --task squad/hotpotqa/world: leave out the questions that share a gold paragraph, an article, the "
+        "question or the answer with questions START:STOP (the ranking's --questions), so that --heldout can pass",
+    )
     parser.add_argument("--question-seed", type=non_negative_int, default=0, help="seed of the question order (default 0)")
     parser.add_argument("--data", default=None, help="a SQuAD- or HotpotQA-format JSON file instead of RULER's copy")
     add_text_arguments(parser)
@@ -188,6 +196,16 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_other_haystack_argument(parser: argparse.ArgumentParser) -> None:
+    """--other-haystack, beside --heldout (ablate, compress, atlas): the workflows' `other_haystack`."""
+    parser.add_argument(
+        "--other-haystack",
+        action="store_true",
+        help="--heldout, and refuse an evaluation cut from the ranking's haystack too (for real documents: the same "
+        "data file's distractor paragraphs)",
+    )
+
+
 # --- values ------------------------------------------------------------------------------
 
 
@@ -198,6 +216,8 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
 def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid:
     if getattr(args, "closed_book", False) and args.task == "niah":
         raise InputError("--closed-book is for --task squad or hotpotqa (or --task world, closed-book already)")
+    if getattr(args, "disjoint_from", None) and getattr(args, "task", "niah") == "niah":
+        raise InputError("--disjoint-from is for --task squad, hotpotqa or world: it leaves out questions")
     if getattr(args, "task", "niah") != "niah":
         given = [name for name in ("needles", "haystack", "distractor") if getattr(args, name, None)]
         if given:
@@ -211,6 +231,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid:
             args.question_seed,
             args.data,
             getattr(args, "closed_book", False),
+            disjoint_from=getattr(args, "disjoint_from", None),
         )
     return Grid(
         tuple(needles_from_args(args)),

@@ -17,6 +17,7 @@ from rh_lens.detection.records import DetectionResult
 from rh_lens.execution.files import write_atomic
 from rh_lens.heads import Head
 from rh_lens.interventions.masking import AblationResult
+from rh_lens.tasks.splits import held_out
 
 
 def score_heatmap(result: DetectionResult, threshold: float | None = None, ax=None):
@@ -562,7 +563,7 @@ def atlas_recall_vs_k(atlas):
     ax.set_xlabel("masked heads K (each method's top K)")
     ax.set_ylabel("mean ROUGE-1 recall")
     ax.set_ylim(-0.03, 1.05)
-    where = "held-out" if atlas.settings.get("heldout") else "in-grid"
+    where = "held-out" if held_out(atlas.settings) else "in-grid"
     ax.set_title(f"{atlas.model}: {where} recall under each method's top-K heads masked", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return figure

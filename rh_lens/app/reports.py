@@ -170,20 +170,21 @@ def _kept(row: dict) -> str:
 
 
 def format_ablation(result: AblationResult) -> str:
-    """Mean recall per masking condition, with the spread over random seeds."""
+    """Mean recall per masking condition with its 95% interval over trials and the spread
+    over random seeds, then the paired tests (top-K against random-K and no masking)."""
     lines = [
         f"{result.model}: NIAH recall under {result.method} masking "
-        f"({'decode steps only' if result.decode_only else 'all positions'})",
-        f"{'condition':<14} {'K':>4}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}  {'kept':>5}  {'no answer word':>14}"
-        f"  {'distractor':>10}  {'invented':>8}",
+        f"({'decode steps only' if result.decode_only else 'all positions'}){_split(result.settings)}",
+        f"{'condition':<14} {'K':>4} {'trials':>6}  {'mean recall [95%]':>21}  {'seed spread':>11}  {'retrieved [95%]':>17}"
+        f"  {'kept':>5}  {'no answer word':>14}  {'distractor':>10}  {'invented':>8}",
     ]
     rows = result.summary()
     for row in rows:
-        spread = f"+/- {row['std_over_seeds']:.3f}" if row["n_seeds"] else ""
+        spread = f"+/- {row['std_over_seeds']:.3f}" if (row["n_seeds"] or 1) > 1 else ""
         lines.append(
-            f"{row['condition']:<14} {row['k']:>4}  {row['mean_recall']:>11.3f}  {spread:>11}  "
-            f"{100 * row['success_rate']:>8.0f}%  {_kept(row):>5}  {100 * row['absent_rate']:>13.0f}%"
-            f"  {100 * row['classes']['distractor']:>9.0f}%  {100 * row['classes']['invented']:>7.0f}%"
+            f"{row['condition']:<14} {row['k']:>4} {row['n_trials']:>6}  {_with_interval(row['mean_recall'], row['recall_interval']):>21}"
+            f"  {spread:>11}  {_rate_with_interval(row['success_rate'], row['success_interval']):>17}  {_kept(row):>5}"
+            f"  {100 * row['absent_rate']:>13.0f}%  {100 * row['classes']['distractor']:>9.0f}%  {100 * row['classes']['invented']:>7.0f}%"
         )
     if rows and rows[0]["n_baseline_right"]:
         lines.append(f"kept: of the {rows[0]['n_baseline_right']} trials answered right unmasked, the share still right")
@@ -193,24 +194,78 @@ def format_ablation(result: AblationResult) -> str:
         lines.append(
             f"threshold {row['threshold']:g}: {row['n_heads']} heads; recall with them masked {top}, with as many random heads {random}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
 
 
 def format_compression(result: CompressionResult) -> str:
-    """KV kept, compression ratio, recall and retrieval rate per method and budget."""
+    """KV kept, compression ratio, recall (95% interval) and retrieval rate per method and
+    budget, then the paired tests (the retrieval policy against every other method)."""
     mode = "decode steps only" if result.decode_only else "prefill and decode"
     lines = [
-        f"{result.model}: NIAH under KV-cache compression, streaming heads keep {result.sink} sink + {result.window} recent tokens ({mode})",
-        f"{'method':<10} {'full':>5}  {'KV kept':>7}  {'ratio':>5}  {'mean recall':>11}  {'seed spread':>11}  {'retrieved':>9}",
+        f"{result.model}: NIAH under KV-cache compression, streaming heads keep {result.sink} sink + {result.window} recent tokens "
+        f"({mode}){_split(result.settings)}",
+        f"{'method':<10} {'full':>5}  {'KV kept':>7}  {'ratio':>5} {'trials':>6}  {'mean recall [95%]':>21}  {'seed spread':>11}"
+        f"  {'retrieved [95%]':>17}",
     ]
     for row in result.summary():
         spread = f"+/- {row['std_over_seeds']:.3f}" if (row["n_seeds"] or 1) > 1 else ""
         fraction = f"{row['full_fraction']:g}" if row["method"] != "full" else "all"
         lines.append(
-            f"{row['method']:<10} {fraction:>5}  {100 * row['kv_kept']:>6.1f}%  {row['compression_ratio']:>5.2f}  "
-            f"{row['mean_recall']:>11.3f}  {spread:>11}  {100 * row['success_rate']:>8.0f}%"
+            f"{row['method']:<10} {fraction:>5}  {100 * row['kv_kept']:>6.1f}%  {row['compression_ratio']:>5.2f} {row['n_trials']:>6}  "
+            f"{_with_interval(row['mean_recall'], row['recall_interval']):>21}  {spread:>11}"
+            f"  {_rate_with_interval(row['success_rate'], row['success_interval']):>17}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
+
+
+def format_paired_tests(tests: list[dict[str, Any]]) -> list[str]:
+    """One line per paired test (`rh_lens.uncertainty.PairedTest` as JSON): the difference
+    of mean recall with its interval, the permutation p-value, McNemar's, and the verdict."""
+    if not tests:
+        return []
+    lines = [
+        f"paired tests on the same trials (difference of mean recall a - b, {tests[0]['confidence']:.0%} paired-bootstrap "
+        f"interval, sign-flip p; McNemar on retrieved; 'tie' unless the interval excludes 0 and p < {1 - tests[0]['confidence']:.2g}):"
+    ]
+    for t in tests:
+        a = "/".join(t["a_methods"]) if "a_methods" in t else t["a"]
+        b = "/".join(t["b_methods"]) if "b_methods" in t else t["b"]
+        where = f"top-{t['k']} " if t.get("k") is not None else ("KV " if t.get("kind") == "kv" else "")
+        mcnemar = "" if t["mcnemar_p"] is None else f"; McNemar {t['a_only']}:{t['b_only']} p {_p(t['mcnemar_p'])}"
+        verdict = "tie" if t["verdict"] == "tie" else ("a > b" if t["difference"] > 0 else "a < b")
+        lines.append(
+            f"  {where}{a} vs {b}: {t['difference']:+.3f} [{t['interval'][0]:+.3f}, {t['interval'][1]:+.3f}], "
+            f"p {_p(t['p_value'])}, n {t['n']}{mcnemar} -> {verdict}"
+        )
+    return lines
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _with_interval(x: float | None, interval) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def _rate_with_interval(x: float, interval) -> str:
+    return f"{100 * x:.0f}%" + (f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else "")
+
+
+def _split(settings: dict[str, Any]) -> str:
+    """Where the trials stand against the ranking's (`rh_lens.tasks.splits.check_split`)."""
+    check = settings.get("split_check")
+    if settings.get("heldout"):
+        return "; held out from the ranking's trials (checked by content)"
+    if check is not None and check.get("violations"):
+        return f"; NOT held out: shares with the ranking's trials ({', '.join(check['violations'])})"
+    if check is not None and check.get("passed"):
+        return "; shares no content with the ranking's trials (held out, though not asked with --heldout)"
+    if settings.get("ranked_on") is not None:
+        return "; not checked as held out (run with --heldout)"
+    return ""
 
 
 def format_patching(result: PatchingResult, top: int = 10, correlation: dict[str, Any] | None = None) -> str:
@@ -331,34 +386,42 @@ def format_comparison(comparison: Comparison) -> str:
 
 def format_atlas(atlas: Atlas) -> str:
     """Per method: recall with its top-K masked at each K (random-K and no masking for
-    reference), recall under its KV policy, and its Spearman with every other method."""
+    reference) and under its KV policy, each with its 95% interval over the evaluation
+    trials; then each method's Spearman with every other method, and the paired tests."""
     ks = atlas.ks
     random = {r["k"]: r for r in atlas.masking if r["method"] == "random"}
     kv = {r["method"]: r for r in atlas.kv}
+    none = next(r for r in atlas.masking if r["method"] == "none")
+    trials = f"; {none['n_trials']} trials" if "n_trials" in none else ""
+    lines = [
+        f"{atlas.model}: recall on the evaluation trials{_split(atlas.settings)}{trials}; no masking "
+        f"{_with_interval(none['mean_recall'], none.get('recall_interval'))}",
+        f"{'method':<15}" + "".join(f"{f'top-{k} [95%]':>23}" for k in ks) + f"{'KV [95%]':>23}{'kept':>6}",
+    ]
+
+    def cells(masked: dict, policy: dict) -> str:  # masking at each K, the KV policy and its share of the cache
+        return (
+            "".join(
+                f"{_with_interval(masked.get(k, {}).get('mean_recall'), masked.get(k, {}).get('recall_interval')):>23}"
+                for k in ks
+            )
+            + f"{_with_interval(policy.get('mean_recall'), policy.get('recall_interval')):>23}{_number(policy.get('kv_kept'), '.0%'):>6}"
+        )
+
+    for m in atlas.methods:
+        masked = {r["k"]: r for r in atlas.masking if r["method"] == m}
+        lines.append(f"{m:<15}{cells(masked, kv.get(m, {}))}")
+    lines.append(f"{'random':<15}{cells(random, kv.get('random', {}))}")
+    lines.append(f"{'streaming':<15}{cells({}, kv.get('streaming', {}))}")
+    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
     short = {m: m[:6] for m in atlas.methods}
-    header = (
-        f"{'method':<15}"
-        + "".join(f"{f'top-{k}':>9}" for k in ks)
-        + f"{'KV':>8}{'kept':>7}   Spearman with "
-        + " ".join(f"{short[m]:>6}" for m in atlas.methods)
-    )
-    where = "held-out" if atlas.settings.get("heldout") else "in-grid (the evaluation shares trials with the detection)"
-    lines = [f"{atlas.model}: recall on the evaluation trials, {where}; no masking {atlas.recall('none', 0):.3f}", header]
-
-    def kv_cells(recall, kept) -> str:  # recall under the KV policy, and the share of the cache it keeps
-        return f"{_number(recall):>8}{_number(kept, '.0%'):>7}"
-
+    lines.append(f"{'Spearman':<15}" + " ".join(f"{short[m]:>6}" for m in atlas.methods))
     for row in atlas.table():
         m = row["method"]
-        masked = "".join(f"{_number(row['recall_masked'][k]):>9}" for k in ks)
-        rho = " ".join(f"{'-' if o == m else _number(row['spearman'].get(o), '.2f'):>6}" for o in atlas.methods)
-        lines.append(f"{m:<15}{masked}{kv_cells(row['kv_recall'], row['kv_kept'])}   {' ' * 14}{rho}")
-    random_masked = "".join(f"{_number(random[k]['mean_recall']) if k in random else '-':>9}" for k in ks)
-    for name, masked in (("random", random_masked), ("streaming", " " * 9 * len(ks))):
-        policy = kv.get(name, {})
-        lines.append(f"{name:<15}{masked}{kv_cells(policy.get('mean_recall'), policy.get('kv_kept'))}")
-    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
-    return "\n".join(lines)
+        lines.append(
+            f"{m:<15}" + " ".join(f"{'-' if o == m else _number(row['spearman'].get(o), '.2f'):>6}" for o in atlas.methods)
+        )
+    return "\n".join(lines + format_paired_tests(atlas.tests))
 
 
 def _number(x, spec: str = ".3f") -> str:

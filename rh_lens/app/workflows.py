@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformer_lens import HookedTransformer
 
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
-from rh_lens.analysis.atlas import Atlas, AtlasOptions, build_atlas
+from rh_lens.analysis.atlas import Atlas, AtlasOptions, build_atlas, effects
 from rh_lens.app.reports import (
     save_ablation,
     save_analysis,
@@ -30,9 +31,11 @@ from rh_lens.detection.records import DetectionResult, load_results
 from rh_lens.detection.run import detect
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
 from rh_lens.errors import InputError
+from rh_lens.execution.files import read_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
 from rh_lens.heads import Head
+from rh_lens.interventions.base import InterventionResult
 from rh_lens.interventions.compression import CompressionResult, compression_experiment
 from rh_lens.interventions.masking import AblationResult, ablation_experiment, ks_for_thresholds
 from rh_lens.interventions.patching import (
@@ -48,7 +51,7 @@ from rh_lens.interventions.patching import (
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
 from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
-from rh_lens.tasks.splits import shared_items, split_of
+from rh_lens.tasks.splits import check_split, shared_items, split_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,34 +85,97 @@ def _executor(model, options: RunOptions, checkpoint: int | None = None):
 
 
 def _ranking(
-    scores: str | Path | DetectionResult, grid: Grid | QAGrid, heldout: bool = False
+    scores: str | Path | DetectionResult, grid: Grid | QAGrid, heldout: bool = False, other_haystack: bool = False
 ) -> tuple[DetectionResult, dict[str, Any]]:
     """The detection result that ranks the heads, and the run's settings with the split the
-    ranking came from: read first, so bad input fails before a model loads. Evaluating on the
-    ranking's own needles or questions is a warning, and with `heldout` an error."""
+    ranking came from: read first, so bad input fails before a model loads. Evaluating on
+    trials that share content with the ranking's is a warning, and with `heldout` an error
+    (see `_split_check`)."""
     detection = scores if isinstance(scores, DetectionResult) else load_results(scores)
     settings = {**grid.settings(), "scores": str(scores) if not isinstance(scores, DetectionResult) else detection.model}
-    return detection, settings | _split_check(detection.settings, settings, heldout, settings["scores"])
+    return detection, settings | _split_check(detection.settings, settings, heldout, settings["scores"], other_haystack)
 
 
-def _split_check(ranked: dict[str, Any], evaluated: dict[str, Any], heldout: bool, source: str) -> dict[str, Any]:
-    """Which split a ranking came from and what an evaluation shares with it. Sharing
-    needles or questions is a warning, and with `heldout` an error; so is a ranking that does
-    not record its trials, with `heldout`."""
+# What each held-out check found, as an error message says it; and what to do about it.
+SPLIT_FINDINGS = {
+    "same_question": "asks {n} question(s) the ranking's trials ask",
+    "near_duplicate_needle": "has {n} needle(s) or answer(s) nearly the same as the ranking's (content-word Jaccard >= 0.5)",
+    "shared_answer": "has {n} answer(s) the ranking's trials have",
+    "shared_paragraph": "has {n} question(s) on a gold paragraph of the ranking's questions",
+    "shared_title": "has {n} question(s) from an article the ranking's questions come from",
+    "same_haystack": "is cut from the ranking's haystack",
+}
+NEEDLE_HINT = "choose needles of other facts (e.g. --needles bank-b against a ranking on bank-a)"
+QUESTION_HINT = "leave such questions out with --disjoint-from START:STOP (the ranking's --questions)"
+
+
+def _offences(found: list[dict[str, str]]) -> str:
+    shown = [f"{o['evaluated']} ~ {o['ranked']}: {o['shared']}" for o in found[:3]]
+    return "; ".join(shown) + ("; ..." if len(found) > 3 else "")
+
+
+def _refusal(check: dict[str, Any], ranked_on: dict[str, Any], evaluated: dict[str, Any]) -> str:
+    """The one-line error of a split that fails the held-out check: the first failing check,
+    up to 3 of its offending pairs (evaluation ~ ranking), a hint, the other failing checks."""
+    first, *others = check["violations"]
+    found = check["checks"][first]
+    also = f" (also failing: {', '.join(others)})" if others else ""
+    if first == "same_item":
+        what = f"{len(found)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
+        items = ", ".join(o["evaluated"] for o in found[:3]) + (", ..." if len(found) > 3 else "")
+        return (
+            f"--heldout: the evaluation grid shares {what} with the detection run (same_item: {items}){also}; "
+            f"choose other needles or --questions"
+        )
+    if first == "same_haystack":
+        hint = "choose another --haystack or task, or leave out --other-haystack"
+    else:
+        hint = NEEDLE_HINT if evaluated.get("task", "niah") == "niah" else QUESTION_HINT
+    what = SPLIT_FINDINGS[first].format(n=len(found))
+    return f"--heldout: the evaluation grid {what} (split check {first}: {_offences(found)}){also}; {hint}"
+
+
+def _split_check(
+    ranked: dict[str, Any], evaluated: dict[str, Any], heldout: bool, source: str, other_haystack: bool = False
+) -> dict[str, Any]:
+    """Which split a ranking came from and what an evaluation shares with it, by content
+    (`rh_lens.tasks.splits.check_split`: the same item, question or answer, a near-duplicate
+    needle, a gold paragraph or article in common; the same haystack too with
+    `other_haystack`, which implies `heldout`). A violation is a warning, and with `heldout`
+    an error; so is, with `heldout`, a ranking that does not record its trials or whose
+    content is unknown. Recorded: `ranked_on`, `shared_with_ranking` (ids), `heldout` (asked
+    for, hence checked), `shares_nothing` (what the check found) and `split_check`."""
+    heldout = heldout or other_haystack
     ranked_on = split_of(ranked)
     shared = shared_items(ranked_on, split_of(evaluated))
-    if shared is None:
+    check = check_split(ranked, evaluated, other_haystack=other_haystack)
+    if not check["split_known"]:
         if heldout:
             raise InputError(f"--heldout: {source} does not record the trials its ranking came from")
-    elif shared:
-        what = f"{len(shared)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
+    elif check["violations"]:
         if heldout:
-            raise InputError(
-                f"--heldout: the evaluation grid shares {what} with the detection run ({', '.join(shared[:3])}"
-                f"{', ...' if len(shared) > 3 else ''}); choose other needles or --questions"
-            )
+            raise InputError(_refusal(check, ranked_on, evaluated))
+        failed = check["violations"]
+        if "same_item" in failed:
+            what = f"{len(shared)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
+        else:
+            what = f"trials that fail the split check {', '.join(failed)} ({_offences(check['checks'][failed[0]])})"
         logger.warning(f"warning: evaluating on {what}: the result is in-grid, not held out (--heldout refuses this)")
-    return {"ranked_on": ranked_on, "shared_with_ranking": shared, "heldout": bool(shared == [])}
+    elif check["content_unknown"] and heldout:
+        unknown = check["content_unknown"]
+        raise InputError(
+            f"--heldout: {source} records {len(unknown)} of its needles or questions by id only "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) and neither the built-in needles nor "
+            f"RULER's data hold them: their content is unknown, so a near-duplicate cannot be ruled out; detect again "
+            f"with this version of rh-lens"
+        )
+    return {
+        "ranked_on": ranked_on,
+        "shared_with_ranking": shared,
+        "heldout": heldout,
+        "shares_nothing": check["passed"],
+        "split_check": check,
+    }
 
 
 def detect_grid(
@@ -165,14 +231,17 @@ def ablate_grid(
     method: str = "uniform",
     decode_only: bool = False,
     heldout: bool = False,
+    other_haystack: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
     random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `thresholds`:
     instead of `ks`, mask the heads at or above each threshold (the paper's 0.1 is a choice:
     what does it change?). `heldout`: refuse a grid that shares needles or questions with the
-    ranking's detection run. `options`: as for `detect_grid`."""
-    detection, settings = _ranking(scores, grid, heldout)
+    ranking's detection run, by content (the same question or answer, a near-duplicate
+    needle, a gold paragraph or article in common: see `_split_check`); `other_haystack`:
+    `heldout`, and the haystack must differ too. `options`: as for `detect_grid`."""
+    detection, settings = _ranking(scores, grid, heldout, other_haystack)
     if thresholds:
         by_threshold = ks_for_thresholds(detection, thresholds)
         ks = sorted({k for k in by_threshold.values() if k > 0})
@@ -210,14 +279,15 @@ def compress_grid(
     decode_only: bool = False,
     cache: str = "real",
     heldout: bool = False,
+    other_haystack: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[CompressionResult, list[Path]]:
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
     full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
     the same bytes and RazorAttention's heads; saved with `save_compression`. `cache`: "real"
     (a head-wise cache that frees the memory) or "masked" (simulated over the full cache).
-    `heldout`: as for `ablate_grid`."""
-    detection, settings = _ranking(scores, grid, heldout)
+    `heldout`, `other_haystack`: as for `ablate_grid`."""
+    detection, settings = _ranking(scores, grid, heldout, other_haystack)
     with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = compression_experiment(
@@ -246,15 +316,17 @@ def atlas_grid(
     *,
     atlas_options: AtlasOptions = AtlasOptions(),
     heldout: bool = False,
+    other_haystack: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[Atlas, list[Path]]:
     """`rh-lens atlas`: every method's map on `grid`'s trials, judged on `evaluation`'s
-    (`rh_lens.analysis.atlas`), saved with `save_atlas`. `heldout`: refuse an evaluation grid
-    that shares needles or questions with `grid`. `options`: as for `detect_grid` (no workers)."""
+    (`rh_lens.analysis.atlas`), saved with `save_atlas`. `heldout`, `other_haystack`: refuse
+    an evaluation grid that shares needles or questions with `grid`, as for `ablate_grid`.
+    `options`: as for `detect_grid` (no workers)."""
     if options.workers:
         raise InputError("the atlas runs in one process: leave out --workers")
     settings = {"detection": grid.settings(), "evaluation": evaluation.settings()}
-    settings |= _split_check(settings["detection"], settings["evaluation"], heldout, "the detection grid")
+    settings |= _split_check(settings["detection"], settings["evaluation"], heldout, "the detection grid", other_haystack)
     with run_directory(out, options.resume, options.overwrite):
         model = _model(model, options)
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
@@ -345,6 +417,34 @@ def patch_needle(
         if detection is not None and "head_out" in result.effects:
             correlation = effect_vs_score(result, detection, "head_out", next(iter(result.effects["head_out"])))
         return result, correlation, save_patching(result, out, correlation)
+
+
+RESULT_FILES = ("results.json", "ablation.json", "compression.json", "atlas.json")  # what `show` reads in a run directory
+
+
+def load_any(path: str | Path) -> DetectionResult | AblationResult | CompressionResult | Atlas:
+    """`rh-lens show`: a results file of any command (or a run directory holding one), by its
+    format. An atlas written before its intervals and paired tests gets them from the
+    per-trial records in `evaluation.json` beside it."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RESULT_FILES if (path / name).exists()]
+        if not found:
+            raise InputError(f"{path} is a directory with no results file in it ({', '.join(RESULT_FILES)})")
+        path = found[0]
+    data = read_json(path, "results file")
+    kind = str(data.get("format", "")).split("/")[0] if isinstance(data, dict) else ""
+    if kind == "rh_lens.ablation":
+        return AblationResult.load(path)
+    if kind == "rh_lens.compression":
+        return CompressionResult.load(path)
+    if kind == "rh_lens.atlas":
+        atlas = Atlas.load(path)
+        evaluation = path.parent / "evaluation.json"
+        if not atlas.tests and evaluation.exists():
+            atlas = replace(atlas, **effects(InterventionResult.load(evaluation), atlas.ks))
+        return atlas
+    return load_results(path)
 
 
 def analyze_file(

@@ -217,8 +217,10 @@ def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type,
         write_json(manifest, settings)
         return {}
     previous = read_json(manifest, "run.json")
-    if previous != json.loads(json.dumps(settings)):
+    if _trial_settings(previous) != _trial_settings(json.loads(json.dumps(settings))):
         raise RunDirectoryError(f"cannot resume {out_dir}: its settings differ ({_difference(previous, settings)})")
+    if previous != json.loads(json.dumps(settings)):
+        write_json(manifest, settings)  # only what describes the split changed: record it as checked now
     done = {}
     for file in saved:
         try:
@@ -234,6 +236,24 @@ def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type,
                 f"(the haystack, needles or tokenizer changed); start again with --overwrite, or use a new directory"
             )
     return done
+
+
+# Settings that describe a run's trials against another run's (the held-out check and the
+# needle or question text it reads) and not the trials themselves: a run started before they
+# were recorded resumes, each saved trial still checked against its prompt.
+SPLIT_KEYS = (
+    "needle_content",
+    "question_content",
+    "ranked_on",
+    "shared_with_ranking",
+    "heldout",
+    "shares_nothing",
+    "split_check",
+)
+
+
+def _trial_settings(settings: Any) -> Any:
+    return {k: v for k, v in settings.items() if k not in SPLIT_KEYS} if isinstance(settings, dict) else settings
 
 
 def _difference(previous: Any, settings: dict[str, Any]) -> str:

@@ -11,7 +11,9 @@ compression.py) and registers itself by its `kind`, so results files name it and
 The experiment: conditions (a name, an intervention or none, metadata) x trials -> one graded
 `NiahRecord` per trial (`run_conditions`), each condition resumable under
 `<out>/conditions/<name>/`; `InterventionResult.summary` gives one row per group of
-conditions (the seeds of one random draw form a group).
+conditions (the seeds of one random draw form a group), each mean with its 95% interval over
+trials, and `InterventionResult.paired` / `comparisons` test two groups on the same trials
+(`rh_lens.uncertainty`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rh_lens.model.loading import dtype_name
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.grading import RESPONSE_CLASSES, NiahRecord, answer_trials, outcome, recall_grid
 from rh_lens.tasks.niah import Trial
+from rh_lens.uncertainty import CONFIDENCE, PairedTest, bootstrap_interval, paired_test, wilson
 
 KINDS: dict[str, type[Intervention]] = {}  # kind -> class, filled as each kind's module is imported
 
@@ -191,12 +194,29 @@ class InterventionResult:
             groups.setdefault(condition.group, []).append(condition)
         return groups
 
+    def per_trial(self, group: str) -> tuple[dict[str, float], dict[str, float]]:
+        """(recall, success) per trial key of a group, each averaged over the group's seeds:
+        the trial, not the (trial, seed) pair, is what a mean is taken over."""
+        conditions = self.groups().get(group)
+        if not conditions:
+            raise InputError(f"no condition group {group!r} (groups: {', '.join(self.groups())})")
+        recall: dict[str, list[float]] = {}
+        success: dict[str, list[float]] = {}
+        for condition in conditions:
+            for r in condition.records:
+                recall.setdefault(r.key, []).append(r.rouge_recall)
+                success.setdefault(r.key, []).append(float(r.success))
+        return {k: float(np.mean(v)) for k, v in recall.items()}, {k: float(np.mean(v)) for k, v in success.items()}
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per group: its metadata (numbers that differ between seeds averaged), mean
         ROUGE-1 recall (mean and spread over seeds; `n_seeds` None for an unseeded group),
         retrieved, no-answer-word and response-class rates; `retained`: of the trials the
         baseline answered right, the fraction still answered right (None without a baseline).
-        Read on closed-book questions, `retained` is the accuracy a model keeps on what it knew."""
+        Read on closed-book questions, `retained` is the accuracy a model keeps on what it knew.
+        Intervals (95%, over the `n_trials` trials, seeds averaged per trial first):
+        `recall_interval` a percentile bootstrap, `success_interval` Wilson's (a bootstrap for
+        a seeded group), `retained_interval` Wilson's over the baseline's right trials."""
         groups = self.groups()
         right = {r.key for c in groups.get(self.baseline, []) for r in c.records if r.success}
         rows = []
@@ -204,6 +224,8 @@ class InterventionResult:
             per_seed = [c.mean_recall() for c in conditions]
             records = [r for c in conditions for r in c.records]
             seeded = any(c.seed is not None for c in conditions)
+            recall, success = self.per_trial(group) if records else ({}, {})
+            kept = [success[k] for k in right if k in success]
             rows.append(
                 {
                     "condition": group,
@@ -211,14 +233,32 @@ class InterventionResult:
                     "mean_recall": float(np.mean(per_seed)),
                     "std_over_seeds": float(np.std(per_seed)) if len(per_seed) > 1 else 0.0,
                     "n_seeds": len(conditions) if seeded else None,
+                    "n_trials": len(recall),
+                    "recall_interval": _listed(bootstrap_interval(list(recall.values()))),
                     "success_rate": float(np.mean([r.success for r in records])),
+                    "success_interval": _listed(_rate_interval(list(success.values()))),
                     "absent_rate": float(np.mean([r.outcome == "absent" for r in records])),
                     "retained": float(np.mean([r.success for r in records if r.key in right])) if right else None,
+                    "retained_interval": _listed(_rate_interval(kept)) if right else None,
                     "n_baseline_right": len(right),
                     "classes": {k: float(np.mean([r.response_class == k for r in records])) for k in RESPONSE_CLASSES},
                 }
             )
         return rows
+
+    def paired(self, a: str, b: str, confidence: float = CONFIDENCE) -> PairedTest:
+        """Group `a` against group `b` on the trials both ran (see `rh_lens.uncertainty.paired_test`)."""
+        (recall_a, success_a), (recall_b, success_b) = self.per_trial(a), self.per_trial(b)
+        return paired_test(recall_a, recall_b, names=(a, b), success_a=success_a, success_b=success_b, confidence=confidence)
+
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """The (a, b) group pairs a table of this experiment claims something about: every
+        group against the baseline. Subclasses add their own (top-K against random-K, ...)."""
+        return [(group, self.baseline) for group in self.groups() if group != self.baseline and self.baseline in self.groups()]
+
+    def comparisons(self, confidence: float = CONFIDENCE) -> list[PairedTest]:
+        """`paired` for every pair of `comparison_pairs`."""
+        return [self.paired(a, b, confidence) for a, b in self.comparison_pairs()]
 
     def recall_grid(self, group: str) -> tuple[list[int], list[int], Float[np.ndarray, "depth length"]]:
         """Mean recall per (depth, length) over needles (and seeds) of a group: the paper's NIAH heatmap."""
@@ -251,6 +291,18 @@ class InterventionResult:
             raise ResultsFileError(f"{path}: not an rh_lens {cls.__name__} file ({type(e).__name__}: {e})") from None
 
 
+def _listed(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else list(interval)  # as it reads back from JSON
+
+
+def _rate_interval(successes: Sequence[float]) -> tuple[float, float] | None:
+    """Wilson's interval of per-trial successes that are whole (1/0); a bootstrap when
+    they are fractions (seeds averaged per trial)."""
+    if all(s in (0.0, 1.0) for s in successes):
+        return wilson(int(sum(successes)), len(successes))
+    return bootstrap_interval(successes)
+
+
 def _shared_metadata(conditions: Sequence[Condition]) -> dict[str, Any]:
     """The metadata of a group: the first condition's less its seed; numbers that differ
     between the conditions are averaged."""
@@ -260,6 +312,19 @@ def _shared_metadata(conditions: Sequence[Condition]) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and len(set(values)) > 1:
             shared[key] = float(np.mean(values))
     return shared
+
+
+def saved_conditions(out_dir: str | Path, planned: Sequence[Condition]) -> list[Condition]:
+    """The planned conditions of a run still going (or stopped) with the records its trials
+    have saved so far under `<out_dir>/conditions/<name>/trials/`; those with none left out.
+    A table read from it is of fewer trials than planned: `summary`'s `n_trials` says so."""
+    found = []
+    for condition in planned:
+        paths = sorted((Path(out_dir) / "conditions" / condition.name / "trials").glob("*.json"))
+        if paths:
+            records = [NiahRecord.from_json(read_json(p, "trial file")) for p in paths]
+            found.append(Condition(condition.name, condition.intervention, condition.group, condition.metadata, records))
+    return found
 
 
 def run_conditions(

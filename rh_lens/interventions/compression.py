@@ -211,6 +211,19 @@ class CompressionResult(InterventionResult):
     def window(self) -> int:
         return self.settings["window"]
 
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """At each full fraction the retrieval policy against every other method, then every
+        group against the full cache."""
+        groups = self.groups()
+        fractions = sorted({c.metadata["full_fraction"] for c in self.conditions if c.metadata["method"] == "retrieval"})
+        pairs = [
+            (f"retrieval-{f:g}", f"{method}-{f:g}")
+            for f in fractions
+            for method in ("random", "streaming", "razor")
+            if f"{method}-{f:g}" in groups
+        ]
+        return pairs + super().comparison_pairs()
+
     def summary(self) -> list[dict[str, Any]]:
         """`InterventionResult.summary` plus the compression ratio (the fraction removed, as
         kvpress reports it)."""

@@ -197,6 +197,15 @@ class AblationResult(InterventionResult):
     def method(self) -> str:
         return self.settings.get("method", "uniform")
 
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """Top-K against random-K at each K, then every group against no masking."""
+        groups = self.groups()
+        pairs = [(f"top-{k}", f"random-{k}") for k in self.ks() if f"top-{k}" in groups and f"random-{k}" in groups]
+        return pairs + super().comparison_pairs()
+
+    def ks(self) -> list[int]:
+        return sorted({c.metadata["k"] for c in self.conditions if c.metadata.get("kind") == "top"})
+
     def threshold_rows(self) -> list[dict[str, Any]]:
         """With thresholds in the settings (`ablate --thresholds`): per threshold, the heads at or
         above it, and NIAH recall with them masked against as many random heads."""

@@ -30,7 +30,7 @@ from rh_lens.tasks.niah import (
     tokenize_haystack,
     trial_grid,
 )
-from rh_lens.tasks.splits import shared_items, split_of
+from rh_lens.tasks.splits import CHECKS, check_split, held_out, shared_items, split_of
 from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
 
 __all__ = [
@@ -67,6 +67,9 @@ __all__ = [
     "ANSWER_KINDS",
     "NEEDLE_BANK",
     "NEEDLE_SPLITS",
+    "CHECKS",
+    "check_split",
+    "held_out",
     "shared_items",
     "split_of",
     "Batches",

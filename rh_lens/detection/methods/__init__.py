@@ -11,7 +11,7 @@ traced)` is a method's map as a `DetectionResult` (see `base`).
 | shifted-copy | decoding | the retrieval rule at each head's own copy offset |
 | output | decoding | direct logit attribution to the answer tokens emitted |
 | query-focused | prompt | QRHead: question-to-gold attention minus a null query's |
-| razor | nothing | RazorAttention: echo + induction on random repeated tokens |
+| razor | nothing | RazorAttention: echo + induction on random repeated tokens (the paper keeps a union: `razor`) |
 | duo-gates | training | DuoAttention: gates mixing full and streaming attention, learned by distillation |
 """
 

@@ -1,13 +1,25 @@
-"""The query-focused retrieval score of QRHead (Zhang et al., 2025), no decoding needed: at
-the prompt, the attention mass from the question's tokens to the gold text (the needle, or
-the gold paragraph), averaged over the question's tokens, minus the same with the question
-replaced by a null query ("N/A", QRHead's default), so a head that attends there whatever
-is asked scores 0. It needs no decoding; its map still averages the trials answered right,
-as every method's does (`base.head_map`).
+"""The query-focused retrieval score of QRHead (Zhang et al., 2025, arXiv 2506.09944), no
+decoding needed: at the prompt, for each gold token (the needle, or the gold paragraph), the
+attention it gets from the question's tokens, averaged over them, minus the same with the
+question replaced by a null query ("N/A", QRHead's default), so a head that attends there
+whatever is asked scores 0; the gold tokens whose calibrated score is not above mean - 2 std
+(over the gold tokens, per head) are dropped, and the rest summed. Its map still averages the
+trials answered right, as every method's does (`base.head_map`).
 
-Where rh_lens differs from QRHead's code: the query tokens are the question's own (QRHead
-also counts its instruction and chat suffix), and every gold token counts (QRHead drops the
-tokens under mean - 2 std of a document's calibrated scores)."""
+As QRHead's detection code (princeton-pli/QRHead @ 7a668e7, cited next to the code): the
+null query (`src/qrretriever/attn_retriever.py` L32), the calibration per key token (L292), the
+mean - 2 std drop and the sum over a document's tokens (L301-L312), and a head's score the mean
+over instances of its score on their gold documents (`exp_scripts/detection/detect_qrhead_lme.py`
+L25, L31).
+
+Where rh_lens differs, and why: the query tokens are the question's own (QRHead's query span
+also holds its late instruction, "Query:" and the chat suffix, L177-L178: rh_lens's NIAH
+template has no such instruction of QRHead's, and plain and chat prompts end differently); the
+gold text is the needle alone, one "document" (QRHead sums over the gold paragraphs of a
+multi-document prompt); a gold text of one token keeps it (QRHead's std of one value is NaN,
+which would drop it); and the map averages the trials answered right, not every instance. QRHead
+detects on 70 LongMemEval or 128 NQ questions with Llama-3.1/3.2-Instruct and Qwen2.5-7B-Instruct,
+not on the atlas's NIAH trials."""
 
 from __future__ import annotations
 
@@ -55,13 +67,16 @@ def spans(tokenizer, trial: Trial, question: str) -> tuple[list[int], list[int],
 
 
 @torch.inference_mode()
-def question_to_gold(model: HookedTransformer, ids: list[int], query: list[int], gold: list[int]) -> Float[Tensor, "layer head"]:
-    """Each head's attention mass on the gold tokens, averaged over the query tokens."""
-    mass = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+def question_to_gold(
+    model: HookedTransformer, ids: list[int], query: list[int], gold: list[int]
+) -> Float[Tensor, "layer head gold"]:
+    """Each head's attention on each gold token, averaged over the query tokens."""
+    mass = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, len(gold))
     query_rows, gold_keys = torch.tensor(query), torch.tensor(gold)
 
     def read(pattern: Float[Tensor, "batch head query key"], hook) -> None:
-        mass[hook.layer()] = pattern[0][:, query_rows][..., gold_keys].sum(dim=-1).mean(dim=-1).float().cpu()
+        # averaged over the query tokens: princeton-pli/QRHead src/qrretriever/attn_retriever.py L349 @ 7a668e7
+        mass[hook.layer()] = pattern[0][:, query_rows][..., gold_keys].mean(dim=-2).float().cpu()
 
     tokens = torch.tensor([ids], device=model.cfg.device)
     model.run_with_hooks(
@@ -70,10 +85,26 @@ def question_to_gold(model: HookedTransformer, ids: list[int], query: list[int],
     return mass
 
 
+def calibrated_sum(calibrated: Float[Tensor, "layer head gold"]) -> Float[Tensor, "layer head"]:
+    """The sum over the gold tokens of their calibrated scores, leaving out, per head, those
+    not above the mean - 2 std of that head's scores (std with Bessel's correction, torch's and
+    QRHead's; a single gold token is kept)."""
+    if calibrated.size(-1) < 2:
+        return calibrated.sum(dim=-1)
+    # princeton-pli/QRHead src/qrretriever/attn_retriever.py L304-L311 @ 7a668e7
+    threshold = calibrated.mean(dim=-1) - 2 * calibrated.std(dim=-1)
+    return calibrated.masked_fill(~(calibrated > threshold.unsqueeze(-1)), 0.0).sum(dim=-1)
+
+
 def trial_score(model: HookedTransformer, trial: Trial) -> Float[Tensor, "layer head"]:
-    asked = question_to_gold(model, *spans(model.tokenizer, trial, trial.needle.question))
-    null = question_to_gold(model, *spans(model.tokenizer, trial, NULL_QUERY))
-    return asked - null
+    ids, query, gold = spans(model.tokenizer, trial, trial.needle.question)
+    null_ids, null_query, null_gold = spans(model.tokenizer, trial, NULL_QUERY)
+    prefix = min(query + null_query, default=0)  # the prompt up to the question, the same in both (QRHead asserts it, L275-L277)
+    if gold != null_gold or ids[:prefix] != null_ids[:prefix]:
+        raise TrialError(f"trial {trial.key}: the prompt before the question must tokenize the same with the null query")
+    # calibrated per gold token by the null query: princeton-pli/QRHead src/qrretriever/attn_retriever.py L292 @ 7a668e7
+    calibrated = question_to_gold(model, ids, query, gold) - question_to_gold(model, null_ids, null_query, null_gold)
+    return calibrated_sum(calibrated)
 
 
 def trial_scores(model: HookedTransformer, traced: Sequence[TracedTrial]) -> Float[Tensor, "trial layer head"]:

@@ -1,0 +1,211 @@
+"""Held-out masking and KV compression at a referee's power: intervals on every cell, paired tests.
+
+Heads are ranked on NIAH A (the 3 built-in needles in the pydoc haystack, 1000/2000 tokens,
+depths 0/25/50/75/100: 30 trials) and judged on trials the ranking never saw, checked by
+content (`--heldout`): the 20 needles of the bank's second half (`bank-b`: other facts, other
+answers) in RULER's essays (another haystack), at 1000/2000/4000 tokens and depths 0/50/100:
+180 trials per condition.
+
+- masking: no masking, the top-K retrieval heads (K = 5 and 14: 2% and 5% of SmolLM2's 270)
+  and K random heads (2 seeds), uniform attention at every position;
+- compression: the real head-wise cache, windowed (the cache rh_lens ships: prefill and
+  decode), 25% of KV heads full, sink 4 + window 128: retrieval heads against random KV heads
+  (2 seeds), StreamingLLM at the same bytes and RazorAttention.
+
+Every step is one `rh-lens` command (`--print` shows them), run with --resume into
+<runs>/<model>/<step>/. The tables read whatever has finished (a masking run still going: its
+finished conditions; the table says how many of the planned), and are written to
+experiments/results/rigor.json and rigor.md with every trial's record under
+experiments/results/rigor/<model>/<step>.json, so each interval and test can be recomputed
+from committed data (`rh-lens show experiments/results/rigor/<model>/<step>.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import RESULTS_DIR
+
+from rh_lens.app import cli
+from rh_lens.app.reports import format_ablation, format_compression
+from rh_lens.detection.records import load_results
+from rh_lens.execution.files import read_json, write_json
+from rh_lens.interventions.base import saved_conditions
+from rh_lens.interventions.compression import CompressionResult
+from rh_lens.interventions.masking import AblationResult, ablation_conditions
+from rh_lens.tasks.splits import check_split
+
+MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
+DETECTION = ["--lengths", "1000", "2000", "--depths", "0", "25", "50", "75", "100"]
+HELD_OUT = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", "2000", "4000"]
+HELD_OUT += ["--depths", "0", "50", "100", "--heldout"]
+MASKING = ["--top-k", "5", "14", "--method", "uniform", "--random-seeds", "2"]
+COMPRESSION = ["--full-fraction", "0.25", "--random-seeds", "2", "--sink", "4", "--window", "128", "--cache", "real"]
+OUTPUT = {"detect": "results.json", "ablate": "ablation.json", "compress": "compression.json"}
+
+
+def steps(model: str, runs: Path) -> dict[str, list[str]]:
+    """Step name -> the rh-lens command (without --out)."""
+    ranking = ["--model", model, "--scores", str(runs / model / "niah" / "results.json")]
+    return {
+        "niah": ["detect", "--model", model, *DETECTION],
+        "ablate-bank-b": ["ablate", *ranking, *MASKING, *HELD_OUT],
+        "compress-bank-b": ["compress", *ranking, *COMPRESSION, *HELD_OUT],
+    }
+
+
+def run(model: str, runs: Path, only: list[str] | None, dry: bool) -> None:
+    for name, command in steps(model, runs).items():
+        out = runs / model / name
+        if only and name not in only and name != "niah":
+            continue
+        argv = [*command, "--out", str(out), "--resume"]
+        if dry:
+            print("rh-lens " + " ".join(argv))
+        elif not (out / OUTPUT[command[0]]).exists():
+            print(f"== {model} {name}", flush=True)
+            if cli.main(argv):
+                raise SystemExit(f"{model} {name} failed")
+
+
+def _unfinished_ablation(out: Path, model: str) -> AblationResult | None:
+    """A masking run still going: those of its planned conditions that have finished."""
+    runs = sorted((out / "conditions").glob("*/run.json"))
+    if not runs:
+        return None
+    settings = read_json(runs[0])
+    settings.pop("intervention", None)
+    detection = load_results(settings["scores"])
+    planned = ablation_conditions(
+        detection, settings["ks"], settings["seeds"], method=settings["method"], decode_only=settings["decode_only"]
+    )
+    # only finished conditions: a seed half run would pull its group's mean away from its interval's
+    n_trials = len(settings["needles"]) * len(settings["lengths"]) * len(settings["depths"])
+    conditions = [c for c in saved_conditions(out, planned) if len(c.records) == n_trials]
+    return AblationResult("ablation", model, conditions, settings) if conditions else None
+
+
+def load_step(model: str, runs: Path, name: str) -> AblationResult | CompressionResult | None:
+    out = runs / model / name
+    if name.startswith("ablate"):
+        return (
+            AblationResult.load(out / "ablation.json") if (out / "ablation.json").exists() else _unfinished_ablation(out, model)
+        )
+    if name.startswith("compress") and (out / "compression.json").exists():
+        return CompressionResult.load(out / "compression.json")
+    return None
+
+
+def _split(result, ranking: Path) -> dict:
+    """The held-out check the run recorded, or for a run started before checks by content were
+    recorded, the same check made now on the two runs' settings (`check_split`)."""
+    split = {k: result.settings[k] for k in ("heldout", "ranked_on", "split_check") if k in result.settings}
+    if "split_check" not in split:
+        split["split_check"] = check_split(load_results(ranking).settings, result.settings)
+        split["split_check_made"] = "at tabulation (the run recorded needle ids only)"
+    return split
+
+
+def tabulate(models: list[str], runs: Path, results_dir: Path) -> list[dict]:
+    """Per model and step: the split check, the summary rows (intervals included) and the
+    paired tests; every trial's record written beside them."""
+    tables = []
+    for model in models:
+        ranking = runs / model / "niah" / "results.json"
+        if ranking.exists():  # the ranking every step of the model is judged against
+            write_json(results_dir / "rigor" / model / "niah.json", read_json(ranking))
+        for name in steps(model, runs):
+            result = load_step(model, runs, name)
+            if result is None:
+                continue
+            records = results_dir / "rigor" / model / f"{name}.json"
+            write_json(records, result.to_json())
+            planned = {"ablate": 7, "compress": 6}[name.split("-")[0]]  # conditions: see the module docstring
+            tables.append(
+                {
+                    "model": model,
+                    "step": name,
+                    "records": f"experiments/results/rigor/{model}/{name}.json",
+                    "complete": (runs / model / name / OUTPUT[name.split("-")[0]]).exists(),
+                    "conditions_run": len(result.conditions),
+                    "conditions_planned": planned,
+                    "split": _split(result, runs / model / "niah" / "results.json"),
+                    "rows": result.summary(),
+                    "tests": [t.to_json() for t in result.comparisons()],
+                }
+            )
+    return tables
+
+
+def _cell(x: float, interval, percent: bool = False) -> str:
+    if percent:
+        return f"{100 * x:.0f}% [{100 * interval[0]:.0f}%, {100 * interval[1]:.0f}%]"
+    return f"{x:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def docs_tables(t: dict) -> list[str]:
+    """The step's rows and tests as markdown tables, each with its Source line (for docs/)."""
+    source = f"Source: experiments/results/rigor.json model={t['model']} step={t['step']}"
+    size = "K" if t["step"].startswith("ablate") else "KV kept"
+    lines = [
+        f"| condition | {size} | trials | mean recall [95%] | retrieved [95%] | kept right [95%] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in t["rows"]:
+        what = r["k"] if "k" in r else f"{100 * r['kv_kept']:.1f}%"
+        kept = "-" if r["retained"] is None else _cell(r["retained"], r["retained_interval"], percent=True)
+        lines.append(
+            f"| {r['condition']} | {what} | {r['n_trials']} | {_cell(r['mean_recall'], r['recall_interval'])} "
+            f"| {_cell(r['success_rate'], r['success_interval'], percent=True)} | {kept} |"
+        )
+    lines += [
+        "",
+        source,
+        "",
+        "| a vs b | trials | a - b [95%] | p (sign-flip) | McNemar a:b, p | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in t["tests"]:
+        mcnemar = "-" if p["mcnemar_p"] is None else f"{p['a_only']}:{p['b_only']}, {p['mcnemar_p']:.3g}"
+        lines.append(
+            f"| {p['a']} vs {p['b']} | {p['n']} | {p['difference']:+.3f} [{p['interval'][0]:+.3f}, {p['interval'][1]:+.3f}] "
+            f"| {p['p_value']:.3g} | {mcnemar} | {p['verdict']} |"
+        )
+    return [*lines, "", source, ""]
+
+
+def markdown(tables: list[dict], runs: Path) -> str:
+    lines = ["# Held-out masking and compression with intervals: generated by experiments/rigor.py", ""]
+    for t in tables:
+        state = "complete" if t["complete"] else f"running: {t['conditions_run']} of {t['conditions_planned']} conditions so far"
+        lines += [f"## {t['model']}: {t['step']} ({state})", "", f"Every trial: `{t['records']}`", "", "```"]
+        result = load_step(t["model"], runs, t["step"])
+        lines += [format_ablation(result) if isinstance(result, AblationResult) else format_compression(result), "```", ""]
+        lines += docs_tables(t)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--steps", nargs="+", default=None, help="only these steps (default: all; niah always runs first)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/rigor"), help="where the runs go")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--print", action="store_true", help="print the commands and stop")
+    parser.add_argument("--tabulate-only", action="store_true", help="read the runs (finished or not), run nothing")
+    args = parser.parse_args(argv)
+    if not args.tabulate_only:
+        for model in args.models:
+            run(model, args.runs, args.steps, args.print)
+    if args.print:
+        return
+    tables = tabulate(args.models, args.runs, args.results_dir)
+    write_json(args.results_dir / "rigor.json", tables)
+    text = markdown(tables, args.runs)
+    (args.results_dir / "rigor.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
