@@ -28,12 +28,15 @@ from pathlib import Path
 from common import RESULTS_DIR
 
 from rh_lens.app import cli
+from rh_lens.app.options import add_grid_arguments, grid_from_args
 from rh_lens.app.reports import format_ablation, format_compression
+from rh_lens.detection.probes import razor_scores
 from rh_lens.detection.records import load_results
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.interventions.base import saved_conditions
-from rh_lens.interventions.compression import CompressionResult
+from rh_lens.interventions.compression import CompressionResult, compression_conditions
 from rh_lens.interventions.masking import AblationResult, ablation_conditions
+from rh_lens.model.loading import load_model
 from rh_lens.tasks.splits import check_split
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma-3-270m"]
@@ -86,15 +89,42 @@ def _unfinished_ablation(out: Path, model: str) -> AblationResult | None:
     return AblationResult("ablation", model, conditions, settings) if conditions else None
 
 
+def _unfinished_compression(out: Path, model: str) -> CompressionResult | None:
+    """A compression run still going: its finished conditions. Rebuilding its policies takes
+    the model (each policy's KV kept is measured on the trials)."""
+    runs = sorted((out / "conditions").glob("*/run.json"))
+    if not runs:
+        return None
+    settings = read_json(runs[0])
+    settings.pop("intervention", None)
+    loaded = load_model(model)
+    parser = argparse.ArgumentParser()
+    add_grid_arguments(parser)
+    grid = grid_from_args(parser.parse_args([a for a in HELD_OUT if a != "--heldout"]))
+    trials = grid.trials(loaded.tokenizer, loaded.cfg.n_ctx)
+    planned = compression_conditions(
+        loaded,
+        load_results(settings["scores"]),
+        trials,
+        settings["fractions"],
+        settings["seeds"],
+        sink=settings["sink"],
+        window=settings["window"],
+        decode_only=settings["decode_only"],
+        razor=razor_scores(loaded),
+        cache=settings["cache"],
+    )
+    conditions = [c for c in saved_conditions(out, planned) if len(c.records) == len(trials)]
+    return CompressionResult("compression", model, conditions, settings) if conditions else None
+
+
 def load_step(model: str, runs: Path, name: str) -> AblationResult | CompressionResult | None:
     out = runs / model / name
     if name.startswith("ablate"):
-        return (
-            AblationResult.load(out / "ablation.json") if (out / "ablation.json").exists() else _unfinished_ablation(out, model)
-        )
-    if name.startswith("compress") and (out / "compression.json").exists():
-        return CompressionResult.load(out / "compression.json")
-    return None
+        done = out / "ablation.json"
+        return AblationResult.load(done) if done.exists() else _unfinished_ablation(out, model)
+    done = out / "compression.json"
+    return CompressionResult.load(done) if done.exists() else _unfinished_compression(out, model)
 
 
 def _split(result, ranking: Path) -> dict:
