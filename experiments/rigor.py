@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS_DIR
+from common import DOCS_DIR, RESULTS_DIR
 
 from rh_lens.app import cli
 from rh_lens.app.options import add_grid_arguments, grid_from_args
+from rh_lens.app.plots import heldout_bars, save_figure
 from rh_lens.app.reports import format_ablation, format_compression
 from rh_lens.detection.probes import razor_scores
 from rh_lens.detection.records import load_results
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.print:
         return
     tables = tabulate(args.models, args.runs, args.results_dir)
+    for t in tables:  # one figure per step: every condition's recall with its 95% interval
+        kind = "masking" if t["step"].startswith("ablate") else "compression"
+        title = f"{t['model']}: held-out {kind}\n{t['rows'][0]['n_trials']} trials per condition, 95% intervals"
+        save_figure(heldout_bars({t["step"]: t["rows"]}, title=title), DOCS_DIR / f"{t['model']}-held-out-{kind}.png")
     write_json(args.results_dir / "rigor.json", tables)
     text = markdown(tables, args.runs)
     (args.results_dir / "rigor.md").write_text(text)

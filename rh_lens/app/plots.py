@@ -119,7 +119,8 @@ def compression_heatmaps(result):
 
 
 def recall_vs_kv(result):
-    """Mean recall against the fraction of the KV cache kept, one line per method."""
+    """Mean recall against the fraction of the KV cache kept, one line per method (error bars:
+    95% intervals over trials)."""
     rows = result.summary()
     figure, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
     for method, style in (("retrieval", "o-"), ("random", "s--"), ("streaming", "^-."), ("razor", "d:")):
@@ -128,7 +129,7 @@ def recall_vs_kv(result):
             ax.errorbar(
                 [100 * r["kv_kept"] for r in points],
                 [r["mean_recall"] for r in points],
-                yerr=[r["std_over_seeds"] for r in points],
+                yerr=interval_errors(points),
                 fmt=style,
                 capsize=3,
                 label=METHOD_TITLES[method],
@@ -144,8 +145,23 @@ def recall_vs_kv(result):
     return figure
 
 
+INTERVALS = {"mean_recall": "recall_interval", "success_rate": "success_interval", "retained": "retained_interval"}
+
+
+def interval_errors(rows: list[dict | None], measure: str = "mean_recall") -> np.ndarray:
+    """Error bars (2 x rows: below, above) from each summary row's 95% interval of `measure`
+    over trials (`InterventionResult.summary`); none where a row has no interval."""
+    below, above = [], []
+    for row in rows:
+        interval = None if row is None or row.get(measure) is None else row.get(INTERVALS[measure])
+        below.append(0.0 if interval is None else max(0.0, row[measure] - interval[0]))
+        above.append(0.0 if interval is None else max(0.0, interval[1] - row[measure]))
+    return np.array([below, above])
+
+
 def recall_vs_k(result: AblationResult):
-    """Mean recall against the number of masked heads: top-K vs random-K (spread over seeds)."""
+    """Mean recall against the number of masked heads: top-K vs random-K (error bars: 95%
+    intervals over trials, seeds averaged per trial)."""
     rows = result.summary()
     figure, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     for kind, label, style in (("top", "top-K retrieval heads", "o-"), ("random", "K random other heads", "s--")):
@@ -153,7 +169,7 @@ def recall_vs_k(result: AblationResult):
         ax.errorbar(
             [r["k"] for r in points],
             [r["mean_recall"] for r in points],
-            yerr=[r["std_over_seeds"] for r in points],
+            yerr=interval_errors(points),
             fmt=style,
             capsize=3,
             label=label,
@@ -172,19 +188,16 @@ def recall_vs_k(result: AblationResult):
 
 def heldout_bars(sets: dict[str, list[dict]], measure: str = "mean_recall", title: str = ""):
     """Grouped bars, one group per evaluation set: `measure` ("mean_recall", "success_rate"
-    or "retained") of each masking condition, from `AblationResult.summary()` rows (random-K:
-    mean over seeds, spread as error bars)."""
+    or "retained") of each condition, from `InterventionResult.summary()` rows (random-K: mean
+    over seeds), with its 95% interval over trials as error bars."""
     conditions = list(dict.fromkeys(r["condition"] for rows in sets.values() for r in rows))
     width = 0.8 / len(conditions)
-    figure, ax = plt.subplots(figsize=(1.2 + 1.6 * len(sets), 3.5), constrained_layout=True)
+    figure, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.6 * len(sets)), 3.5), constrained_layout=True)
     for i, condition in enumerate(conditions):
-        values, spreads = [], []
-        for rows in sets.values():
-            row = next((r for r in rows if r["condition"] == condition), None)
-            values.append(float("nan") if row is None or row[measure] is None else row[measure])
-            spreads.append(row["std_over_seeds"] if row is not None and measure == "mean_recall" else 0.0)
+        found = [next((r for r in rows if r["condition"] == condition), None) for rows in sets.values()]
+        values = [float("nan") if row is None or row[measure] is None else row[measure] for row in found]
         x = np.arange(len(sets)) + (i - (len(conditions) - 1) / 2) * width
-        ax.bar(x, values, width, yerr=spreads, capsize=2, label=condition)
+        ax.bar(x, values, width, yerr=interval_errors(found, measure), capsize=2, label=condition)
     ax.set_xticks(np.arange(len(sets)), list(sets))
     ax.set_ylabel(
         {"mean_recall": "mean ROUGE-1 recall", "success_rate": "retrieved", "retained": "kept right"}.get(measure, measure)
@@ -551,12 +564,13 @@ def effect_vs_score_scatter(correlation: dict, model: str = "", labels: int = 8)
 
 def atlas_recall_vs_k(atlas):
     """Mean recall with each method's top-K heads masked, one line per method; K random heads
-    (mean, spread over seeds) dashed, no masking dotted."""
+    (mean over seeds) dashed, no masking dotted. Error bars: 95% intervals over the trials (an
+    atlas written before them: the spread over seeds)."""
     figure, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
     for method in [*atlas.methods, "random"]:
         rows = sorted((r for r in atlas.masking if r["method"] == method), key=lambda r: r["k"])
         style = dict(fmt="s--", color="grey") if method == "random" else dict(fmt="o-")
-        spread = [r["std_over_seeds"] for r in rows]
+        spread = interval_errors(rows) if all("recall_interval" in r for r in rows) else [r["std_over_seeds"] for r in rows]
         ax.errorbar([r["k"] for r in rows], [r["mean_recall"] for r in rows], yerr=spread, capsize=3, label=method, **style)
     ax.axhline(atlas.recall("none", 0), color="black", linestyle=":", label="no masking")
     ax.set_xticks(atlas.ks)
@@ -571,12 +585,13 @@ def atlas_recall_vs_k(atlas):
 
 def atlas_kv_bars(atlas):
     """Recall at the same KV bytes: each method's ranking as the policy, random KV heads and
-    StreamingLLM; the full cache as a line."""
+    StreamingLLM; the full cache as a line. Error bars as in `atlas_recall_vs_k`."""
     rows = [r for r in atlas.kv if r["method"] != "full"]
+    spread = interval_errors(rows) if all("recall_interval" in r for r in rows) else [r["std_over_seeds"] for r in rows]
     full = next(r for r in atlas.kv if r["method"] == "full")
     figure, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.4), constrained_layout=True)
     colours = ["grey" if r["method"] in ("random", "streaming") else "tab:blue" for r in rows]
-    ax.bar(range(len(rows)), [r["mean_recall"] for r in rows], yerr=[r["std_over_seeds"] for r in rows], color=colours, capsize=3)
+    ax.bar(range(len(rows)), [r["mean_recall"] for r in rows], yerr=spread, color=colours, capsize=3)
     ax.axhline(full["mean_recall"], color="black", linestyle=":", label="full cache")
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("mean ROUGE-1 recall")
