@@ -51,7 +51,7 @@ from rh_lens.interventions.patching import (
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
 from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
-from rh_lens.tasks.splits import check_split, shared_items, split_of
+from rh_lens.tasks.splits import check_split, offences, refusal, shared_items, split_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,45 +96,6 @@ def _ranking(
     return detection, settings | _split_check(detection.settings, settings, heldout, settings["scores"], other_haystack)
 
 
-# What each held-out check found, as an error message says it; and what to do about it.
-SPLIT_FINDINGS = {
-    "same_question": "asks {n} question(s) the ranking's trials ask",
-    "near_duplicate_needle": "has {n} needle(s) or answer(s) nearly the same as the ranking's (content-word Jaccard >= 0.5)",
-    "shared_answer": "has {n} answer(s) the ranking's trials have",
-    "shared_paragraph": "has {n} question(s) on a gold paragraph of the ranking's questions",
-    "shared_title": "has {n} question(s) from an article the ranking's questions come from",
-    "same_haystack": "is cut from the ranking's haystack",
-}
-NEEDLE_HINT = "choose needles of other facts (e.g. --needles bank-b against a ranking on bank-a)"
-QUESTION_HINT = "leave such questions out with --disjoint-from START:STOP (the ranking's --questions)"
-
-
-def _offences(found: list[dict[str, str]]) -> str:
-    shown = [f"{o['evaluated']} ~ {o['ranked']}: {o['shared']}" for o in found[:3]]
-    return "; ".join(shown) + ("; ..." if len(found) > 3 else "")
-
-
-def _refusal(check: dict[str, Any], ranked_on: dict[str, Any], evaluated: dict[str, Any]) -> str:
-    """The one-line error of a split that fails the held-out check: the first failing check,
-    up to 3 of its offending pairs (evaluation ~ ranking), a hint, the other failing checks."""
-    first, *others = check["violations"]
-    found = check["checks"][first]
-    also = f" (also failing: {', '.join(others)})" if others else ""
-    if first == "same_item":
-        what = f"{len(found)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
-        items = ", ".join(o["evaluated"] for o in found[:3]) + (", ..." if len(found) > 3 else "")
-        return (
-            f"--heldout: the evaluation grid shares {what} with the detection run (same_item: {items}){also}; "
-            f"choose other needles or --questions"
-        )
-    if first == "same_haystack":
-        hint = "choose another --haystack or task, or leave out --other-haystack"
-    else:
-        hint = NEEDLE_HINT if evaluated.get("task", "niah") == "niah" else QUESTION_HINT
-    what = SPLIT_FINDINGS[first].format(n=len(found))
-    return f"--heldout: the evaluation grid {what} (split check {first}: {_offences(found)}){also}; {hint}"
-
-
 def _split_check(
     ranked: dict[str, Any], evaluated: dict[str, Any], heldout: bool, source: str, other_haystack: bool = False
 ) -> dict[str, Any]:
@@ -154,12 +115,12 @@ def _split_check(
             raise InputError(f"--heldout: {source} does not record the trials its ranking came from")
     elif check["violations"]:
         if heldout:
-            raise InputError(_refusal(check, ranked_on, evaluated))
+            raise InputError(refusal(check, ranked_on, evaluated))
         failed = check["violations"]
         if "same_item" in failed:
             what = f"{len(shared)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
         else:
-            what = f"trials that fail the split check {', '.join(failed)} ({_offences(check['checks'][failed[0]])})"
+            what = f"trials that fail the split check {', '.join(failed)} ({offences(check['checks'][failed[0]])})"
         logger.warning(f"warning: evaluating on {what}: the result is in-grid, not held out (--heldout refuses this)")
     elif check["content_unknown"] and heldout:
         unknown = check["content_unknown"]

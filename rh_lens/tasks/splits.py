@@ -274,3 +274,43 @@ def held_out(settings: dict[str, Any]) -> bool | None:
 def paragraph_sha256(text: str) -> str:
     """A gold paragraph's identity in settings: sha256 of its UTF-8 text."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# What each held-out check found, as an error message says it; and what to do about it.
+SPLIT_FINDINGS = {
+    "same_question": "asks {n} question(s) the ranking's trials ask",
+    "near_duplicate_needle": "has {n} needle(s) or answer(s) nearly the same as the ranking's (content-word Jaccard >= 0.5)",
+    "shared_answer": "has {n} answer(s) the ranking's trials have",
+    "shared_paragraph": "has {n} question(s) on a gold paragraph of the ranking's questions",
+    "shared_title": "has {n} question(s) from an article the ranking's questions come from",
+    "same_haystack": "is cut from the ranking's haystack",
+}
+NEEDLE_HINT = "choose needles of other facts (e.g. --needles bank-b against a ranking on bank-a)"
+QUESTION_HINT = "leave such questions out with --disjoint-from START:STOP (the ranking's --questions)"
+
+
+def offences(found: list[dict[str, str]]) -> str:
+    """Up to 3 offending pairs of a check, evaluation ~ ranking: what they share."""
+    shown = [f"{o['evaluated']} ~ {o['ranked']}: {o['shared']}" for o in found[:3]]
+    return "; ".join(shown) + ("; ..." if len(found) > 3 else "")
+
+
+def refusal(check: dict[str, Any], ranked_on: dict[str, Any], evaluated: dict[str, Any]) -> str:
+    """The one-line error of a split that fails the held-out check: the first failing check,
+    up to 3 of its offending pairs (evaluation ~ ranking), a hint, the other failing checks."""
+    first, *others = check["violations"]
+    found = check["checks"][first]
+    also = f" (also failing: {', '.join(others)})" if others else ""
+    if first == "same_item":
+        what = f"{len(found)} of the ranking's own {'needles' if ranked_on['task'] == 'niah' else 'questions'}"
+        items = ", ".join(o["evaluated"] for o in found[:3]) + (", ..." if len(found) > 3 else "")
+        return (
+            f"--heldout: the evaluation grid shares {what} with the detection run (same_item: {items}){also}; "
+            f"choose other needles or --questions"
+        )
+    if first == "same_haystack":
+        hint = "choose another --haystack or task, or leave out --other-haystack"
+    else:
+        hint = NEEDLE_HINT if evaluated.get("task", "niah") == "niah" else QUESTION_HINT
+    what = SPLIT_FINDINGS[first].format(n=len(found))
+    return f"--heldout: the evaluation grid {what} (split check {first}: {offences(found)}){also}; {hint}"
