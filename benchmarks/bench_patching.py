@@ -21,7 +21,8 @@ from transformer_lens import patching
 from rh_lens import BUILTIN_NEEDLES, load_model
 from rh_lens.execution.files import write_json
 from rh_lens.interventions.patching import cache_run, head_patches, patching_pair, resid_patches, run_patches
-from rh_lens.tasks.niah import load_haystack, tokenize_haystack
+from rh_lens.tasks.data import load_haystack
+from rh_lens.tasks.niah import tokenize_haystack
 
 
 def timed(function):

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
-from rh_lens.tasks.niah import Needle
+from rh_lens.tasks.needles import Needle
 
 PLANTED = (1, 2)
 DECOY = (1, 1)

@@ -18,7 +18,8 @@ from rh_lens.interventions.masking import HeadMask
 from rh_lens.model.generation import _LEFT_PADDING as LEFT_PADDING
 from rh_lens.model.generation import SEQUENTIAL, Decoding, PrefixCache, decode_prompts, key_positions, prefix_order
 from rh_lens.tasks.grading import answer_trials
-from rh_lens.tasks.niah import Needle, build_trial, tokenize_haystack
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 planted = build_planted_model()
 haystack = tokenize_haystack(planted.tokenizer, haystack_text(), 300)

@@ -9,7 +9,8 @@ from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 from rh_lens.detection.run import run_trial
 from rh_lens.errors import TrialError
 from rh_lens.tasks.grading import response_class, rouge1_recall
-from rh_lens.tasks.niah import BUILTIN_NEEDLES, DISTRACTOR_ANSWERS, Needle, build_trial, distractors_for, tokenize_haystack
+from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle
+from rh_lens.tasks.niah import DISTRACTOR_ANSWERS, build_trial, distractors_for, tokenize_haystack
 
 model = build_planted_model()
 haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)

@@ -134,7 +134,7 @@ def test_a_real_cluster_runs_a_smollm2_grid(tmp_path, capsys):
 
 
 def needles_file(tmp_path: Path) -> Path:
-    from rh_lens.tasks.niah import BUILTIN_NEEDLES
+    from rh_lens.tasks.needles import BUILTIN_NEEDLES
 
     path = tmp_path / "needles.jsonl"
     path.write_text(json.dumps(BUILTIN_NEEDLES[1].__dict__) + "\n")

@@ -14,18 +14,11 @@ from rh_lens.detection.records import load_results
 from rh_lens.errors import InputError, TrialError
 from rh_lens.interventions.base import Condition
 from rh_lens.interventions.masking import AblationResult
-from rh_lens.tasks.closed_book import CLOSED_BOOK_TEMPLATE, WORLD_QUESTIONS
-from rh_lens.tasks.documents import (
-    DOCUMENT_TEMPLATE,
-    QAGrid,
-    build_document_trial,
-    hotpotqa_corpus,
-    load_corpus,
-    select_questions,
-    squad_corpus,
-)
+from rh_lens.tasks.closed_book import CLOSED_BOOK_TEMPLATE
+from rh_lens.tasks.data import WORLD_QUESTIONS, hotpotqa_corpus, load_corpus, load_haystack, load_needles, squad_corpus
+from rh_lens.tasks.documents import DOCUMENT_TEMPLATE, QAGrid, build_document_trial, select_questions
 from rh_lens.tasks.grading import NiahRecord
-from rh_lens.tasks.niah import Grid, load_haystack, load_needles
+from rh_lens.tasks.niah import Grid
 from rh_lens.tasks.splits import shared_items, split_of
 
 DATA = Path(__file__).parent / "data"

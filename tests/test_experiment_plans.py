@@ -1,15 +1,17 @@
 """The experiment scripts' step plans: every command they would run is a valid rh-lens command
 line, and the held-out steps ask the CLI to check that they are held out."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from rh_lens.app.cli import build_parser
-from rh_lens.tasks.niah import load_needles
+from rh_lens.tasks.data import load_needles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 beyond_niah = pytest.importorskip("beyond_niah")
 
 
@@ -67,6 +69,25 @@ def test_the_power_plan_is_held_out_with_100_trials_over_3_lengths_and_3_depths(
         if command[0] == "detect":
             continue
         assert args.heldout and args.random_seeds >= 2, name
-        assert len(args.lengths) >= 3 and len(args.depths) >= 3 and args.haystack != ["pydoc"], name
-        n_needles = len(load_needles(args.needles))
-        assert n_needles * len(args.lengths) * len(args.depths) >= 100
+        grid = args.evaluate if command[0] == "atlas" else args  # an atlas's own grid is its detection grid
+        assert len(grid.lengths) >= 3 and len(grid.depths) >= 3 and grid.haystack != ["pydoc"], name
+        n_needles = len(load_needles(grid.needles))
+        assert n_needles * len(grid.lengths) * len(grid.depths) >= 100
+
+
+def test_committed_records_are_laid_back_as_run_state_and_tabulate_to_the_committed_tables(tmp_path):
+    """A fresh checkout resumes and tabulates the power runs from experiments/results/rigor/:
+    the finished steps come back whole (their tables equal the committed ones) and every saved
+    trial is where `--resume` looks for it."""
+    committed = [t for t in json.loads((RESULTS / "rigor.json").read_text()) if t["complete"] and t["model"] == "smollm2-135m"]
+    assert committed, "no finished SmolLM2 step committed"
+    restored = rigor.restore("smollm2-135m", tmp_path, RESULTS)
+    assert {t["step"] for t in committed} <= set(restored)
+    for t in committed:
+        result = rigor.load_step("smollm2-135m", tmp_path, t["step"])
+        assert json.loads(json.dumps(result.summary())) == t["rows"]
+        records = json.loads((RESULTS / "rigor" / "smollm2-135m" / f"{t['step']}.json").read_text())
+        for condition in records["conditions"]:
+            trials = tmp_path / "smollm2-135m" / t["step"] / "conditions" / condition["name"] / "trials"
+            assert sorted(p.stem for p in trials.glob("*.json")) == sorted(r["key"] for r in condition["records"])
+    assert rigor.restore("smollm2-135m", tmp_path, RESULTS) == []  # run directories that exist are left alone

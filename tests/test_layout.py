@@ -79,3 +79,46 @@ def test_the_top_level_api_exists_and_leaves_out_the_front_ends():
         "False",
         "False",
     ]
+
+
+def module_graph(subpackage: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same subpackage it imports, at the top or inside a function."""
+    graph = {}
+    for path in sorted((PACKAGE / subpackage).glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        prefix = f"rh_lens.{subpackage}."
+        modules = [n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module]
+        graph[path.stem] = {m.removeprefix(prefix) for m in modules if m.startswith(prefix)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found = []
+
+    def walk(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == path[0]:
+                found.append([*path, nxt])
+            elif nxt not in path:
+                walk(nxt, [*path, nxt])
+
+    for start in graph:
+        walk(start, [start])
+    return found
+
+
+def test_cycles_finds_an_import_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [
+        ["a", "b", "c", "a"],
+        ["b", "c", "a", "b"],
+        ["c", "a", "b", "c"],
+    ]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("name", SUBPACKAGES)
+def test_no_import_circle_inside_a_subpackage(name):
+    """Data loading has one home (tasks.data) that task modules import; no module imports one
+    that imports it back, not even inside a function."""
+    assert cycles(module_graph(name)) == []

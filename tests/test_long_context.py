@@ -19,7 +19,9 @@ from rh_lens.execution.options import RunOptions
 from rh_lens.interventions.masking import evaluate_niah
 from rh_lens.interventions.patching import activation_patching, patching_pair
 from rh_lens.model.generation import PREFILL_CHUNK, greedy_decode
-from rh_lens.tasks.niah import BUILTIN_NEEDLES, build_trial, pydoc_haystack, tokenize_haystack
+from rh_lens.tasks.data import pydoc_haystack
+from rh_lens.tasks.needles import BUILTIN_NEEDLES
+from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 CONTEXT = 3000  # tokens: six prefill chunks of 512, and 3000 x 3000 would be the quadratic tensor
 

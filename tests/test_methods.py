@@ -25,7 +25,8 @@ from rh_lens.interventions.compression import KVCompression
 from rh_lens.model.generation import Decoding, Generation, decode_prompts
 from rh_lens.model.headwise import KVPolicy
 from rh_lens.tasks.grading import Answer
-from rh_lens.tasks.niah import Needle, Trial, build_trial, tokenize_haystack
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import Trial, build_trial, tokenize_haystack
 
 QUIET = RunOptions(progress=False)
 

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
+from rh_lens.tasks.data import load_needles
 from rh_lens.tasks.needle_bank import ANSWER_KINDS, NEEDLE_BANK, NEEDLE_SPLITS
-from rh_lens.tasks.niah import answer_chars, load_needles
+from rh_lens.tasks.needles import answer_chars
 
 # Words that carry no content: sharing them is not a leak.
 _FUNCTION_WORDS = set(

@@ -7,18 +7,9 @@ import pytest
 from planted import NEEDLE, build_tokenizer, haystack_text
 
 from rh_lens.errors import TrialError
-from rh_lens.tasks.niah import (
-    BUILTIN_NEEDLES,
-    Needle,
-    build_trial,
-    linear_grid,
-    load_haystack,
-    load_needles,
-    pydoc_haystack,
-    synthetic_haystack,
-    tokenize_haystack,
-    trial_grid,
-)
+from rh_lens.tasks.data import load_haystack, load_needles, pydoc_haystack, synthetic_haystack
+from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle
+from rh_lens.tasks.niah import build_trial, linear_grid, tokenize_haystack, trial_grid
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "niah"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="reference NIAH data (../shared/niah) not present")
@@ -141,7 +132,8 @@ def test_trial_grid_pairs_haystacks_with_needles(tokenizer, tmp_path):
 
 
 def test_long_answer_needles_are_a_named_set():
-    from rh_lens.tasks.niah import BUILTIN_LONG_NEEDLES, answer_chars, load_needles
+    from rh_lens.tasks.data import load_needles
+    from rh_lens.tasks.needles import BUILTIN_LONG_NEEDLES, answer_chars
 
     assert load_needles("long") == list(BUILTIN_LONG_NEEDLES)
     for needle in BUILTIN_LONG_NEEDLES:

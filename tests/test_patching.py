@@ -21,7 +21,8 @@ from rh_lens.interventions.patching import (
     resid_patches,
     run_patches,
 )
-from rh_lens.tasks.niah import Needle, corrupt_needle, tokenize_haystack
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import corrupt_needle, tokenize_haystack
 
 CORRUPTED = "echo delta charlie bravo alpha"  # same five words, another order: first token differs
 

@@ -17,10 +17,12 @@ from rh_lens.app.options import add_grid_arguments, add_other_haystack_argument,
 from rh_lens.detection.records import load_results
 from rh_lens.errors import InputError, RunDirectoryError
 from rh_lens.execution.runs import InProcess, run_trials
-from rh_lens.tasks import documents
-from rh_lens.tasks.documents import QAGrid, load_corpus
+from rh_lens.tasks import data
+from rh_lens.tasks.data import load_corpus
+from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.needle_bank import NEEDLE_BANK, NEEDLE_SPLITS
-from rh_lens.tasks.niah import BUILTIN_LONG_NEEDLES, BUILTIN_NEEDLES, Grid, Needle
+from rh_lens.tasks.needles import BUILTIN_LONG_NEEDLES, BUILTIN_NEEDLES, Needle
+from rh_lens.tasks.niah import Grid
 from rh_lens.tasks.splits import NEAR_DUPLICATE, check_split, compare_items, held_out, split_content
 
 DATA = Path(__file__).parent / "data"
@@ -246,7 +248,7 @@ def test_disjoint_from_leaves_out_what_the_check_would_refuse(squad_file):
 
 
 def test_old_question_settings_resolve_from_the_corpus_when_the_data_is_the_same(squad_file, monkeypatch):
-    monkeypatch.setattr(documents, "ruler_file", lambda name: Path(squad_file))  # "RULER's copy" is the hand-made file
+    monkeypatch.setattr(data, "ruler_file", lambda name: Path(squad_file))  # "RULER's copy" is the hand-made file
     load_corpus.cache_clear()
     try:
         new = _one(squad_file, "q-feeds").settings()

@@ -1,6 +1,11 @@
 """Intervals and paired tests (rh_lens.uncertainty) against known answers, and the intervals
 and tests an intervention result reports: the trial is the unit, seeds are averaged per trial."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -127,6 +132,55 @@ def test_a_summary_counts_trials_not_trials_times_seeds_and_carries_intervals():
     low, high = rows["top-1"]["recall_interval"]
     assert low < 0.5 < high and high - low > 0.2
     assert rows["none"]["success_interval"] == pytest.approx(wilson(20, 20))
+
+
+def test_a_seeded_groups_retained_interval_is_the_same_in_every_interpreter():
+    """Its bootstrap reads the baseline's right trials in one order, whatever the hash seed
+    (a set iterated as it comes gave another interval in each process)."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_uncertainty import _varied; "
+        "print(_varied().summary()[2]['retained_interval'])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(runs) == 1
+
+
+def _varied() -> InterventionResult:
+    """No masking right on 40 trials; two random seeds right on different trials (fractions per trial)."""
+    keys = [f"trial-{i}" for i in range(40)]
+    return InterventionResult(
+        "ablation",
+        "m",
+        [
+            Condition("none", None, "none", {"kind": "none", "k": 0}, [_record(k, 1.0) for k in keys]),
+            Condition("top-1", None, "top-1", {"kind": "top", "k": 1}, [_record(k, 0.0) for k in keys]),
+            Condition(
+                "r0",
+                None,
+                "random-1",
+                {"kind": "random", "k": 1, "seed": 0},
+                [_record(k, float(i % 3 == 0)) for i, k in enumerate(keys)],
+            ),
+            Condition(
+                "r1",
+                None,
+                "random-1",
+                {"kind": "random", "k": 1, "seed": 1},
+                [_record(k, float(i % 5 < 2)) for i, k in enumerate(keys)],
+            ),
+        ],
+    )
 
 
 def test_an_ablation_result_compares_top_k_with_random_k_and_each_with_no_masking():

@@ -34,7 +34,8 @@ from pathlib import Path
 def prompts(args) -> None:
     """Write the grid's prompts (token ids, answers) and the model's HF directory."""
     from rh_lens.model.loading import hf_directory, load_model_spec
-    from rh_lens.tasks.niah import Grid, load_needles
+    from rh_lens.tasks.data import load_needles
+    from rh_lens.tasks.niah import Grid
 
     run = json.loads(Path(args.compression).read_text())
     settings = run["settings"]

@@ -289,7 +289,7 @@ def _tests(result: InterventionResult, ks: Sequence[int]) -> list[dict[str, Any]
     ]
 
 
-def _agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> list[dict[str, Any]]:
+def map_agreement(maps: dict[str, DetectionResult], top_k: int, resamples: int) -> list[dict[str, Any]]:
     rows = []
     for a, b in itertools.combinations(maps, 2):
         # paired resamples where both maps count the same trials (a method may leave some out)
@@ -334,7 +334,7 @@ def build_atlas(
     settings = {**(settings or {}), "options": as_json, "ks": ks}
     with run_directory(out, run.resume, run.overwrite):
         maps = method_maps(model, detection_trials, options.methods, out, run)
-        agreement = _agreement(maps, options.top_k or max(ks), options.resamples)
+        agreement = map_agreement(maps, options.top_k or max(ks), options.resamples)
         conditions = atlas_conditions(model, maps, evaluation_trials, ks, options)
         result = run_conditions(model, evaluation_trials, conditions, experiment="evaluation", out_dir=out, options=run)
         atlas = Atlas(

@@ -129,23 +129,28 @@ def run_compress(args: argparse.Namespace) -> None:
     print(format_written(written))
 
 
-def run_atlas(args: argparse.Namespace) -> None:
-    atlas_options = AtlasOptions(
+def atlas_options_from_args(args: argparse.Namespace) -> AtlasOptions:
+    """The `AtlasOptions` of parsed `atlas` arguments."""
+    return AtlasOptions(
         methods=tuple(args.methods),
         head_fractions=tuple(args.head_fractions),
         random_seeds=args.random_seeds,
         full_fraction=args.full_fraction,
         sink=args.sink,
         window=args.window,
+        kv_decode_only=not args.kv_windowed,
         masking=args.method,
         resamples=args.resamples,
     )
+
+
+def run_atlas(args: argparse.Namespace) -> None:
     atlas, written = workflows.atlas_grid(
         args.model,
         grid_from_args(args),
         grid_from_args(args.evaluate),
         args.out,
-        atlas_options=atlas_options,
+        atlas_options=atlas_options_from_args(args),
         heldout=args.heldout,
         other_haystack=args.other_haystack,
         options=run_options_from_args(args),
@@ -368,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--full-fraction", type=unit_interval, default=0.25, help="KV heads kept full (default 0.25)")
     t.add_argument("--sink", type=non_negative_int, default=4, help="first tokens every streaming head keeps (default 4)")
     t.add_argument("--window", type=positive_int, default=128, help="recent tokens every streaming head keeps (default 128)")
+    t.add_argument(
+        "--kv-windowed",
+        action="store_true",
+        help="KV policies windowed over the prompt too, as the shipped cache runs (default: the prompt prefilled whole, "
+        "compressed before the first decode step: compress --decode-only)",
+    )
     t.add_argument("--resamples", type=non_negative_int, default=1000, help="bootstrap resamples of the agreement (default 1000)")
     heldout_argument(t, "of the detection grid (--evaluate's trials against the maps')")
     t.set_defaults(run=run_atlas)

@@ -13,8 +13,10 @@ import math
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.model.loading import CATALOGUE, DTYPES
-from rh_lens.tasks.documents import TASKS, QAGrid
-from rh_lens.tasks.niah import BUILTIN_NEEDLES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid, Needle, load_needles
+from rh_lens.tasks.data import TASKS, load_needles
+from rh_lens.tasks.documents import QAGrid
+from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle
+from rh_lens.tasks.niah import DEFAULT_DEPTHS, DEFAULT_LENGTHS, DISTRACTORS, PROMPTS, Grid
 
 MODEL_HELP = f"catalogue name ({', '.join(CATALOGUE)}), HF directory, .gguf file or TransformerLens name"
 

@@ -49,8 +49,10 @@ from rh_lens.interventions.patching import (
     patching_pair,
 )
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
+from rh_lens.tasks.data import haystack_name, load_haystack
 from rh_lens.tasks.documents import QAGrid
-from rh_lens.tasks.niah import PROMPTS, Grid, Needle, haystack_name, load_haystack, tokenize_haystack
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import PROMPTS, Grid, tokenize_haystack
 from rh_lens.tasks.splits import check_split, offences, refusal, shared_items, split_of
 
 logger = logging.getLogger(__name__)

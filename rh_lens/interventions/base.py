@@ -225,7 +225,7 @@ class InterventionResult:
             records = [r for c in conditions for r in c.records]
             seeded = any(c.seed is not None for c in conditions)
             recall, success = self.per_trial(group) if records else ({}, {})
-            kept = [success[k] for k in right if k in success]
+            kept = [success[k] for k in sorted(right) if k in success]  # sorted: a seeded bootstrap, run to run
             rows.append(
                 {
                     "condition": group,

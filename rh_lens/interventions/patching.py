@@ -38,8 +38,10 @@ from rh_lens.errors import InputError, PairError, TrialError
 from rh_lens.heads import Head, all_heads, check_heads, heads_of
 from rh_lens.model.generation import MAX_NEW_TOKENS, chunks, forward, greedy_decode
 from rh_lens.model.tl_internals import fast_paths_enabled, frozen_prefix_cache, fused_attention, new_kv_cache, unembed_final
-from rh_lens.tasks.documents import Corpus, Question, build_document_trial
-from rh_lens.tasks.niah import Needle, Trial, build_trial, corrupt_needle, load_haystack, tokenize_haystack
+from rh_lens.tasks.data import Corpus, Question, load_haystack
+from rh_lens.tasks.documents import build_document_trial
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import Trial, build_trial, corrupt_needle, tokenize_haystack
 
 MAX_BATCH_TOKENS = 16384  # positions recomputed per batch of patched runs: bounds their activations at long contexts
 KINDS = (

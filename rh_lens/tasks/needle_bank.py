@@ -9,7 +9,7 @@ The halves "bank-a" and "bank-b" interleave the kinds, so each holds every kind.
 
 from __future__ import annotations
 
-from rh_lens.tasks.niah import Needle
+from rh_lens.tasks.needles import Needle
 
 
 def _needle(needle: str, question: str, answer: str, kind: str) -> tuple[Needle, str]:

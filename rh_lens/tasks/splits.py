@@ -16,16 +16,16 @@ the data file's sha256 is RULER's copy's; anything else is "content unknown".
 
 from __future__ import annotations
 
-import hashlib
 import re
 import string
 from collections import defaultdict
 from typing import Any
 
 from rh_lens.errors import InputError
+from rh_lens.tasks.data import load_corpus
 from rh_lens.tasks.grading import _words
 from rh_lens.tasks.needle_bank import NEEDLE_BANK
-from rh_lens.tasks.niah import BUILTIN_LONG_NEEDLES, BUILTIN_NEEDLES
+from rh_lens.tasks.needles import BUILTIN_LONG_NEEDLES, BUILTIN_NEEDLES
 
 # The checks between two items, then the one between the two runs' haystacks.
 ITEM_CHECKS = (
@@ -86,8 +86,6 @@ def _builtin_needles() -> dict[str, dict[str, str]]:
 def _corpus_questions(task: str, data_sha256: str | None) -> dict[str, dict[str, Any]]:
     """The questions of `task`'s built-in corpus (RULER's copy, or the world questions) by id,
     when it is the data file the settings name; else none."""
-    from rh_lens.tasks.documents import load_corpus  # documents builds on this module
-
     try:
         corpus = load_corpus(task)
     except InputError:  # an unknown task, or RULER's copy cannot be fetched
@@ -269,11 +267,6 @@ def held_out(settings: dict[str, Any]) -> bool | None:
     (content checked), or in results written before content checks `heldout` (which then
     meant the same, by id only); None when the settings do not say."""
     return settings.get("shares_nothing", settings.get("heldout"))
-
-
-def paragraph_sha256(text: str) -> str:
-    """A gold paragraph's identity in settings: sha256 of its UTF-8 text."""
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # What each held-out check found, as an error message says it; and what to do about it.

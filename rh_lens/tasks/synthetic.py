@@ -26,7 +26,8 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rh_lens.tasks.niah import QUESTION_TEMPLATE, Needle, Trial, build_trial
+from rh_lens.tasks.needles import Needle
+from rh_lens.tasks.niah import QUESTION_TEMPLATE, Trial, build_trial
 
 # The words of QUESTION_TEMPLATE and of the needle sentence.
 TEMPLATE_WORDS = "Based on the content of book , Question : What is code ? Answer The .".split()
