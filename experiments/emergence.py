@@ -44,7 +44,7 @@ from rh_lens.errors import PairError
 from rh_lens.execution.files import write_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.heads import Head
-from rh_lens.interventions.masking import ablation_experiment, evaluate_niah
+from rh_lens.interventions.masking import MaskingOptions, ablation_experiment, evaluate_niah
 from rh_lens.interventions.patching import activation_patching, patching_pair
 from rh_lens.tasks.synthetic import Batches, SyntheticTask, tiny_model, train_step
 
@@ -110,8 +110,7 @@ def final_tests(model, task: SyntheticTask, trials, seed: int) -> dict:
             model,
             trials,
             detection,
-            ks=[k],
-            seeds=(0, 1, 2),
+            MaskingOptions(ks=(k,), seeds=(0, 1, 2)),
             options=RunOptions(progress=False, max_new_tokens=task_answer_budget(trials)),
         )
         out["masking"] = {

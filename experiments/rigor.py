@@ -38,7 +38,7 @@ from rh_lens.detection.probes import razor_scores
 from rh_lens.detection.records import load_results
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.interventions.base import InterventionResult, saved_conditions
-from rh_lens.interventions.compression import CompressionResult, compression_conditions
+from rh_lens.interventions.compression import CompressionOptions, CompressionResult, compression_conditions
 from rh_lens.interventions.masking import AblationResult, ablation_conditions
 from rh_lens.model.loading import load_model
 from rh_lens.tasks.splits import check_split
@@ -128,18 +128,8 @@ def _unfinished_compression(out: Path, model: str) -> CompressionResult | None:
     if settings is None:
         return None
     trials, loaded = _trials(model)
-    planned = compression_conditions(
-        loaded,
-        load_results(settings["scores"]),
-        trials,
-        settings["fractions"],
-        settings["seeds"],
-        sink=settings["sink"],
-        window=settings["window"],
-        decode_only=settings["decode_only"],
-        razor=razor_scores(loaded),
-        cache=settings["cache"],
-    )
+    compression = CompressionOptions.from_settings(settings)
+    planned = compression_conditions(loaded, load_results(settings["scores"]), trials, compression, razor_scores(loaded))
     conditions = _finished(out, planned, len(trials))
     return CompressionResult("compression", model, conditions, settings) if conditions else None
 

@@ -9,8 +9,9 @@ The public API, by part (each subpackage lists its own in `__all__`):
   methods (`head_map`, `trace_trials`, `HEAD_METHODS`);
 - execution: `RunOptions`, `run_trials`;
 - interventions: `mask_heads`, `HeadMask`, `ablation_experiment`, `KVPolicy`,
-  `KVCompression`, `compression_experiment`, `activation_patching`, `evaluate`,
-  `run_conditions`;
+  `KVCompression`, `compression_experiment`, `HeadBoost`, `steering_experiment` (each
+  experiment's options one object: `MaskingOptions`, `CompressionOptions`, `SteeringOptions`),
+  `activation_patching`, `evaluate`, `run_conditions`;
 - analysis: `analyze`, `compare`, `bootstrap`, the head atlas (`build_atlas`), ...;
 - uncertainty: `wilson`, `bootstrap_interval`, `paired_test` (every table's intervals and
   paired tests; `InterventionResult.paired` and `.comparisons` use them);
@@ -58,14 +59,19 @@ from rh_lens.execution import RunOptions, run_trials
 from rh_lens.heads import Head, KVHead
 from rh_lens.interventions import (
     AblationResult,
+    CompressionOptions,
     CompressionResult,
     Condition,
+    HeadBoost,
     HeadMask,
     Intervention,
     InterventionResult,
     KVCompression,
     KVPolicy,
+    MaskingOptions,
+    PatchingOptions,
     PatchingResult,
+    SteeringOptions,
     ablation_experiment,
     activation_patching,
     compression_experiment,
@@ -77,6 +83,7 @@ from rh_lens.interventions import (
     patching_pair,
     retrieval_policy,
     run_conditions,
+    steering_experiment,
 )
 from rh_lens.model import CATALOGUE, Decoding, decode_prompts, greedy_decode, load_model
 from rh_lens.tasks import (
@@ -120,18 +127,23 @@ __all__ = [
     "HEAD_METHODS",
     "Grid",
     "Head",
+    "HeadBoost",
     "HeadMask",
+    "MaskingOptions",
+    "SteeringOptions",
     "InputError",
     "Intervention",
     "InterventionResult",
     "KVCompression",
     "KVHead",
+    "CompressionOptions",
     "KVPolicy",
     "ModelLoadError",
     "NEEDLE_SPLITS",
     "Needle",
     "NiahRecord",
     "QAGrid",
+    "PatchingOptions",
     "PatchingResult",
     "ResultsFileError",
     "RhLensError",
@@ -150,6 +162,7 @@ __all__ = [
     "build_trial",
     "compare",
     "compression_experiment",
+    "steering_experiment",
     "copy_events",
     "copy_scores",
     "coverage",

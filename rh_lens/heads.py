@@ -65,3 +65,11 @@ def check_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> None:
 
 def all_heads(n_layers: int, n_heads: int) -> list[Head]:
     return [Head(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+
+
+def heads_by_layer(heads: Iterable) -> dict[int, list[int]]:
+    """Layer -> the indices of its heads among `heads`, in the order given (one hook per layer)."""
+    layers: dict[int, list[int]] = {}
+    for layer, head in heads_of(heads):
+        layers.setdefault(layer, []).append(head)
+    return layers

@@ -8,6 +8,7 @@ from planted import DECOY, NEEDLE, PLANTED, build_planted_model, haystack_text
 from rh_lens.detection.records import DetectionResult, TrialRecord
 from rh_lens.execution.options import RunOptions
 from rh_lens.interventions.masking import (
+    MaskingOptions,
     ablation_conditions,
     ablation_experiment,
     default_ks,
@@ -144,8 +145,7 @@ def test_experiment_on_planted_model(tmp_path):
         model,
         trials,
         fake_detection(),
-        ks=[1],
-        seeds=[0, 1],
+        MaskingOptions(ks=(1,), seeds=(0, 1)),
         out_dir=tmp_path,
         options=RunOptions(max_new_tokens=6, progress=False),
     )
@@ -161,8 +161,7 @@ def test_experiment_on_planted_model(tmp_path):
         model,
         trials,
         fake_detection(),
-        ks=[1],
-        seeds=[0, 1],
+        MaskingOptions(ks=(1,), seeds=(0, 1)),
         out_dir=tmp_path,
         options=RunOptions(resume=True, max_new_tokens=6, progress=False),
     )

@@ -14,6 +14,7 @@ from rh_lens.detection.probes import razor_scores
 from rh_lens.detection.run import detect
 from rh_lens.execution.options import RunOptions
 from rh_lens.interventions.compression import (
+    CompressionOptions,
     KVPolicy,
     compression_experiment,
     compression_hooks,
@@ -141,10 +142,7 @@ def test_compression_experiment_and_duo_attention_export(tmp_path):
         planted,
         far,
         detection,
-        fractions=[0.125],
-        sink=4,
-        window=8,
-        seeds=[0, 1],
+        CompressionOptions(fractions=(0.125,), sink=4, window=8, seeds=(0, 1)),
         out_dir=tmp_path / "run",
         options=RunOptions(max_new_tokens=8, progress=False),
     )
@@ -167,10 +165,7 @@ def test_compression_experiment_and_duo_attention_export(tmp_path):
         planted,
         far,
         detection,
-        fractions=[0.125],
-        sink=4,
-        window=8,
-        seeds=[0, 1],
+        CompressionOptions(fractions=(0.125,), sink=4, window=8, seeds=(0, 1)),
         out_dir=tmp_path / "run",
         options=RunOptions(max_new_tokens=8, resume=True, progress=False),
     )
@@ -187,12 +182,7 @@ def test_the_real_cache_gives_the_simulations_records_in_every_condition(tmp_pat
             planted,
             ragged,
             detection,
-            fractions=[0.125, 0.5],
-            sink=4,
-            window=8,
-            seeds=[0],
-            decode_only=decode_only,
-            cache=cache,
+            CompressionOptions(fractions=(0.125, 0.5), sink=4, window=8, seeds=(0,), decode_only=decode_only, cache=cache),
             options=RunOptions(max_new_tokens=8, progress=False),
         )
         for cache in ("masked", "real")

@@ -355,7 +355,7 @@ def test_summarize_run_of_an_ablation_holds_its_summary_rows(tmp_path):
 
     from rh_lens.detection.records import DetectionResult, TrialRecord
     from rh_lens.execution.options import RunOptions
-    from rh_lens.interventions.masking import ablation_experiment
+    from rh_lens.interventions.masking import MaskingOptions, ablation_experiment
     from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -368,7 +368,7 @@ def test_summarize_run_of_an_ablation_holds_its_summary_rows(tmp_path):
     ranking = DetectionResult("planted", 2, 4, [TrialRecord(**record, head_scores=[[0.0] * 4, [0.0, 0.05, 0.9, 0.0]])])
     run = tmp_path / "run"
     options = RunOptions(max_new_tokens=6, progress=False)
-    ablation_experiment(model, trials, ranking, ks=[1], seeds=[0], out_dir=run, options=options)
+    ablation_experiment(model, trials, ranking, MaskingOptions(ks=(1,), seeds=(0,)), out_dir=run, options=options)
     summary = tmp_path / "summary.json"
     summarize_run.main([str(run / "ablation.json"), str(summary)])
     rows = {row["condition"]: row for row in json.loads(summary.read_text())["rows"]}

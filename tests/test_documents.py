@@ -406,8 +406,8 @@ def test_patching_a_document_question_needs_one_question_and_a_corrupted_answer(
     data = str(_write(tmp_path, "s.json", _squad()))
     with pytest.raises(InputError, match="one question"):
         workflows.patch_needle(
-            "m", tmp_path / "a", needle=None, document=QAGrid("squad", (0, 2), data=data), corrupted_answer="x"
+            "m", tmp_path / "a", workflows.PatchTask(document=QAGrid("squad", (0, 2), data=data), corrupted_answer="x")
         )
     with pytest.raises(InputError, match="needs --corrupted-answer"):
-        workflows.patch_needle("m", tmp_path / "b", needle=None, document=QAGrid("squad", (0, 1), data=data))
+        workflows.patch_needle("m", tmp_path / "b", workflows.PatchTask(document=QAGrid("squad", (0, 1), data=data)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

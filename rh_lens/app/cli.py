@@ -42,15 +42,17 @@ from rh_lens.app.reports import (
     format_compression,
     format_patching,
     format_ranking,
+    format_steering,
     format_written,
 )
 from rh_lens.detection.scoring import DEFAULT_THRESHOLD
 from rh_lens.errors import RhLensError
 from rh_lens.execution.runs import saved_trials
 from rh_lens.heads import Head
-from rh_lens.interventions.compression import CompressionResult
-from rh_lens.interventions.masking import METHODS, AblationResult
-from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS
+from rh_lens.interventions.compression import CompressionOptions, CompressionResult
+from rh_lens.interventions.masking import METHODS, AblationResult, MaskingOptions
+from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS, PatchingOptions
+from rh_lens.interventions.steering import STEERING_METHODS, SteeringOptions, SteeringResult
 from rh_lens.model.generation import MAX_NEW_TOKENS
 from rh_lens.tasks.documents import QAGrid
 
@@ -82,6 +84,8 @@ def run_show(args: argparse.Namespace) -> None:
         print(format_ablation(result))
     elif isinstance(result, CompressionResult):
         print(format_compression(result))
+    elif isinstance(result, SteeringResult):
+        print(format_steering(result))
     elif isinstance(result, Atlas):
         print(format_atlas(result))
     elif args.ci:
@@ -96,16 +100,39 @@ def run_ablate(args: argparse.Namespace) -> None:
         args.scores,
         grid_from_args(args),
         args.out,
-        ks=args.top_k,
-        thresholds=args.thresholds,
-        random_seeds=args.random_seeds,
-        method=args.method,
-        decode_only=args.decode_only,
+        masking=MaskingOptions(
+            ks=args.top_k,
+            seeds=tuple(range(args.random_seeds)),
+            method=args.method,
+            decode_only=args.decode_only,
+            thresholds=args.thresholds,
+        ),
         heldout=args.heldout,
         other_haystack=args.other_haystack,
         options=run_options_from_args(args),
     )
     print(format_ablation(result))
+    print(format_written(written))
+
+
+def run_steer(args: argparse.Namespace) -> None:
+    result, written = workflows.steer_grid(
+        args.model,
+        args.scores,
+        grid_from_args(args),
+        args.out,
+        steering=SteeringOptions(
+            ks=tuple(args.top_k),
+            factors=tuple(args.factors),
+            seeds=tuple(range(args.random_seeds)),
+            method=args.method,
+            decode_only=args.decode_only,
+        ),
+        heldout=args.heldout,
+        other_haystack=args.other_haystack,
+        options=run_options_from_args(args),
+    )
+    print(format_steering(result))
     print(format_written(written))
 
 
@@ -115,12 +142,14 @@ def run_compress(args: argparse.Namespace) -> None:
         args.scores,
         grid_from_args(args),
         args.out,
-        fractions=args.full_fraction,
-        sink=args.sink,
-        window=args.window,
-        random_seeds=args.random_seeds,
-        decode_only=args.decode_only,
-        cache=args.cache,
+        compression=CompressionOptions(
+            fractions=tuple(args.full_fraction),
+            seeds=tuple(range(args.random_seeds)),
+            sink=args.sink,
+            window=args.window,
+            decode_only=args.decode_only,
+            cache=args.cache,
+        ),
         heldout=args.heldout,
         other_haystack=args.other_haystack,
         options=run_options_from_args(args),
@@ -174,15 +203,21 @@ def evaluation_grid(text: str) -> argparse.Namespace:
 
 
 def run_patch(args: argparse.Namespace) -> None:
-    result, correlation, written = workflows.patch_needle(
-        args.model,
-        args.out,
+    document = None
+    if args.task != "niah":
+        document = QAGrid(
+            args.task, (args.question, args.question + 1), prompt=args.prompt, seed=args.question_seed, data=args.data
+        )
+    task = workflows.PatchTask(
         needle=needle_from_args(args),
         haystack=args.haystack,
         context_length=args.context_length,
         depth=args.depth,
         corrupted_answer=args.corrupted_answer,
         prompt=args.prompt,
+        document=document,
+    )
+    patching = PatchingOptions(
         heads=args.heads,
         kinds=args.kinds,
         directions=args.directions,
@@ -190,11 +225,9 @@ def run_patch(args: argparse.Namespace) -> None:
         metric=args.metric,
         tail=args.tail,
         batch_size=args.batch_size,
-        scores=args.scores,
-        options=run_options_from_args(args),
-        document=None
-        if args.task == "niah"
-        else QAGrid(args.task, (args.question, args.question + 1), prompt=args.prompt, seed=args.question_seed, data=args.data),
+    )
+    result, correlation, written = workflows.patch_needle(
+        args.model, args.out, task, patching, scores=args.scores, options=run_options_from_args(args)
     )
     print(format_patching(result, args.top, correlation))
     print(format_written(written))
@@ -341,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     heldout_argument(k)
     k.set_defaults(run=run_compress)
+
+    s = commands.add_parser("steer", help="boost top-K retrieval heads vs K random heads and rerun NIAH")
+    add_model_arguments(s)
+    add_grid_arguments(s)
+    run_arguments(s)
+    s.add_argument("--scores", required=True, help="detection results (ours or the reference's format)")
+    s.add_argument("--top-k", nargs="+", type=positive_int, default=[5], help="K values (default 5)")
+    s.add_argument("--factors", nargs="+", type=float, default=[2.0, 4.0], help="boost factors (default 2 4)")
+    s.add_argument("--random-seeds", type=non_negative_int, default=2, help="random-K draws per K and factor (seeds 0..N-1)")
+    s.add_argument(
+        "--method",
+        choices=STEERING_METHODS,
+        default="sharpen",
+        help="sharpen: attention scores times the factor (a lower temperature); output: head outputs times the factor",
+    )
+    s.add_argument("--decode-only", action="store_true", help="boost at decode steps only, not over the prompt")
+    heldout_argument(s)
+    s.set_defaults(run=run_steer)
 
     t = commands.add_parser("atlas", help="every head-finding method on the same trials, judged by masking on other trials")
     add_model_arguments(t)

@@ -24,6 +24,7 @@ from rh_lens.app.plots import (
     mlp_effects,
     niah_heatmaps,
     patching_heatmaps,
+    recall_vs_factor,
     recall_vs_k,
     recall_vs_kv,
     resid_heatmap,
@@ -39,6 +40,7 @@ from rh_lens.heads import Head
 from rh_lens.interventions.compression import CompressionResult, export_duo_attention
 from rh_lens.interventions.masking import AblationResult
 from rh_lens.interventions.patching import PatchingResult
+from rh_lens.interventions.steering import SteeringResult
 
 # --- files -----------------------------------------------------------------------------
 
@@ -63,6 +65,15 @@ def save_ablation(result: AblationResult, out: str | Path) -> list[Path]:
     if result.threshold_rows():
         paths.append(out / "threshold_sensitivity.png")
         save_figure(threshold_sensitivity(result), paths[-1])
+    return paths
+
+
+def save_steering(result: SteeringResult, out: str | Path) -> list[Path]:
+    """steering.json and recall_vs_factor.png."""
+    out = Path(out)
+    paths = [out / "steering.json", out / "recall_vs_factor.png"]
+    write_json(paths[0], result.to_json())
+    save_figure(recall_vs_factor(result), paths[1])
     return paths
 
 
@@ -193,6 +204,26 @@ def format_ablation(result: AblationResult) -> str:
         top = f"{row['top_recall']:.3f}" if row["top_recall"] is not None else "-"
         lines.append(
             f"threshold {row['threshold']:g}: {row['n_heads']} heads; recall with them masked {top}, with as many random heads {random}"
+        )
+    return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
+
+
+def format_steering(result: SteeringResult) -> str:
+    """Mean recall per steering condition with its 95% interval over trials and the spread
+    over random seeds, then the paired tests (top-K against random-K at each factor, and each
+    against no intervention)."""
+    settings = result.settings
+    where = "decode steps only" if settings.get("decode_only") else "all positions"
+    lines = [
+        f"{result.model}: NIAH recall with heads boosted ({settings.get('method', 'sharpen')}, {where}){_split(settings)}",
+        f"{'condition':<20} {'K':>4} {'factor':>6} {'trials':>6}  {'mean recall [95%]':>21}  {'seed spread':>11}  {'retrieved [95%]':>17}",
+    ]
+    for row in result.summary():
+        spread = f"+/- {row['std_over_seeds']:.3f}" if (row["n_seeds"] or 1) > 1 else ""
+        lines.append(
+            f"{row['condition']:<20} {row['k']:>4} {row['factor']:>6g} {row['n_trials']:>6}  "
+            f"{_with_interval(row['mean_recall'], row['recall_interval']):>21}  {spread:>11}  "
+            f"{_rate_with_interval(row['success_rate'], row['success_interval']):>17}"
         )
     return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
 

@@ -8,9 +8,8 @@ very same steps; printing is left to the caller (`rh_lens.app.reports` formats t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from rh_lens.app.reports import (
     save_compression,
     save_detection,
     save_patching,
+    save_steering,
 )
 from rh_lens.detection.records import DetectionResult, load_results
 from rh_lens.detection.run import detect
@@ -34,20 +34,19 @@ from rh_lens.errors import InputError
 from rh_lens.execution.files import read_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
-from rh_lens.heads import Head
 from rh_lens.interventions.base import InterventionResult
-from rh_lens.interventions.compression import CompressionResult, compression_experiment
-from rh_lens.interventions.masking import AblationResult, ablation_experiment, ks_for_thresholds
+from rh_lens.interventions.compression import CompressionOptions, CompressionResult, compression_experiment
+from rh_lens.interventions.masking import AblationResult, MaskingOptions, ablation_experiment, ks_for_thresholds
 from rh_lens.interventions.patching import (
-    DEFAULT_KINDS,
-    DIRECTIONS,
     METRICS,
+    PatchingOptions,
     PatchingResult,
     activation_patching,
     document_patching_pair,
     effect_vs_score,
     patching_pair,
 )
+from rh_lens.interventions.steering import SteeringOptions, SteeringResult, steering_experiment
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
 from rh_lens.tasks.data import haystack_name, load_haystack
 from rh_lens.tasks.documents import QAGrid
@@ -188,45 +187,55 @@ def ablate_grid(
     grid: Grid | QAGrid,
     out: str | Path,
     *,
-    ks: Sequence[int] | None = None,
-    thresholds: Sequence[float] | None = None,
-    random_seeds: int = 3,
-    method: str = "uniform",
-    decode_only: bool = False,
+    masking: MaskingOptions = MaskingOptions(),
     heldout: bool = False,
     other_haystack: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[AblationResult, list[Path]]:
     """`rh-lens ablate`: the grid with no masking, the top-K heads of `scores` masked and K
-    random others masked (seeds 0..random_seeds-1), saved with `save_ablation`. `thresholds`:
-    instead of `ks`, mask the heads at or above each threshold (the paper's 0.1 is a choice:
-    what does it change?). `heldout`: refuse a grid that shares needles or questions with the
-    ranking's detection run, by content (the same question or answer, a near-duplicate
-    needle, a gold paragraph or article in common: see `_split_check`); `other_haystack`:
-    `heldout`, and the haystack must differ too. `options`: as for `detect_grid`."""
+    random others masked (`masking`: see `MaskingOptions`), saved with `save_ablation`.
+    `masking.thresholds`: instead of K, mask the heads at or above each threshold (the paper's
+    0.1 is a choice: what does it change?). `heldout`: refuse a grid that shares needles or
+    questions with the ranking's detection run, by content (the same question or answer, a
+    near-duplicate needle, a gold paragraph or article in common: see `_split_check`);
+    `other_haystack`: `heldout`, and the haystack must differ too. `options`: as for `detect_grid`."""
     detection, settings = _ranking(scores, grid, heldout, other_haystack)
-    if thresholds:
-        by_threshold = ks_for_thresholds(detection, thresholds)
+    if masking.thresholds:
+        by_threshold = ks_for_thresholds(detection, masking.thresholds)
         ks = sorted({k for k in by_threshold.values() if k > 0})
         if not ks:
-            raise InputError(f"no head scores at or above any of the thresholds {', '.join(map(str, thresholds))}")
+            raise InputError(f"no head scores at or above any of the thresholds {', '.join(map(str, masking.thresholds))}")
         settings["thresholds"] = {str(t): k for t, k in by_threshold.items()}
+        masking = replace(masking, ks=tuple(ks), thresholds=None)
     with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = ablation_experiment(
-            model,
-            trials,
-            detection,
-            ks=ks,
-            seeds=list(range(random_seeds)),
-            method=method,
-            decode_only=decode_only,
-            out_dir=out,
-            options=options,
-            settings=settings,
-            executor=executor,
+            model, trials, detection, masking, out_dir=out, options=options, settings=settings, executor=executor
         )
         return result, save_ablation(result, out)
+
+
+def steer_grid(
+    model: str | HookedTransformer,
+    scores: str | Path | DetectionResult,
+    grid: Grid | QAGrid,
+    out: str | Path,
+    *,
+    steering: SteeringOptions = SteeringOptions(),
+    heldout: bool = False,
+    other_haystack: bool = False,
+    options: RunOptions = RunOptions(),
+) -> tuple[SteeringResult, list[Path]]:
+    """`rh-lens steer`: the grid with no intervention, the top-K heads of `scores` boosted at
+    each factor and K random others boosted by the same factor (`steering`: see
+    `SteeringOptions`), saved with `save_steering`. `heldout`, `other_haystack`: as for `ablate_grid`."""
+    detection, settings = _ranking(scores, grid, heldout, other_haystack)
+    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
+        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
+        result = steering_experiment(
+            model, trials, detection, steering, out_dir=out, options=options, settings=settings, executor=executor
+        )
+        return result, save_steering(result, out)
 
 
 def compress_grid(
@@ -235,38 +244,20 @@ def compress_grid(
     grid: Grid | QAGrid,
     out: str | Path,
     *,
-    fractions: Sequence[float] = (0.1, 0.25, 0.5),
-    sink: int = 4,
-    window: int = 256,
-    random_seeds: int = 2,
-    decode_only: bool = False,
-    cache: str = "real",
+    compression: CompressionOptions = CompressionOptions(),
     heldout: bool = False,
     other_haystack: bool = False,
     options: RunOptions = RunOptions(),
 ) -> tuple[CompressionResult, list[Path]]:
     """`rh-lens compress`: the grid under the full cache and, at each fraction of KV heads kept
-    full, the retrieval-head policy, random KV heads (seeds 0..random_seeds-1), StreamingLLM at
-    the same bytes and RazorAttention's heads; saved with `save_compression`. `cache`: "real"
-    (a head-wise cache that frees the memory) or "masked" (simulated over the full cache).
-    `heldout`, `other_haystack`: as for `ablate_grid`."""
+    full, the retrieval-head policy, random KV heads (one per seed), StreamingLLM at the same
+    bytes and RazorAttention's heads (`compression`: see `CompressionOptions`); saved with
+    `save_compression`. `heldout`, `other_haystack`: as for `ablate_grid`."""
     detection, settings = _ranking(scores, grid, heldout, other_haystack)
     with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
         trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
         result = compression_experiment(
-            model,
-            trials,
-            detection,
-            fractions=fractions,
-            sink=sink,
-            window=window,
-            seeds=list(range(random_seeds)),
-            decode_only=decode_only,
-            cache=cache,
-            out_dir=out,
-            options=options,
-            settings=settings,
-            executor=executor,
+            model, trials, detection, compression, out_dir=out, options=options, settings=settings, executor=executor
         )
         return result, save_compression(result, out)
 
@@ -298,38 +289,41 @@ def atlas_grid(
         return atlas, save_atlas(atlas, out)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PatchTask:
+    """The clean prompt `rh-lens patch` builds its pair from: `needle` in `haystack` at
+    `context_length` tokens and `depth` percent, or with `document` the one question of that
+    grid among its distractor paragraphs; `corrupted_answer`: the corrupted prompt's answer
+    (None: the needle's built-in twin; a document question needs one of its answer's token
+    length); `prompt`: the prompt style (`PROMPTS`)."""
+
+    needle: Needle | None = None
+    haystack: str = "pydoc"
+    context_length: int = 1000
+    depth: int = 50
+    corrupted_answer: str | None = None
+    prompt: str = "auto"
+    document: QAGrid | None = None
+
+
 def patch_needle(
     model: str | HookedTransformer,
     out: str | Path,
+    task: PatchTask,
+    patching: PatchingOptions = PatchingOptions(),
     *,
-    needle: Needle,
-    haystack: str = "pydoc",
-    context_length: int = 1000,
-    depth: int = 50,
-    corrupted_answer: str | None = None,
-    prompt: str = "auto",
-    heads: Sequence[Head] | None = None,
-    kinds: Sequence[str] = DEFAULT_KINDS,
-    directions: Sequence[str] = DIRECTIONS,
-    positions: str = "final",
-    metric: str = "logit_diff",
-    tail: int = 24,
-    batch_size: int = 8,
     scores: str | Path | None = None,
     options: RunOptions = RunOptions(),
-    document: QAGrid | None = None,
 ) -> tuple[PatchingResult, dict[str, Any] | None, list[Path]]:
-    """`rh-lens patch`: a clean/corrupted pair for `needle` (or, with `document`, for the one
-    question of that grid among its distractor paragraphs), every requested patch, and
+    """`rh-lens patch`: a clean/corrupted pair for `task`, every patch `patching` asks for, and
     with `scores` the correlation of head-output effect with retrieval score; saved with
     `save_patching`. Returns (result, correlation or None, paths)."""
-    if metric not in METRICS:
-        raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     detection = load_results(scores) if scores else None  # bad input fails first
+    document, haystack = task.document, task.haystack
     if document is not None:
         if document.is_closed_book or len(document.selected()) != 1:
             raise InputError("patching a real-document task takes one question with its documents (--question N)")
-        if corrupted_answer is None:
+        if task.corrupted_answer is None:
             raise InputError("patching a real-document question needs --corrupted-answer (same token length as its answer)")
         haystack, text = document.task, None
     else:
@@ -343,9 +337,9 @@ def patch_needle(
                 model,
                 document.corpus(),
                 document.selected()[0],
-                context_length,
-                depth,
-                corrupted_answer,
+                task.context_length,
+                task.depth,
+                task.corrupted_answer,
                 PROMPTS[document.prompt],
                 document.seed,
                 max_new_tokens=options.max_new_tokens,
@@ -353,25 +347,25 @@ def patch_needle(
         else:
             pair = patching_pair(
                 model,
-                needle,
-                tokenize_haystack(model.tokenizer, text, context_length),
-                context_length,
-                depth,
-                corrupted_answer,
-                PROMPTS[prompt],
+                task.needle,
+                tokenize_haystack(model.tokenizer, text, task.context_length),
+                task.context_length,
+                task.depth,
+                task.corrupted_answer,
+                PROMPTS[task.prompt],
                 haystack_name(haystack),
                 max_new_tokens=options.max_new_tokens,
             )
         result = activation_patching(
             model,
             pair,
-            heads,
-            kinds,
-            directions,
-            positions,
-            tail,
-            batch_size,
-            METRICS[metric](pair),
+            patching.heads,
+            patching.kinds,
+            patching.directions,
+            patching.positions,
+            patching.tail,
+            patching.batch_size,
+            METRICS[patching.metric](pair),
             progress=options.progress,
             settings={"haystack": str(haystack)}
             | ({} if document is None else {"question": document.selected()[0].id, "data_sha256": document.corpus().sha256}),
@@ -382,10 +376,16 @@ def patch_needle(
         return result, correlation, save_patching(result, out, correlation)
 
 
-RESULT_FILES = ("results.json", "ablation.json", "compression.json", "atlas.json")  # what `show` reads in a run directory
+RESULT_FILES = (
+    "results.json",
+    "ablation.json",
+    "compression.json",
+    "steering.json",
+    "atlas.json",
+)  # what `show` reads in a run directory
 
 
-def load_any(path: str | Path) -> DetectionResult | AblationResult | CompressionResult | Atlas:
+def load_any(path: str | Path) -> DetectionResult | AblationResult | CompressionResult | SteeringResult | Atlas:
     """`rh-lens show`: a results file of any command (or a run directory holding one), by its
     format. An atlas written before its intervals and paired tests gets them from the
     per-trial records in `evaluation.json` beside it."""
@@ -401,6 +401,8 @@ def load_any(path: str | Path) -> DetectionResult | AblationResult | Compression
         return AblationResult.load(path)
     if kind == "rh_lens.compression":
         return CompressionResult.load(path)
+    if kind == "rh_lens.steering":
+        return SteeringResult.load(path)
     if kind == "rh_lens.atlas":
         atlas = Atlas.load(path)
         evaluation = path.parent / "evaluation.json"

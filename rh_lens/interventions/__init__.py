@@ -9,6 +9,7 @@ from rh_lens.interventions.base import (
     run_conditions,
 )
 from rh_lens.interventions.compression import (
+    CompressionOptions,
     CompressionResult,
     KVCompression,
     KVPolicy,
@@ -24,6 +25,7 @@ from rh_lens.interventions.compression import (
 from rh_lens.interventions.masking import (
     AblationResult,
     HeadMask,
+    MaskingOptions,
     ablation_experiment,
     ablation_hooks,
     default_ks,
@@ -34,12 +36,14 @@ from rh_lens.interventions.masking import (
 )
 from rh_lens.interventions.patching import (
     METRICS,
+    PatchingOptions,
     PatchingPair,
     PatchingResult,
     activation_patching,
     effect_vs_score,
     patching_pair,
 )
+from rh_lens.interventions.steering import HeadBoost, SteeringOptions, SteeringResult, steering_experiment, steering_hooks
 
 __all__ = [
     "Condition",
@@ -50,6 +54,7 @@ __all__ = [
     "run_conditions",
     "AblationResult",
     "HeadMask",
+    "MaskingOptions",
     "ablation_experiment",
     "ablation_hooks",
     "default_ks",
@@ -57,6 +62,7 @@ __all__ = [
     "head_means",
     "mask_heads",
     "random_heads",
+    "CompressionOptions",
     "CompressionResult",
     "KVCompression",
     "KVPolicy",
@@ -68,8 +74,14 @@ __all__ = [
     "retrieval_policy",
     "razor_policy",
     "streaming_policy",
+    "HeadBoost",
+    "SteeringOptions",
+    "SteeringResult",
+    "steering_experiment",
+    "steering_hooks",
     "METRICS",
     "PatchingPair",
+    "PatchingOptions",
     "PatchingResult",
     "activation_patching",
     "effect_vs_score",

@@ -230,26 +230,64 @@ class CompressionResult(InterventionResult):
         return [{**row, "compression_ratio": 1 - row["kv_kept"]} for row in super().summary()]
 
 
+@dataclass(frozen=True, kw_only=True)
+class CompressionOptions:
+    """What a compression experiment runs (`rh-lens compress`'s options): at each of
+    `fractions` of KV heads kept full, every ranking's policy, random KV heads for each of
+    `seeds`; streaming heads keep `sink` + `window` tokens; `decode_only`: the prompt
+    prefilled whole and compressed before the first decode step (else windowed from the first
+    prompt token); `cache`: "real" (a head-wise cache that frees the bytes) or "masked" (the
+    simulation over the full cache)."""
+
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
+    seeds: tuple[int, ...] = (0, 1)
+    sink: int = 4
+    window: int = 256
+    decode_only: bool = False
+    cache: str = "real"
+
+    def __post_init__(self):
+        if self.sink < 0 or self.window < 1:
+            raise InputError(f"sink {self.sink} and window {self.window}: need sink >= 0 and window >= 1")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise InputError(f"full fractions {list(self.fractions)}: each must be in (0, 1]")
+        if self.cache not in ("real", "masked"):
+            raise InputError(f"cache {self.cache!r}: choose real or masked")
+        object.__setattr__(self, "fractions", tuple(self.fractions))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    def settings(self) -> dict[str, Any]:
+        """As a run records them (results files keep these keys)."""
+        return {
+            "fractions": list(self.fractions),
+            "seeds": list(self.seeds),
+            "sink": self.sink,
+            "window": self.window,
+            "decode_only": self.decode_only,
+            "cache": self.cache,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> CompressionOptions:
+        """The options a run's recorded settings (`settings()`) were made from."""
+        return cls(**{k: settings[k] for k in ("fractions", "seeds", "sink", "window", "decode_only", "cache")})
+
+
 def compression_conditions(
     model,
     detection: DetectionResult,
     trials: Sequence[Trial],
-    fractions: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    sink: int,
-    window: int,
-    decode_only: bool = False,
+    compression: CompressionOptions,
     razor: Float[Tensor, "layer head"] | None = None,
-    cache: str = "real",
 ) -> list[Condition]:
     """The full cache, then per fraction the retrieval policy, random KV heads per seed,
     StreamingLLM at the same bytes, and RazorAttention's ranking (when `razor` scores are
     given); each with the share of the cache it keeps over these trials."""
+    sink, window = compression.sink, compression.window
     conditions = [Condition("full", None, "full", {"method": "full", "full_fraction": 1.0, "kv_kept": 1.0})]
-    for fraction in fractions:
+    for fraction in compression.fractions:
         policies = [("retrieval", None, retrieval_policy(model, detection, fraction, sink, window))]
-        policies += [("random", seed, random_policy(model, fraction, seed, sink, window)) for seed in seeds]
+        policies += [("random", seed, random_policy(model, fraction, seed, sink, window)) for seed in compression.seeds]
         policies.append(("streaming", None, streaming_policy(model, fraction, sink, window)))
         if razor is not None:
             policies.append(("razor", None, razor_policy(model, razor, fraction, sink, window)))
@@ -257,7 +295,8 @@ def compression_conditions(
             group = f"{method}-{fraction:g}"
             metadata = {"method": method, "full_fraction": fraction} | ({"seed": seed} if seed is not None else {})
             name = group + (f"-seed{seed}" if seed is not None else "")
-            conditions.append(kv_condition(model, trials, policy, name, group, metadata, decode_only=decode_only, cache=cache))
+            kv = {"decode_only": compression.decode_only, "cache": compression.cache}
+            conditions.append(kv_condition(model, trials, policy, name, group, metadata, **kv))
     return conditions
 
 
@@ -276,13 +315,8 @@ def compression_experiment(
     model,
     trials: Sequence[Trial],
     detection: DetectionResult,
+    compression: CompressionOptions = CompressionOptions(),
     *,
-    fractions: Sequence[float] = (0.1, 0.25, 0.5),
-    sink: int = 4,
-    window: int = 256,
-    seeds: Sequence[int] = (0, 1),
-    decode_only: bool = False,
-    cache: str = "real",
     out_dir: str | Path | None = None,
     options: RunOptions = RunOptions(),
     settings: dict[str, Any] | None = None,
@@ -291,31 +325,17 @@ def compression_experiment(
     """The NIAH grid under every condition of `compression_conditions`; each condition's trials
     saved (and resumed) under `<out_dir>/conditions/<name>/`, the result in
     `<out_dir>/compression.json`."""
-    if sink < 0 or window < 1:
-        raise InputError(f"sink {sink} and window {window}: need sink >= 0 and window >= 1")
     check_shape("scores", detection.n_layers, detection.n_heads, model)
     executor = executor or InProcess(model)
-    settings = {
-        **(settings or {}),
-        "fractions": list(fractions),
-        "seeds": list(seeds),
-        "sink": sink,
-        "window": window,
-        "decode_only": decode_only,
-        "cache": cache,
-    }
     razor = executor.call(razor_scores)
-    conditions = compression_conditions(
-        model, detection, trials, fractions, seeds, sink=sink, window=window, decode_only=decode_only, razor=razor, cache=cache
-    )
     return run_conditions(
         model,
         trials,
-        conditions,
+        compression_conditions(model, detection, trials, compression, razor),
         experiment="compression",
         out_dir=out_dir,
         options=options,
-        settings=settings,
+        settings={**(settings or {}), **compression.settings()},
         executor=executor,
         result_type=CompressionResult,
     )

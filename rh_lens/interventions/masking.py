@@ -33,7 +33,7 @@ from rh_lens.detection.records import DetectionResult
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess
-from rh_lens.heads import Head, all_heads, check_heads, heads_of
+from rh_lens.heads import Head, all_heads, check_heads, heads_by_layer, heads_of
 from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, evaluate, run_conditions
 from rh_lens.model.generation import prefill
 from rh_lens.model.tl_internals import Hook, allowed_keys
@@ -41,13 +41,6 @@ from rh_lens.tasks.grading import NiahRecord
 from rh_lens.tasks.niah import Trial
 
 METHODS = ("uniform", "zero", "mean")
-
-
-def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
-    layers: dict[int, list[int]] = {}
-    for layer, head in heads_of(heads):
-        layers.setdefault(layer, []).append(head)
-    return layers
 
 
 def ablation_hooks(
@@ -59,7 +52,7 @@ def ablation_hooks(
     if method == "mean" and mean_z is None:
         raise InputError("mean ablation needs mean_z: compute it with head_means(model, prompts)")
     hooks = []
-    for layer, idx in _by_layer(heads).items():
+    for layer, idx in heads_by_layer(heads).items():
         if method == "uniform":
 
             def uniform(scores: Tensor, hook, idx=idx) -> Tensor:  # [batch, head, query, key]
@@ -223,6 +216,30 @@ class AblationResult(InterventionResult):
         ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class MaskingOptions:
+    """What a masking experiment runs (`rh-lens ablate`'s options): the top-K heads masked
+    for each of `ks` (None: `default_ks`) against K random heads for each of `seeds`;
+    `method`: how a head is masked (`METHODS`); `decode_only`: masked at decode steps only, not
+    over the prompt; `thresholds`: instead of `ks`, the heads at or above each retrieval-score
+    threshold (resolved against a ranking by `ablate_grid`)."""
+
+    ks: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    method: str = "uniform"
+    decode_only: bool = False
+    thresholds: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"unknown masking method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.ks is not None and (not self.ks or min(self.ks) < 1):
+            raise InputError(f"K {list(self.ks)}: each must be at least 1")
+        for name in ("ks", "seeds", "thresholds"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
 def ablation_conditions(
     detection: DetectionResult,
     ks: Sequence[int],
@@ -255,26 +272,25 @@ def ablation_experiment(
     model: HookedTransformer,
     trials: Sequence[Trial],
     detection: DetectionResult,
+    masking: MaskingOptions = MaskingOptions(),
     *,
-    ks: Sequence[int] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    method: str = "uniform",
-    decode_only: bool = False,
     out_dir: str | Path | None = None,
     options: RunOptions = RunOptions(),
     settings: dict[str, Any] | None = None,
     executor=None,
 ) -> AblationResult:
-    """The paper's masking experiment; each condition's trials are saved (and resumed)
-    under `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`.
+    """The paper's masking experiment (`masking`: see `MaskingOptions`; its `thresholds` are
+    `ablate_grid`'s to resolve); each condition's trials are saved (and resumed) under
+    `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/ablation.json`.
     `executor`: as for `detect`."""
     check_shape("scores", detection.n_layers, detection.n_heads, model)
-    ks = list(ks or default_ks(model.cfg.n_layers, model.cfg.n_heads))
-    settings = {**(settings or {}), "ks": ks, "seeds": list(seeds), "method": method, "decode_only": decode_only}
+    ks = list(masking.ks or default_ks(model.cfg.n_layers, model.cfg.n_heads))
+    method, decode_only = masking.method, masking.decode_only
+    settings = {**(settings or {}), "ks": ks, "seeds": list(masking.seeds), "method": method, "decode_only": decode_only}
     executor = executor or InProcess(model)
     # Mean ablation: each head's mean output over a few of the grid's own prompts.
     mean_z = executor.call(partial(head_means, prompts=[t.prompt_ids for t in trials[:4]])) if method == "mean" else None
-    conditions = ablation_conditions(detection, ks, seeds, method=method, decode_only=decode_only, mean_z=mean_z)
+    conditions = ablation_conditions(detection, ks, masking.seeds, method=method, decode_only=decode_only, mean_z=mean_z)
     return run_conditions(
         model,
         trials,

@@ -254,6 +254,29 @@ METRICS: dict[str, Callable[[PatchingPair], PatchingMetric]] = {
 # --- cached runs and batched patching ----------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class PatchingOptions:
+    """What `rh-lens patch` patches and how it measures it: `heads` (None: every head),
+    `kinds` (of `KINDS`), `directions` (of `DIRECTIONS`), `positions` ("final" or "all"),
+    `metric` (a name of `METRICS`), `tail` (prompt positions before the answer patched for
+    "resid") and `batch_size` (patched runs per forward pass); as `activation_patching` takes them."""
+
+    heads: tuple[Head, ...] | None = None
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    directions: tuple[str, ...] = DIRECTIONS
+    positions: str = "final"
+    metric: str = "logit_diff"
+    tail: int = 24
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise InputError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        for name, value in (("heads", self.heads), ("kinds", self.kinds), ("directions", self.directions)):
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+
 @dataclass
 class CachedRun:
     """One unpatched run: the activations a patch may copy from it or start from, and the
