@@ -22,6 +22,7 @@ from rh_lens.interventions.compression import (
     retrieval_policy,
     streaming_policy,
 )
+from rh_lens.interventions.finetune import FinetuneOptions, FinetuneResult, HeadTraining, LoRA, finetune, head_masks
 from rh_lens.interventions.masking import (
     AblationResult,
     HeadMask,
@@ -52,6 +53,12 @@ __all__ = [
     "evaluate",
     "intervention_from_json",
     "run_conditions",
+    "FinetuneOptions",
+    "FinetuneResult",
+    "HeadTraining",
+    "LoRA",
+    "finetune",
+    "head_masks",
     "AblationResult",
     "HeadMask",
     "MaskingOptions",

@@ -1,0 +1,251 @@
+"""Fine-tuning only chosen heads: the seed's proposal to adapt a model by retraining its
+retrieval heads alone, with the two controls that make it a test.
+
+- `head_masks(model, heads)` marks, in each attention parameter, the entries that belong to
+  `heads`: each query head's slice of W_Q, b_Q and W_O, and the slice of W_K, b_K, W_V, b_V of
+  the key-value head it reads. Under grouped-query attention that KV head is shared with the
+  other query heads of its group, so training it changes what they read too.
+- `HeadTraining(masks)`: only those entries train. Every other parameter is frozen and the
+  gradient outside the masks is zeroed before each step; with no weight decay the optimiser
+  never moves a frozen entry (tested: bit-identical).
+- `LoRA(model, rank)`: the control of the same size, low-rank updates of the query and value
+  projections of every layer (LoRA's default targets), added through TransformerLens hooks
+  (`hook_q`, `hook_v`); `lora_rank_for(model, n)` picks the rank closest to n parameters.
+  The third arm is as many entries in random heads (`rh_lens.interventions.masking.random_heads`).
+
+`finetune(model, sequences, trainable, options)` trains on next-token loss over the answer
+tokens of (prompt + answer + EOS) sequences (`answer_sequence`) and returns the losses, the
+number of trained entries and the wall time as plain data (`FinetuneResult`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rh_lens.errors import InputError
+from rh_lens.heads import Head, check_heads, heads_by_layer
+from rh_lens.model.tl_internals import Hook
+from rh_lens.tasks.niah import Trial
+
+# Attention parameters of a query head (indexed by query head) and of a key-value head
+# (indexed by KV head: TransformerLens names them with a leading underscore under GQA).
+QUERY_PARAMETERS = ("W_Q", "b_Q", "W_O")
+KV_PARAMETERS = ("W_K", "b_K", "W_V", "b_V", "_W_K", "_b_K", "_W_V", "_b_V")
+
+
+def head_masks(model: HookedTransformer, heads: Iterable[Head]) -> dict[str, Bool[Tensor, ...]]:
+    """Parameter name -> which of its entries belong to `heads` (see the module docstring);
+    only the attention parameters of the layers `heads` are in."""
+    heads = list(heads)
+    check_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
+    per_kv = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    params = dict(model.named_parameters())
+    masks = {}
+    for layer, idx in heads_by_layer(heads).items():
+        for name in (*QUERY_PARAMETERS, *KV_PARAMETERS):
+            full = f"blocks.{layer}.attn.{name}"
+            if full not in params:
+                continue
+            mask = torch.zeros_like(params[full], dtype=torch.bool)
+            rows = idx if name in QUERY_PARAMETERS else sorted({h // per_kv for h in idx})
+            mask[rows] = True
+            masks[full] = mask
+    return masks
+
+
+def parameter_count(masks: dict[str, Tensor]) -> int:
+    return int(sum(int(m.sum()) for m in masks.values()))
+
+
+class HeadTraining:
+    """Trains the entries `masks` marks and nothing else (see the module docstring)."""
+
+    def __init__(self, model: HookedTransformer, masks: dict[str, Bool[Tensor, ...]]):
+        self.model, self.masks = model, masks
+        self.params = [p for n, p in model.named_parameters() if n in masks]
+
+    def n_parameters(self) -> int:
+        return parameter_count(self.masks)
+
+    @contextmanager
+    def active(self):
+        """Freeze every parameter but the masked ones; their gradients are masked as they arrive."""
+        named = dict(self.model.named_parameters())
+        before = {n: p.requires_grad for n, p in named.items()}
+        handles = []
+        for name, p in named.items():
+            p.requires_grad_(name in self.masks)
+            if name in self.masks:
+                mask = self.masks[name]
+                handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+        try:
+            yield self.params
+        finally:
+            for h in handles:
+                h.remove()
+            for name, p in named.items():
+                p.requires_grad_(before[name])
+
+
+class LoRA:
+    """Low-rank updates of the query and value projections of every layer, as TransformerLens
+    hooks: q += (x A_q) B_q and v += (x A_v) B_v, x the attention's normalised input, B = 0 at
+    the start (the model is unchanged until it trains)."""
+
+    def __init__(self, model: HookedTransformer, rank: int, seed: int = 0):
+        if rank < 1:
+            raise InputError(f"LoRA rank {rank}: must be at least 1")
+        cfg = model.cfg
+        generator = torch.Generator().manual_seed(seed)
+        n_kv = cfg.n_key_value_heads or cfg.n_heads
+        self.model, self.rank = model, rank
+        self.shapes = {"q": (cfg.n_heads, cfg.d_head), "v": (n_kv, cfg.d_head)}
+        self.params: list[Tensor] = []
+        self.adapters: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        for layer in range(cfg.n_layers):
+            for kind, (n, d) in self.shapes.items():
+                a = (torch.randn(cfg.d_model, rank, generator=generator) / math.sqrt(cfg.d_model)).to(cfg.device)
+                b = torch.zeros(rank, n * d, device=cfg.device)
+                a.requires_grad_(True)
+                b.requires_grad_(True)
+                self.adapters[layer, kind] = (a, b)
+                self.params += [a, b]
+        self._inputs: dict[int, Tensor] = {}
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def hooks(self) -> list[Hook]:
+        def keep(x: Float[Tensor, "batch pos d_model"], hook, layer: int) -> None:
+            self._inputs[layer] = x
+
+        def add(act: Float[Tensor, "batch pos head d_head"], hook, layer: int, kind: str) -> Tensor:
+            a, b = self.adapters[layer, kind]
+            delta = (self._inputs[layer] @ a @ b).view(*act.shape[:2], *self.shapes[kind])
+            return act + delta.to(act.dtype)
+
+        hooks = []
+        for layer in range(self.model.cfg.n_layers):
+            # the attention's input: after its norm where there is one
+            source = f"blocks.{layer}.ln1.hook_normalized"
+            source = source if source in self.model.hook_dict else f"blocks.{layer}.hook_resid_pre"
+            hooks.append((source, lambda x, hook, layer=layer: keep(x, hook, layer)))
+            for kind in self.shapes:
+                hooks.append(
+                    (f"blocks.{layer}.attn.hook_{kind}", lambda x, hook, layer=layer, kind=kind: add(x, hook, layer, kind))
+                )
+        return hooks
+
+    @contextmanager
+    def active(self):
+        """Freeze the model; the adapters are what trains (and act in every forward pass inside)."""
+        before = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            with self.model.hooks(fwd_hooks=self.hooks()):
+                yield self.params
+        finally:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(before[n])
+
+
+def lora_rank_for(model: HookedTransformer, n_parameters: int) -> int:
+    """The LoRA rank whose adapters hold closest to `n_parameters` entries (at least 1)."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    per_rank = cfg.n_layers * (2 * cfg.d_model + cfg.n_heads * cfg.d_head + n_kv * cfg.d_head)
+    return max(1, round(n_parameters / per_rank))
+
+
+def answer_sequence(tokenizer, trial: Trial) -> tuple[Int[Tensor, " pos"], Bool[Tensor, " pos"]]:
+    """The trial's prompt followed by its answer and EOS, and which positions hold answer
+    tokens (the ones the loss reads)."""
+    answer = list(tokenizer(" " + trial.needle.real_needle.strip(), add_special_tokens=False)["input_ids"])
+    answer.append(tokenizer.eos_token_id)
+    ids = torch.tensor([*trial.prompt_ids, *answer])
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[len(trial.prompt_ids) :] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """Mean next-token loss over the answer tokens of `sequences`, one sequence at a time."""
+    losses = []
+    for ids, mask in sequences:
+        ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
+        logits = model(ids[None], return_type="logits")[0, :-1]
+        losses.append(torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]]).item())
+    return float(sum(losses) / len(losses))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions:
+    """`steps` optimiser steps of `batch_size` sequences each (drawn with `seed`), AdamW at
+    learning rate `lr` with no weight decay (decay would move frozen entries), gradients
+    clipped at norm 1."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InputError(f"steps {self.steps}, batch size {self.batch_size}, lr {self.lr}: need >= 1, >= 1, > 0")
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run did: the arm's name, the trained entries, the loss on answer
+    tokens at each step and the wall time."""
+
+    arm: str
+    n_parameters: int
+    losses: list[float]
+    seconds: float
+    options: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def finetune(
+    model: HookedTransformer,
+    sequences: Sequence[tuple[Tensor, Tensor]],
+    trainable: HeadTraining | LoRA,
+    options: FinetuneOptions = FinetuneOptions(),
+    arm: str = "heads",
+) -> FinetuneResult:
+    """Train `trainable` (only it) on the answer tokens of `sequences` (`answer_sequence`)."""
+    if not sequences:
+        raise InputError("no training sequences")
+    order = random.Random(options.seed)
+    losses = []
+    started = time.perf_counter()
+    with trainable.active() as params:
+        optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+        for _ in range(options.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for ids, mask in order.choices(sequences, k=options.batch_size):
+                ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
+                logits = model(ids[None], return_type="logits")[0, :-1]
+                loss = torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]])
+                (loss / options.batch_size).backward()
+                total += loss.item() / options.batch_size
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(total)
+    return FinetuneResult(arm, trainable.n_parameters(), losses, time.perf_counter() - started, asdict(options))
