@@ -8,14 +8,19 @@ import torch
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+import rh_lens.interventions.head_tuning as head_tuning
+from rh_lens.detection.records import DetectionResult, TrialRecord
 from rh_lens.errors import InputError
-from rh_lens.interventions.finetune import (
+from rh_lens.execution.options import RunOptions
+from rh_lens.interventions.head_tuning import (
+    FinetuneArms,
     FinetuneOptions,
     HeadTraining,
     LoRA,
     answer_loss,
     answer_sequence,
     finetune,
+    finetune_experiment,
     head_masks,
     lora_rank_for,
     parameter_count,
@@ -123,3 +128,48 @@ def test_training_the_planted_retrieval_head_lowers_the_answer_loss_and_an_idle_
     finetune(idle, sequences, HeadTraining(idle, head_masks(idle, [(1, 3)])), options)
     assert all(torch.equal(p, before[n]) for n, p in idle.named_parameters())
     assert answer_loss(idle, sequences) == start
+
+
+def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_other_trials(tmp_path, monkeypatch):
+    def weakened():
+        model = build_planted_model()
+        attn = model.blocks[PLANTED[0]].attn
+        with torch.no_grad():
+            attn.W_Q[PLANTED[1]] /= 30
+            attn.b_Q[PLANTED[1]] /= 30
+        return model
+
+    model = weakened()
+    haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
+    train = [build_trial(model.tokenizer, haystack, NEEDLE, 300, depth) for depth in (0, 50, 100)]
+    held_out = [build_trial(model.tokenizer, haystack, NEEDLE, 280, depth) for depth in (25, 75)]
+    text = torch.tensor(haystack[:100])
+    record = dict(key="t", context_length=300, depth=50, needle_id="n", haystack="h", answer=None, generated_ids=[])
+    record |= dict(response=None, rouge_recall=1.0, success=True, answer_span=None)
+    ranking = DetectionResult("planted", 2, 4, [TrialRecord(**record, head_scores=[[0.0] * 4, [0.0, 0.05, 0.9, 0.0]])])
+    arms = FinetuneArms(k=1, seeds=(0,), lora=True, training=FinetuneOptions(steps=15, lr=0.05, batch_size=3))
+    options = RunOptions(max_new_tokens=6, progress=False)
+    result = finetune_experiment(weakened, ranking, train, held_out, text, arms, out_dir=tmp_path / "run", options=options)
+    rows = {r["condition"]: r for r in result.summary()}
+    assert set(rows) == {"none", "top-1", "random-1", "lora"}
+    meta = {c.name: c.metadata for c in result.conditions}
+    assert meta["none"]["training"] is None and meta["top-1"]["heads"] == ["1-2"]
+    assert meta["top-1"]["heldout_answer_loss"] < 0.5 * meta["none"]["heldout_answer_loss"]
+    # the random head (zero weights) cannot learn: same answers as no training
+    assert [r.generated_ids for r in result.conditions[2].records] == [r.generated_ids for r in result.conditions[0].records]
+    top, lora = meta["top-1"]["training"]["n_parameters"], meta["lora"]["training"]["n_parameters"]
+    assert abs(lora - top) / top < 0.5  # LoRA at the top heads' size, to the nearest rank
+    assert ("top-1", "random-1") in result.comparison_pairs() and ("top-1", "lora") in result.comparison_pairs()
+    # resumed: every arm judged already, so nothing trains again
+    monkeypatch.setattr(head_tuning, "finetune", lambda *a, **k: pytest.fail("trained again"))
+    again = finetune_experiment(
+        weakened,
+        ranking,
+        train,
+        held_out,
+        text,
+        arms,
+        out_dir=tmp_path / "run",
+        options=RunOptions(max_new_tokens=6, progress=False, resume=True),
+    )
+    assert again.summary() == result.summary()

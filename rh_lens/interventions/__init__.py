@@ -22,7 +22,16 @@ from rh_lens.interventions.compression import (
     retrieval_policy,
     streaming_policy,
 )
-from rh_lens.interventions.finetune import FinetuneOptions, FinetuneResult, HeadTraining, LoRA, finetune, head_masks
+from rh_lens.interventions.head_tuning import (
+    FinetuneArms,
+    FinetuneOptions,
+    FinetuneResult,
+    HeadTraining,
+    LoRA,
+    finetune,
+    finetune_experiment,
+    head_masks,
+)
 from rh_lens.interventions.masking import (
     AblationResult,
     HeadMask,
@@ -53,11 +62,13 @@ __all__ = [
     "evaluate",
     "intervention_from_json",
     "run_conditions",
+    "FinetuneArms",
     "FinetuneOptions",
     "FinetuneResult",
     "HeadTraining",
     "LoRA",
     "finetune",
+    "finetune_experiment",
     "head_masks",
     "AblationResult",
     "HeadMask",

@@ -16,6 +16,9 @@ retrieval heads alone, with the two controls that make it a test.
 `finetune(model, sequences, trainable, options)` trains on next-token loss over the answer
 tokens of (prompt + answer + EOS) sequences (`answer_sequence`) and returns the losses, the
 number of trained entries and the wall time as plain data (`FinetuneResult`).
+`finetune_experiment` trains every arm from fresh weights and judges each on held-out trials
+(recall, with intervals and paired tests as every other experiment) and on general text
+(forgetting).
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rh_lens.detection.records import DetectionResult
 from rh_lens.errors import InputError
+from rh_lens.execution.files import read_json, write_json
+from rh_lens.execution.options import RunOptions
+from rh_lens.execution.runs import run_directory
 from rh_lens.heads import Head, check_heads, heads_by_layer
+from rh_lens.interventions.base import Condition, InterventionResult, check_shape, evaluate
+from rh_lens.interventions.masking import random_heads
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
 
@@ -249,3 +259,111 @@ def finetune(
             optimizer.step()
             losses.append(total)
     return FinetuneResult(arm, trainable.n_parameters(), losses, time.perf_counter() - started, asdict(options))
+
+
+# --- the experiment: retrieval heads vs random heads vs LoRA, judged on held-out trials ----
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneArms:
+    """Which arms a fine-tuning experiment trains, each from the same starting weights: the
+    top `k` heads of a ranking, `k` random heads (outside the top list and every head above
+    the threshold, as for masking) for each of `seeds`, and with `lora` LoRA at the top heads'
+    parameter count; `training`: how each arm trains."""
+
+    k: int = 5
+    seeds: tuple[int, ...] = (0,)
+    lora: bool = True
+    training: FinetuneOptions = FinetuneOptions()
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise InputError(f"K {self.k}: must be at least 1")
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    def settings(self) -> dict:
+        return {"k": self.k, "seeds": list(self.seeds), "lora": self.lora, "training": asdict(self.training)}
+
+
+class FinetuneExperimentResult(InterventionResult):
+    """Held-out records after each arm trained (conditions "none": no training, "top-K",
+    "random-K-seedS" grouped as "random-K", "lora"), with each arm's `FinetuneResult` and its
+    held-out answer loss and general-text loss in the metadata."""
+
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """The retrieval heads' arm against random heads and LoRA, then every arm against no training."""
+        groups = self.groups()
+        top = next((g for g in groups if g.startswith("top-")), None)
+        pairs = [(top, other) for other in groups if top is not None and other not in (top, "none")]
+        return pairs + super().comparison_pairs()
+
+
+def finetune_experiment(
+    load: Callable[[], HookedTransformer],
+    detection: DetectionResult,
+    train: Sequence[Trial],
+    evaluation: Sequence[Trial],
+    general_text: Int[Tensor, " pos"],
+    arms: FinetuneArms = FinetuneArms(),
+    *,
+    out_dir: str | Path | None = None,
+    options: RunOptions = RunOptions(),
+) -> FinetuneExperimentResult:
+    """Train each arm of `arms` from a fresh model (`load()`) on the answers of `train`, then
+    answer `evaluation` (held out: other needles or questions) and measure the loss on
+    `general_text` (forgetting). An arm whose evaluation finished is not trained again on resume."""
+    model = load()
+    check_shape("scores", detection.n_layers, detection.n_heads, model)
+    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
+    outside = set(ranking[: arms.k]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    plan: list[tuple[str, str, list[Head] | None, dict]] = [("none", "none", None, {"kind": "none"})]
+    plan.append((f"top-{arms.k}", f"top-{arms.k}", ranking[: arms.k], {"kind": "top", "k": arms.k}))
+    for seed in arms.seeds:
+        heads = random_heads(detection.n_layers, detection.n_heads, arms.k, outside, seed)
+        plan.append((f"random-{arms.k}-seed{seed}", f"random-{arms.k}", heads, {"kind": "random", "k": arms.k, "seed": seed}))
+    if arms.lora:
+        plan.append(("lora", "lora", None, {"kind": "lora"}))
+    settings = arms.settings() | {"train": [t.key for t in train]}
+    n_top = parameter_count(head_masks(model, ranking[: arms.k]))
+    conditions = []
+    with run_directory(out_dir, options.resume, options.overwrite) if out_dir is not None else nullcontext():
+        for name, group, heads, metadata in plan:
+            where = Path(out_dir) / "conditions" / name if out_dir is not None else None
+            if where is not None and options.resume and (where / "arm.json").exists():  # trained and judged: read back
+                metadata = read_json(where / "arm.json")
+                records = evaluate(model, evaluation, None, out_dir=where, options=options, settings=settings, desc=name)
+            else:
+                arm = load() if name != "none" else model
+                trainable = _arm(arm, name, heads, n_top, arms.training.seed)
+                sequences = [answer_sequence(arm.tokenizer, t) for t in train]
+                trained = finetune(arm, sequences, trainable, arms.training, name) if trainable is not None else None
+                with trainable.active() if isinstance(trainable, LoRA) else nullcontext():
+                    records = evaluate(arm, evaluation, None, out_dir=where, options=options, settings=settings, desc=name)
+                    metadata = {
+                        **metadata,
+                        "heads": [str(h) for h in heads or ()],
+                        "training": trained.to_json() if trained else None,
+                        "heldout_answer_loss": answer_loss(arm, [answer_sequence(arm.tokenizer, t) for t in evaluation]),
+                        "general_text_loss": text_loss(arm, general_text),
+                    }
+                if where is not None:
+                    write_json(where / "arm.json", metadata)
+            conditions.append(Condition(name, None, group, metadata, records))
+        result = FinetuneExperimentResult("finetune", model.cfg.model_name, conditions, settings)
+        if out_dir is not None:
+            write_json(Path(out_dir) / "finetune.json", result.to_json())
+    return result
+
+
+def _arm(model: HookedTransformer, name: str, heads: list[Head] | None, n_top: int, seed: int) -> HeadTraining | LoRA | None:
+    """What an arm trains: the heads' entries, LoRA adapters of the top heads' size, or nothing."""
+    if heads is not None:
+        return HeadTraining(model, head_masks(model, heads))
+    return LoRA(model, lora_rank_for(model, n_top), seed=seed) if name == "lora" else None
+
+
+@torch.no_grad()
+def text_loss(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> float:
+    """Mean next-token loss over `tokens` (general text: what a model forgets shows here)."""
+    tokens = tokens.to(model.cfg.device)[None, : model.cfg.n_ctx]
+    return float(model(tokens, return_type="loss"))
