@@ -173,3 +173,35 @@ def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_othe
         options=RunOptions(max_new_tokens=6, progress=False, resume=True),
     )
     assert again.summary() == result.summary()
+
+
+def test_finetune_on_the_command_line_refuses_training_on_the_evaluation_trials(tmp_path, monkeypatch, capsys):
+    import json
+
+    import rh_lens.app.cli as cli
+    import rh_lens.app.workflows as workflows
+
+    monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: build_planted_model())
+    (tmp_path / "hay").mkdir()
+    (tmp_path / "hay" / "text.txt").write_text(haystack_text())
+    needle = tmp_path / "needle.jsonl"
+    needle.write_text(json.dumps(NEEDLE.__dict__) + "\n")
+    hay = ["--haystack", str(tmp_path / "hay"), "--needles", str(needle)]
+    ranking = tmp_path / "rank"
+    detect = ["detect", "--model", "planted", *hay, "--lengths", "300", "--depths", "50", "--max-new-tokens", "6"]
+    assert cli.main([*detect, "--out", str(ranking)]) == 0
+    argv = ["finetune", "--model", "planted", "--scores", str(ranking / "results.json"), "--top-k", "1", "--steps", "2"]
+    argv += ["--train", " ".join([*hay, "--lengths", "300", "--depths", "0"]), *hay, "--lengths", "280", "--depths", "100"]
+    argv += ["--text", str(tmp_path / "hay"), "--max-new-tokens", "6", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 1  # the same needle in training, evaluation and ranking: not held out
+    assert "held" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "run").exists()
+    # judged on another needle (words of the planted vocabulary): every arm runs, show reads it back
+    other = {"needle": "The violin code is: river stone cloud maple lamp.", "question": "What is the violin code?"}
+    (tmp_path / "other.jsonl").write_text(json.dumps(other | {"real_needle": "river stone cloud maple lamp"}) + "\n")
+    argv[argv.index(str(needle), argv.index("--train") + 2)] = str(tmp_path / "other.jsonl")
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert all(arm in printed for arm in ("none", "top-1", "random-1", "lora", "top-1 vs lora"))
+    assert (tmp_path / "run" / "training_losses.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["show", str(tmp_path / "run")]) == 0 and "top-1 vs random-1" in capsys.readouterr().out

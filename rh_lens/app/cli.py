@@ -40,6 +40,7 @@ from rh_lens.app.reports import (
     format_bootstrap,
     format_comparison,
     format_compression,
+    format_finetune,
     format_patching,
     format_ranking,
     format_steering,
@@ -50,6 +51,7 @@ from rh_lens.errors import RhLensError
 from rh_lens.execution.runs import saved_trials
 from rh_lens.heads import Head
 from rh_lens.interventions.compression import CompressionOptions, CompressionResult
+from rh_lens.interventions.head_tuning import FinetuneArms, FinetuneExperimentResult, FinetuneOptions
 from rh_lens.interventions.masking import METHODS, AblationResult, MaskingOptions
 from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS, PatchingOptions
 from rh_lens.interventions.steering import STEERING_METHODS, SteeringOptions, SteeringResult
@@ -86,6 +88,8 @@ def run_show(args: argparse.Namespace) -> None:
         print(format_compression(result))
     elif isinstance(result, SteeringResult):
         print(format_steering(result))
+    elif isinstance(result, FinetuneExperimentResult):
+        print(format_finetune(result))
     elif isinstance(result, Atlas):
         print(format_atlas(result))
     elif args.ci:
@@ -133,6 +137,22 @@ def run_steer(args: argparse.Namespace) -> None:
         options=run_options_from_args(args),
     )
     print(format_steering(result))
+    print(format_written(written))
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    training = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.train_batch, seed=args.seed)
+    result, written = workflows.finetune_grid(
+        args.model,
+        args.scores,
+        grid_from_args(args.train),
+        grid_from_args(args),
+        args.out,
+        arms=FinetuneArms(k=args.top_k, seeds=tuple(range(args.random_seeds)), lora=not args.no_lora, training=training),
+        general_text=args.text,
+        options=run_options_from_args(args),
+    )
+    print(format_finetune(result))
     print(format_written(written))
 
 
@@ -392,6 +412,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-only", action="store_true", help="boost at decode steps only, not over the prompt")
     heldout_argument(s)
     s.set_defaults(run=run_steer)
+
+    f = commands.add_parser(
+        "finetune", help="train only the top-K retrieval heads vs K random heads vs LoRA, judge on other trials"
+    )
+    add_model_arguments(f)
+    add_grid_arguments(f)
+    run_arguments(f)
+    f.add_argument("--scores", required=True, help="detection results (ours: they must record their trials)")
+    f.add_argument(
+        "--train",
+        type=evaluation_grid,
+        required=True,
+        metavar='"GRID OPTIONS"',
+        help='the training trials, in detect\'s grid options (e.g. "--needles bank-a --haystack ruler-essays --lengths 1000"); '
+        "the grid options of this command are the held-out trials every arm is judged on",
+    )
+    f.add_argument("--top-k", type=positive_int, default=5, help="heads trained (default 5)")
+    f.add_argument("--random-seeds", type=non_negative_int, default=1, help="random-head arms (default 1)")
+    f.add_argument("--no-lora", action="store_true", help="leave out the LoRA arm")
+    f.add_argument("--steps", type=positive_int, default=100, help="optimiser steps per arm (default 100)")
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, no weight decay (default 1e-4)")
+    f.add_argument("--train-batch", type=positive_int, default=4, help="training sequences per step (default 4)")
+    f.add_argument("--seed", type=non_negative_int, default=0, help="the order training sequences are drawn in")
+    f.add_argument(
+        "--text", default="pydoc", help="general text for the forgetting check: a haystack name or path (default pydoc)"
+    )
+    f.set_defaults(run=run_finetune)
 
     t = commands.add_parser("atlas", help="every head-finding method on the same trials, judged by masking on other trials")
     add_model_arguments(t)

@@ -191,6 +191,24 @@ def recall_vs_factor(result):
     return figure
 
 
+def training_losses(result):
+    """Each fine-tuning arm's loss on the training answers at every step."""
+    figure, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+    for condition in result.conditions:
+        training = condition.metadata.get("training")
+        if training:
+            ax.plot(
+                range(1, len(training["losses"]) + 1),
+                training["losses"],
+                label=f"{condition.name} ({training['n_parameters']:,} params)",
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on the training answers")
+    ax.set_title(f"{result.model}: fine-tuning arms", fontsize=10)
+    ax.legend(fontsize=7)
+    return figure
+
+
 def recall_vs_k(result: AblationResult):
     """Mean recall against the number of masked heads: top-K vs random-K (error bars: 95%
     intervals over trials, seeds averaged per trial)."""

@@ -21,6 +21,7 @@ from rh_lens.app.plots import (
     atlas_recall_vs_k,
     compression_heatmaps,
     effect_vs_score_scatter,
+    heldout_bars,
     mlp_effects,
     niah_heatmaps,
     patching_heatmaps,
@@ -33,11 +34,13 @@ from rh_lens.app.plots import (
     score_heatmap,
     score_scatter,
     threshold_sensitivity,
+    training_losses,
 )
 from rh_lens.detection.records import DetectionResult, save_results
 from rh_lens.execution.files import write_json
 from rh_lens.heads import Head
 from rh_lens.interventions.compression import CompressionResult, export_duo_attention
+from rh_lens.interventions.head_tuning import FinetuneExperimentResult
 from rh_lens.interventions.masking import AblationResult
 from rh_lens.interventions.patching import PatchingResult
 from rh_lens.interventions.steering import SteeringResult
@@ -74,6 +77,19 @@ def save_steering(result: SteeringResult, out: str | Path) -> list[Path]:
     paths = [out / "steering.json", out / "recall_vs_factor.png"]
     write_json(paths[0], result.to_json())
     save_figure(recall_vs_factor(result), paths[1])
+    return paths
+
+
+def save_finetune(result: FinetuneExperimentResult, out: str | Path) -> list[Path]:
+    """finetune.json, training_losses.png and heldout_recall.png (each arm's held-out recall
+    with its 95% interval)."""
+    out = Path(out)
+    paths = [out / "finetune.json", out / "training_losses.png", out / "heldout_recall.png"]
+    write_json(paths[0], result.to_json())
+    save_figure(training_losses(result), paths[1])
+    save_figure(
+        heldout_bars({"held out": result.summary()}, title=f"{result.model}: held-out recall after fine-tuning"), paths[2]
+    )
     return paths
 
 
@@ -225,6 +241,34 @@ def format_steering(result: SteeringResult) -> str:
             f"{_with_interval(row['mean_recall'], row['recall_interval']):>21}  {spread:>11}  "
             f"{_rate_with_interval(row['success_rate'], row['success_interval']):>17}"
         )
+    return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
+
+
+def format_finetune(result: FinetuneExperimentResult) -> str:
+    """Per arm: the entries it trained, held-out recall with its 95% interval, the held-out
+    answer loss, the loss on general text (forgetting) and the training time; then the paired
+    tests (the retrieval heads' arm against every other, every arm against no training)."""
+    training = result.settings.get("training", {})
+    lines = [
+        f"{result.model}: held-out NIAH after fine-tuning ({training.get('steps')} steps of {training.get('batch_size')}, "
+        f"lr {training.get('lr')}){_split(result.settings)}",
+        f"{'arm':<16} {'params':>10} {'trials':>6}  {'mean recall [95%]':>21}  {'retrieved [95%]':>17}  "
+        f"{'answer loss':>11}  {'text loss':>9}  {'seconds':>8}",
+    ]
+    metadata = {c.group: c.metadata for c in result.conditions}
+    for row in result.summary():
+        meta = metadata[row["condition"]]
+        trained = meta.get("training") or {}
+        lines.append(
+            f"{row['condition']:<16} {trained.get('n_parameters', 0):>10,} {row['n_trials']:>6}  "
+            f"{_with_interval(row['mean_recall'], row['recall_interval']):>21}  "
+            f"{_rate_with_interval(row['success_rate'], row['success_interval']):>17}  "
+            f"{meta.get('heldout_answer_loss', float('nan')):>11.3f}  {meta.get('general_text_loss', float('nan')):>9.3f}  "
+            f"{trained.get('seconds', 0.0):>8.0f}"
+        )
+    lines.append(
+        "answer loss: on the held-out answers; text loss: on general text (forgetting); random arms: the first seed's losses"
+    )
     return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
 
 

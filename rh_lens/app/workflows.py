@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformer_lens import HookedTransformer
 
 from rh_lens.analysis.analyses import ACTIVATION_THRESHOLD, TOP_K, Analysis, Comparison, analyze, compare
@@ -24,6 +25,7 @@ from rh_lens.app.reports import (
     save_comparison,
     save_compression,
     save_detection,
+    save_finetune,
     save_patching,
     save_steering,
 )
@@ -36,6 +38,7 @@ from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
 from rh_lens.interventions.base import InterventionResult
 from rh_lens.interventions.compression import CompressionOptions, CompressionResult, compression_experiment
+from rh_lens.interventions.head_tuning import FinetuneArms, FinetuneExperimentResult, finetune_experiment
 from rh_lens.interventions.masking import AblationResult, MaskingOptions, ablation_experiment, ks_for_thresholds
 from rh_lens.interventions.patching import (
     METRICS,
@@ -238,6 +241,42 @@ def steer_grid(
         return result, save_steering(result, out)
 
 
+def finetune_grid(
+    model: str | HookedTransformer,
+    scores: str | Path | DetectionResult,
+    train: Grid | QAGrid,
+    evaluation: Grid | QAGrid,
+    out: str | Path,
+    *,
+    arms: FinetuneArms = FinetuneArms(),
+    general_text: str = "pydoc",
+    options: RunOptions = RunOptions(),
+) -> tuple[FinetuneExperimentResult, list[Path]]:
+    """`rh-lens finetune`: each arm (the top-K heads of `scores`, K random heads, LoRA of the
+    same size) trained from fresh weights on the answers of `train`'s trials, then judged on
+    `evaluation`'s, which must share nothing with the training trials nor with the ranking's
+    (checked by content, as `ablate --heldout`: refused otherwise), and on the first 1,024
+    tokens of `general_text` (a haystack name or path: forgetting). Saved with `save_finetune`."""
+    detection, settings = _ranking(scores, evaluation, heldout=True)
+    training = _split_check(train.settings(), evaluation.settings(), True, "the training grid")
+    if options.workers:
+        raise InputError("fine-tuning runs in one process: leave out --workers")
+    text = load_haystack(general_text)
+    with run_directory(out, options.resume, options.overwrite):
+        base = _model(model, options)
+        train_trials = train.trials(base.tokenizer, base.cfg.n_ctx)
+        evaluation_trials = evaluation.trials(base.tokenizer, base.cfg.n_ctx)
+        tokens = torch.tensor(tokenize_haystack(base.tokenizer, text, 1024 + 200)[:1024])
+        models = iter([base])
+
+        def load() -> HookedTransformer:  # the loaded model first, then fresh copies for each arm
+            return next(models, None) or _model(model, options)
+
+        result = finetune_experiment(load, detection, train_trials, evaluation_trials, tokens, arms, out_dir=out, options=options)
+        result.settings |= settings | {"train_split_check": training.get("split_check")}
+        return result, save_finetune(result, out)
+
+
 def compress_grid(
     model: str | HookedTransformer,
     scores: str | Path | DetectionResult,
@@ -381,11 +420,12 @@ RESULT_FILES = (
     "ablation.json",
     "compression.json",
     "steering.json",
+    "finetune.json",
     "atlas.json",
 )  # what `show` reads in a run directory
 
 
-def load_any(path: str | Path) -> DetectionResult | AblationResult | CompressionResult | SteeringResult | Atlas:
+def load_any(path: str | Path) -> DetectionResult | InterventionResult | Atlas:
     """`rh-lens show`: a results file of any command (or a run directory holding one), by its
     format. An atlas written before its intervals and paired tests gets them from the
     per-trial records in `evaluation.json` beside it."""
@@ -403,6 +443,8 @@ def load_any(path: str | Path) -> DetectionResult | AblationResult | Compression
         return CompressionResult.load(path)
     if kind == "rh_lens.steering":
         return SteeringResult.load(path)
+    if kind == "rh_lens.finetune":
+        return FinetuneExperimentResult.load(path)
     if kind == "rh_lens.atlas":
         atlas = Atlas.load(path)
         evaluation = path.parent / "evaluation.json"
