@@ -13,6 +13,8 @@ import math
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.model.loading import CATALOGUE, DTYPES
+from rh_lens.tasks.arithmetic import MODES as ARITHMETIC_MODES
+from rh_lens.tasks.arithmetic import ArithmeticGrid
 from rh_lens.tasks.data import TASKS, load_needles
 from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle
@@ -128,10 +130,18 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     plus --lengths and --depths."""
     parser.add_argument(
         "--task",
-        choices=("niah",) + TASKS,
+        choices=("niah",) + TASKS + ("arithmetic",),
         default="niah",
         help="niah (needles in a haystack, the default), squad or hotpotqa (real questions among distractor paragraphs), "
-        "world (built-in world-knowledge questions, asked closed-book)",
+        "world (built-in world-knowledge questions, asked closed-book), arithmetic (sums and differences of numbers "
+        "stated in the context, graded exactly; --questions picks the problems, --mode how they are asked)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=ARITHMETIC_MODES,
+        default="cot",
+        help="with --task arithmetic: cot (a worked chain of thought, the default), answer-only, or in-question (the "
+        "numbers stated in the question itself: arithmetic with nothing to copy from the context)",
     )
     parser.add_argument(
         "--closed-book",
@@ -215,11 +225,20 @@ def needles_from_args(args: argparse.Namespace) -> list[Needle]:
     return load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
 
 
-def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid:
+def grid_from_args(args: argparse.Namespace) -> Grid | QAGrid | ArithmeticGrid:
     if getattr(args, "closed_book", False) and args.task == "niah":
         raise InputError("--closed-book is for --task squad or hotpotqa (or --task world, closed-book already)")
     if getattr(args, "disjoint_from", None) and getattr(args, "task", "niah") == "niah":
         raise InputError("--disjoint-from is for --task squad, hotpotqa or world: it leaves out questions")
+    if getattr(args, "task", "niah") == "arithmetic":
+        if getattr(args, "needles", None) or getattr(args, "distractor", None) or getattr(args, "closed_book", False):
+            raise InputError("--needles, --distractor and --closed-book are not for --task arithmetic")
+        haystacks = args.haystack or ["ruler-essays"]
+        if len(haystacks) != 1:
+            raise InputError("--task arithmetic takes one --haystack")
+        return ArithmeticGrid(
+            args.questions, tuple(args.lengths), tuple(args.depths), args.mode, haystacks[0], args.prompt, args.question_seed
+        )
     if getattr(args, "task", "niah") != "niah":
         given = [name for name in ("needles", "haystack", "distractor") if getattr(args, name, None)]
         if given:

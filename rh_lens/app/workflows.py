@@ -51,6 +51,7 @@ from rh_lens.interventions.patching import (
 )
 from rh_lens.interventions.steering import SteeringOptions, SteeringResult, steering_experiment
 from rh_lens.model.loading import check_cache_of, load_model, load_model_spec
+from rh_lens.tasks.arithmetic import ArithmeticGrid
 from rh_lens.tasks.data import haystack_name, load_haystack
 from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.needles import Needle
@@ -162,6 +163,11 @@ def detect_grid(
     in one process.
     `until_stable`, `patience`, `order_seed`: adaptive detection (see `detect`). `checkpoint`:
     a training step of a model published with its checkpoints (see `load_model`)."""
+    if isinstance(grid, ArithmeticGrid):
+        raise InputError(
+            "arithmetic trials have no answer span to score (the answer is computed, not copied): detect on "
+            "NIAH or documents, then ablate on arithmetic"
+        )
     if isinstance(grid, QAGrid) and grid.is_closed_book:
         raise InputError("closed-book questions have no document to copy an answer from: detect on niah, squad or hotpotqa")
     settings = grid.settings()  # reads the haystacks: a missing one fails before anything else

@@ -8,6 +8,7 @@ distractor's answer. `answer_trials` is the one decode-and-grade step (`answer_t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -154,12 +155,28 @@ def answer_trials(
         yield i, grade(model, trials[i], generation), generation
 
 
+def final_number(response: str) -> str | None:
+    """The number a response gives as its answer: the first after its last "answer is", else
+    its first number (commas in thousands dropped); None when it has none."""
+    text = response.replace(",", "")
+    lowered = text.lower()
+    at = lowered.rfind("answer is")
+    found = re.search(r"-?\d+", text[at:] if at >= 0 else text)
+    return found.group() if found else None
+
+
 def grade(model: HookedTransformer, trial: Trial, generation: Generation) -> Answer:
     """What the model answered to a trial, graded."""
     response = model.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
-    recall = rouge1_recall(response, trial.needle.real_needle)
-    others = [rouge1_recall(response, d.real_needle) for d in trial.distractors]
-    kind = response_class(response, recall, others, trial)
+    if trial.grading == "number":  # exact: the final number given (recall 1 or 0)
+        given = final_number(response)
+        recall = float(given == trial.needle.real_needle)
+        others = []
+        kind = "correct" if recall else "other-context" if given is not None and given in trial.prompt else "invented"
+    else:
+        recall = rouge1_recall(response, trial.needle.real_needle)
+        others = [rouge1_recall(response, d.real_needle) for d in trial.distractors]
+        kind = response_class(response, recall, others, trial)
     return Answer(
         key=trial.key,
         context_length=trial.context_length,

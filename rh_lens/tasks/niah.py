@@ -50,6 +50,9 @@ class Trial:
     distractors: tuple[Needle, ...] = ()  # other sentences with other answers, in the same prompt
     distractor_depths: tuple[int, ...] = ()
     distractor_spans: tuple[tuple[int, int], ...] = ()
+    # "rouge": ROUGE-1 recall of the answer words (NIAH, documents); "number": the response's
+    # final number must equal the answer (`rh_lens.tasks.arithmetic`)
+    grading: str = "rouge"
     key: str = field(init=False)
 
     def __post_init__(self) -> None:

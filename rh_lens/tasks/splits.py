@@ -58,14 +58,20 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 0.0
 
 
+# Tasks whose items are needles in a haystack (`needles`, `needle_content` in the settings);
+# the others ask questions of a corpus (`questions`, `question_content`).
+NEEDLE_TASKS = ("niah", "arithmetic")
+
+
 def split_of(settings: dict[str, Any]) -> dict[str, Any] | None:
     """The items and text of a run, from its settings; None when the settings do not say
     (a published scores file records no trials)."""
     task = settings.get("task", "niah")
-    items = settings.get("questions") if task != "niah" else settings.get("needles")
+    in_haystack = task in NEEDLE_TASKS
+    items = settings.get("needles") if in_haystack else settings.get("questions")
     if not items:
         return None
-    text = {"data_sha256": settings.get("data_sha256")} if task != "niah" else {"haystack": settings.get("haystack")}
+    text = {"haystack": settings.get("haystack")} if in_haystack else {"data_sha256": settings.get("data_sha256")}
     return {"task": task, "items": [f"{task}:{item}" for item in items], **text}
 
 
@@ -98,7 +104,7 @@ def split_content(settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[
     None when the settings record no items. From the settings' `needle_content` /
     `question_content`, or for settings without them from the built-in needles and corpora."""
     task = settings.get("task", "niah")
-    niah = task == "niah"
+    niah = task in NEEDLE_TASKS
     ids = settings.get("needles" if niah else "questions")
     if not ids:
         return None
