@@ -6,10 +6,11 @@ the summary this writes (plain data: the numbers the table prints, unrounded), w
 
     python experiments/summarize_run.py runs/ablate/ablation.json experiments/results/masking_smollm2-135m.json
 
-- `ablation.json` or `compression.json`: the run's settings and one row per condition group,
-  as `InterventionResult.summary()` gives it (mean recall, spread over seeds, retrieved,
-  no-answer-word and response-class rates, kept right; KV kept and compression ratio for a
-  compression run);
+- `ablation.json`, `compression.json`, `steering.json` or `finetune.json`: the run's settings,
+  one row per condition group as `InterventionResult.summary()` gives it (mean recall with its
+  95% interval, spread over seeds, retrieved, no-answer-word and response-class rates, kept
+  right; KV kept and compression ratio for a compression run) and the paired tests of its
+  table (`comparisons()`);
 - a `patching.json`: the clean and corrupted metric, and per head kind and direction the top
   20 heads by effect and the sum over every patched head; the MLP effects per layer;
 - a detection `results.json`: trials and trials retrieved, how many responses of each class
@@ -28,24 +29,33 @@ from rh_lens.analysis.statistics import bootstrap
 from rh_lens.detection.records import load_results
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.interventions.compression import CompressionResult
+from rh_lens.interventions.head_tuning import FinetuneExperimentResult
 from rh_lens.interventions.masking import AblationResult
 from rh_lens.interventions.patching import PatchingResult
+from rh_lens.interventions.steering import SteeringResult
 
 TOP = 20
+RESULT_TYPES = {
+    "ablation": AblationResult,
+    "compression": CompressionResult,
+    "steering": SteeringResult,
+    "finetune": FinetuneExperimentResult,
+}
 
 
 def summarize(path: Path) -> dict:
     """The summary of one run's results file (an ablation, compression or detection file)."""
     data = read_json(path, "results file")
     experiment = data.get("experiment") if isinstance(data, dict) else None
-    if experiment in ("ablation", "compression"):
-        result = (AblationResult if experiment == "ablation" else CompressionResult).load(path)
+    if experiment in RESULT_TYPES:
+        result = RESULT_TYPES[experiment].load(path)
         return {
             "run": str(path),
             "experiment": experiment,
             "model": result.model,
             "settings": result.settings,
             "rows": result.summary(),
+            "tests": [t.to_json() for t in result.comparisons()],
         }
     if isinstance(data, dict) and str(data.get("format", "")).startswith("rh_lens.patching/"):
         return summarize_patching(path, PatchingResult.from_json(data))

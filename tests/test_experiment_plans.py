@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rh_lens.app.cli import build_parser
+from rh_lens.app.options import grid_from_args
 from rh_lens.tasks.data import load_needles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -91,3 +92,26 @@ def test_committed_records_are_laid_back_as_run_state_and_tabulate_to_the_commit
             trials = tmp_path / "smollm2-135m" / t["step"] / "conditions" / condition["name"] / "trials"
             assert sorted(p.stem for p in trials.glob("*.json")) == sorted(r["key"] for r in condition["records"])
     assert rigor.restore("smollm2-135m", tmp_path, RESULTS) == []  # run directories that exist are left alone
+
+
+claims = pytest.importorskip("claims")
+
+
+@pytest.mark.parametrize("model", claims.MODELS)
+def test_the_claims_plan_parses_is_held_out_and_has_100_trials_per_condition(model, tmp_path):
+    parser = build_parser()
+    plan = claims.steps(model, tmp_path)
+    assert {"cot-answer-only", "cot-cot", "cot-in-question", "steer-niah"} <= plan.keys()
+    assert ("finetune" in plan) == (model == "smollm2-135m")
+    for name, command in plan.items():
+        args = parser.parse_args([*command, "--out", str(tmp_path / name)])
+        if command[0] == "detect":
+            continue
+        assert args.scores == str(tmp_path / model / "niah" / "results.json")
+        grid = grid_from_args(args)
+        items = len(grid.selected()) if args.task == "arithmetic" else len(load_needles(args.needles))
+        assert items * len(args.lengths) * len(args.depths) >= 100, name
+        if command[0] == "finetune":  # judged on the bank's other half, trained on the first
+            assert args.train.needles == "bank-a" and args.needles == "bank-b"
+        else:
+            assert args.heldout and args.random_seeds >= 2, name

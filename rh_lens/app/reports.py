@@ -200,7 +200,7 @@ def format_ablation(result: AblationResult) -> str:
     """Mean recall per masking condition with its 95% interval over trials and the spread
     over random seeds, then the paired tests (top-K against random-K and no masking)."""
     lines = [
-        f"{result.model}: NIAH recall under {result.method} masking "
+        f"{result.model}: {_measured(result.settings)} under {result.method} masking "
         f"({'decode steps only' if result.decode_only else 'all positions'}){_split(result.settings)}",
         f"{'condition':<14} {'K':>4} {'trials':>6}  {'mean recall [95%]':>21}  {'seed spread':>11}  {'retrieved [95%]':>17}"
         f"  {'kept':>5}  {'no answer word':>14}  {'distractor':>10}  {'invented':>8}",
@@ -327,6 +327,13 @@ def _with_interval(x: float | None, interval) -> str:
 
 def _rate_with_interval(x: float, interval) -> str:
     return f"{100 * x:.0f}%" + (f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else "")
+
+
+def _measured(settings: dict[str, Any]) -> str:
+    """What a table's recall is: exact accuracy for arithmetic (recall 1 or 0), else ROUGE-1 recall."""
+    if settings.get("task") == "arithmetic":
+        return f"arithmetic accuracy ({settings.get('mode')}, exact final number)"
+    return "NIAH recall"
 
 
 def _split(settings: dict[str, Any]) -> str:
