@@ -98,3 +98,27 @@ def build_planted_model(strength: float = 100.0) -> HookedTransformer:
         l1.W_V[PLANTED[1], tok, :vocab] = eye_v
         l1.W_O[PLANTED[1], :vocab, out] = eye_v * strength
     return model
+
+
+def weakened_planted_model(divisor: float) -> HookedTransformer:
+    """The planted model with its retrieval head's whole query (weights and bias) divided by
+    `divisor`: its attention, that much softer, spreads over the haystack. Multiplying that
+    head's attention scores by `divisor` gives the original scores back."""
+    model = build_planted_model()
+    attn = model.blocks[PLANTED[0]].attn
+    with torch.no_grad():
+        attn.W_Q[PLANTED[1]] /= divisor
+        attn.b_Q[PLANTED[1]] /= divisor
+    return model
+
+
+def write_inputs(directory) -> tuple[str, str]:
+    """A haystack directory and a needles file for the command line: (haystack, needles)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "hay").mkdir(exist_ok=True)
+    (directory / "hay" / "text.txt").write_text(haystack_text())
+    (directory / "needles.jsonl").write_text(json.dumps(NEEDLE.__dict__) + "\n")
+    return str(directory / "hay"), str(directory / "needles.jsonl")

@@ -3,9 +3,11 @@ stays bit-identical through training, LoRA adapters start as a no-op and leave t
 weights alone, and on the planted model training its (weakened) retrieval head lowers the
 answer loss while training a head that reads nothing cannot."""
 
+from functools import partial
+
 import pytest
 import torch
-from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+from planted import NEEDLE, PLANTED, build_planted_model, haystack_text, weakened_planted_model, write_inputs
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rh_lens.interventions.head_tuning as head_tuning
@@ -105,15 +107,7 @@ def test_lora_starts_as_a_no_op_trains_its_adapters_and_leaves_the_weights():
 
 
 def test_training_the_planted_retrieval_head_lowers_the_answer_loss_and_an_idle_head_cannot():
-    def weakened():
-        model = build_planted_model()
-        attn = model.blocks[PLANTED[0]].attn
-        with torch.no_grad():  # a softer query: attention spreads over the haystack
-            attn.W_Q[PLANTED[1]] /= 30
-            attn.b_Q[PLANTED[1]] /= 30
-        return model
-
-    model = weakened()
+    model = weakened_planted_model(30)
     haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
     trials = [build_trial(model.tokenizer, haystack, NEEDLE, 300, depth) for depth in (0, 50, 100)]
     sequences = [answer_sequence(model.tokenizer, t) for t in trials]
@@ -123,7 +117,7 @@ def test_training_the_planted_retrieval_head_lowers_the_answer_loss_and_an_idle_
     start = answer_loss(model, sequences)
     finetune(model, sequences, HeadTraining(model, head_masks(model, [PLANTED])), options)
     assert answer_loss(model, sequences) < 0.5 * start
-    idle = weakened()  # head 1-3 has zero weights: it reads nothing and writes nothing, so no gradient moves it
+    idle = weakened_planted_model(30)  # head 1-3 has zero weights: it reads nothing and writes nothing, so no gradient moves it
     before = {n: p.detach().clone() for n, p in idle.named_parameters()}
     finetune(idle, sequences, HeadTraining(idle, head_masks(idle, [(1, 3)])), options)
     assert all(torch.equal(p, before[n]) for n, p in idle.named_parameters())
@@ -131,15 +125,7 @@ def test_training_the_planted_retrieval_head_lowers_the_answer_loss_and_an_idle_
 
 
 def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_other_trials(tmp_path, monkeypatch):
-    def weakened():
-        model = build_planted_model()
-        attn = model.blocks[PLANTED[0]].attn
-        with torch.no_grad():
-            attn.W_Q[PLANTED[1]] /= 30
-            attn.b_Q[PLANTED[1]] /= 30
-        return model
-
-    model = weakened()
+    model = weakened_planted_model(30)
     haystack = tokenize_haystack(model.tokenizer, haystack_text(), 300)
     train = [build_trial(model.tokenizer, haystack, NEEDLE, 300, depth) for depth in (0, 50, 100)]
     held_out = [build_trial(model.tokenizer, haystack, NEEDLE, 280, depth) for depth in (25, 75)]
@@ -149,7 +135,9 @@ def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_othe
     ranking = DetectionResult("planted", 2, 4, [TrialRecord(**record, head_scores=[[0.0] * 4, [0.0, 0.05, 0.9, 0.0]])])
     arms = FinetuneArms(k=1, seeds=(0,), lora=True, training=FinetuneOptions(steps=15, lr=0.05, batch_size=3))
     options = RunOptions(max_new_tokens=6, progress=False)
-    result = finetune_experiment(weakened, ranking, train, held_out, text, arms, out_dir=tmp_path / "run", options=options)
+    result = finetune_experiment(
+        partial(weakened_planted_model, 30), ranking, train, held_out, text, arms, out_dir=tmp_path / "run", options=options
+    )
     rows = {r["condition"]: r for r in result.summary()}
     assert set(rows) == {"none", "top-1", "random-1", "lora"}
     meta = {c.name: c.metadata for c in result.conditions}
@@ -163,7 +151,7 @@ def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_othe
     # resumed: every arm judged already, so nothing trains again
     monkeypatch.setattr(head_tuning, "finetune", lambda *a, **k: pytest.fail("trained again"))
     again = finetune_experiment(
-        weakened,
+        partial(weakened_planted_model, 30),
         ranking,
         train,
         held_out,
@@ -182,24 +170,21 @@ def test_finetune_on_the_command_line_refuses_training_on_the_evaluation_trials(
     import rh_lens.app.workflows as workflows
 
     monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: build_planted_model())
-    (tmp_path / "hay").mkdir()
-    (tmp_path / "hay" / "text.txt").write_text(haystack_text())
-    needle = tmp_path / "needle.jsonl"
-    needle.write_text(json.dumps(NEEDLE.__dict__) + "\n")
-    hay = ["--haystack", str(tmp_path / "hay"), "--needles", str(needle)]
+    hay_dir, needle = write_inputs(tmp_path)
+    hay = ["--haystack", hay_dir, "--needles", needle]
     ranking = tmp_path / "rank"
     detect = ["detect", "--model", "planted", *hay, "--lengths", "300", "--depths", "50", "--max-new-tokens", "6"]
     assert cli.main([*detect, "--out", str(ranking)]) == 0
     argv = ["finetune", "--model", "planted", "--scores", str(ranking / "results.json"), "--top-k", "1", "--steps", "2"]
     argv += ["--train", " ".join([*hay, "--lengths", "300", "--depths", "0"]), *hay, "--lengths", "280", "--depths", "100"]
-    argv += ["--text", str(tmp_path / "hay"), "--max-new-tokens", "6", "--out", str(tmp_path / "run")]
+    argv += ["--text", hay_dir, "--max-new-tokens", "6", "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 1  # the same needle in training, evaluation and ranking: not held out
     assert "held" in capsys.readouterr().err.lower()
     assert not (tmp_path / "run").exists()
     # judged on another needle (words of the planted vocabulary): every arm runs, show reads it back
     other = {"needle": "The violin code is: river stone cloud maple lamp.", "question": "What is the violin code?"}
     (tmp_path / "other.jsonl").write_text(json.dumps(other | {"real_needle": "river stone cloud maple lamp"}) + "\n")
-    argv[argv.index(str(needle), argv.index("--train") + 2)] = str(tmp_path / "other.jsonl")
+    argv[argv.index(needle, argv.index("--train") + 2)] = str(tmp_path / "other.jsonl")
     assert cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert all(arm in printed for arm in ("none", "top-1", "random-1", "lora", "top-1 vs lora"))

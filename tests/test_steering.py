@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
+from planted import NEEDLE, PLANTED, build_planted_model, haystack_text, weakened_planted_model, write_inputs
 
 import rh_lens.app.cli as cli
 import rh_lens.app.workflows as workflows
@@ -22,16 +22,9 @@ OPTIONS = RunOptions(max_new_tokens=6, progress=False)
 WEAKENING = 100.0
 
 
-def weakened() -> object:
-    """The planted model with its retrieval head's whole query (weights and bias) divided by
-    100: its attention, 100 times softer, spreads over the haystack and the answer is lost.
-    Multiplying that head's attention scores by 100 gives the original scores back."""
-    model = build_planted_model()
-    attn = model.blocks[PLANTED[0]].attn
-    with torch.no_grad():
-        attn.W_Q[PLANTED[1]] /= WEAKENING
-        attn.b_Q[PLANTED[1]] /= WEAKENING
-    return model
+def weakened():
+    """The planted model with its retrieval head's query divided by 100 (`weakened_planted_model`)."""
+    return weakened_planted_model(WEAKENING)
 
 
 model = build_planted_model()
@@ -114,13 +107,10 @@ def test_the_experiment_compares_the_top_heads_with_random_heads_at_each_factor(
 
 def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: weakened())
-    (tmp_path / "hay").mkdir()
-    (tmp_path / "hay" / "text.txt").write_text(haystack_text())
-    needles = tmp_path / "needles.jsonl"
-    needles.write_text(json.dumps(NEEDLE.__dict__) + "\n")
+    hay, needles = write_inputs(tmp_path)
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"1-2": [0.9], "1-1": [0.05], "1-3": [0.0]}))  # the reference's published format
-    grid = ["--haystack", str(tmp_path / "hay"), "--needles", str(needles), "--lengths", "300", "--depths", "0", "100"]
+    grid = ["--haystack", hay, "--needles", needles, "--lengths", "300", "--depths", "0", "100"]
     argv = ["steer", "--model", "planted", "--scores", str(scores), "--top-k", "1", "--factors", "100", *grid]
     assert cli.main([*argv, "--random-seeds", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,14 @@ def detect_grid(
         return result, save_detection(result, out)
 
 
+def _grid_run(model, grid: Grid | QAGrid | ArithmeticGrid, out: str | Path, options: RunOptions, experiment, save):
+    """Hold `out`, load the model (or start its workers), make the grid's trials, run
+    `experiment(model, trials, executor=...)` and save its result with `save(result, out)`."""
+    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
+        result = experiment(model, grid.trials(model.tokenizer, model.cfg.n_ctx), executor=executor)
+        return result, save(result, out)
+
+
 def ablate_grid(
     model: str | HookedTransformer,
     scores: str | Path | DetectionResult,
@@ -216,12 +225,8 @@ def ablate_grid(
             raise InputError(f"no head scores at or above any of the thresholds {', '.join(map(str, masking.thresholds))}")
         settings["thresholds"] = {str(t): k for t, k in by_threshold.items()}
         masking = replace(masking, ks=tuple(ks), thresholds=None)
-    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
-        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-        result = ablation_experiment(
-            model, trials, detection, masking, out_dir=out, options=options, settings=settings, executor=executor
-        )
-        return result, save_ablation(result, out)
+    run = partial(ablation_experiment, detection=detection, masking=masking, out_dir=out, options=options, settings=settings)
+    return _grid_run(model, grid, out, options, run, save_ablation)
 
 
 def steer_grid(
@@ -239,12 +244,8 @@ def steer_grid(
     each factor and K random others boosted by the same factor (`steering`: see
     `SteeringOptions`), saved with `save_steering`. `heldout`, `other_haystack`: as for `ablate_grid`."""
     detection, settings = _ranking(scores, grid, heldout, other_haystack)
-    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
-        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-        result = steering_experiment(
-            model, trials, detection, steering, out_dir=out, options=options, settings=settings, executor=executor
-        )
-        return result, save_steering(result, out)
+    run = partial(steering_experiment, detection=detection, steering=steering, out_dir=out, options=options, settings=settings)
+    return _grid_run(model, grid, out, options, run, save_steering)
 
 
 def finetune_grid(
@@ -299,12 +300,10 @@ def compress_grid(
     bytes and RazorAttention's heads (`compression`: see `CompressionOptions`); saved with
     `save_compression`. `heldout`, `other_haystack`: as for `ablate_grid`."""
     detection, settings = _ranking(scores, grid, heldout, other_haystack)
-    with run_directory(out, options.resume, options.overwrite), _executor(model, options) as (model, executor):
-        trials = grid.trials(model.tokenizer, model.cfg.n_ctx)
-        result = compression_experiment(
-            model, trials, detection, compression, out_dir=out, options=options, settings=settings, executor=executor
-        )
-        return result, save_compression(result, out)
+    run = partial(
+        compression_experiment, detection=detection, compression=compression, out_dir=out, options=options, settings=settings
+    )
+    return _grid_run(model, grid, out, options, run, save_compression)
 
 
 def atlas_grid(
