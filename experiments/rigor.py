@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from common import DOCS_DIR, RESULTS_DIR
@@ -159,7 +160,9 @@ def _atlas_split(model: str, runs: Path) -> dict:
     running atlas records it only in the atlas.json it writes at the end)."""
     args = _atlas_args(model, runs)
     grids = grid_from_args(args).settings(), grid_from_args(args.evaluate).settings()
-    return {"heldout": True, "split_check": check_split(*grids), "split_check_made": "at tabulation (the atlas is running)"}
+    made = "at tabulation (the atlas is running)"
+    options = asdict(cli.atlas_options_from_args(args))
+    return {"heldout": True, "split_check": check_split(*grids), "split_check_made": made, "options": options}
 
 
 def _unfinished_atlas(out: Path, model: str, runs: Path) -> tuple[Atlas, InterventionResult] | None:
@@ -318,13 +321,13 @@ def _cell(x: float, interval, percent: bool = False) -> str:
 def docs_tables(t: dict) -> list[str]:
     """The step's rows and tests as markdown tables, each with its Source line (for docs/)."""
     source = f"Source: experiments/results/rigor.json model={t['model']} step={t['step']}"
-    size = "K" if t["step"].startswith("ablate") else "KV kept"
+    size = {"ablate": "K", "compress": "KV kept", "atlas": "K or KV kept"}[t["step"].split("-")[0]]
     lines = [
         f"| condition | {size} | trials | mean recall [95%] | retrieved [95%] | kept right [95%] |",
         "|---|---|---|---|---|---|",
     ]
     for r in t["rows"]:
-        what = r["k"] if "k" in r else f"{100 * r['kv_kept']:.1f}%"
+        what = f"{100 * r['kv_kept']:.1f}%" if "kv_kept" in r else r["k"]
         kept = "-" if r["retained"] is None else _cell(r["retained"], r["retained_interval"], percent=True)
         lines.append(
             f"| {r['condition']} | {what} | {r['n_trials']} | {_cell(r['mean_recall'], r['recall_interval'])} "

@@ -495,7 +495,8 @@ def format_atlas(atlas: Atlas) -> str:
         lines.append(f"{m:<15}{cells(masked, kv.get(m, {}))}")
     lines.append(f"{'random':<15}{cells(random, kv.get('random', {}))}")
     lines.append(f"{'streaming':<15}{cells({}, kv.get('streaming', {}))}")
-    lines.append(f"KV: {atlas.kv[-1]['full_fraction']:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
+    fraction = atlas.settings.get("options", {}).get("full_fraction", atlas.kv[-1]["full_fraction"])
+    lines.append(f"KV: {fraction:.0%} of KV heads full; kept: the fraction of the cache each policy keeps")
     short = {m: m[:6] for m in atlas.methods}
     lines.append(f"{'Spearman':<15}" + " ".join(f"{short[m]:>6}" for m in atlas.methods))
     for row in atlas.table():
