@@ -84,9 +84,9 @@ def run(model: str, runs: Path, only: list[str] | None, dry: bool) -> None:
                 raise SystemExit(f"{model} {name} failed")
 
 
-def _trials(model: str, loaded=None) -> tuple:
+def _trials(model: str) -> tuple:
     """The held-out trials of every step, and the model they were tokenized for."""
-    loaded = loaded or load_model(model)
+    loaded = load_model(model)
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser)
     grid = grid_from_args(parser.parse_args([a for a in HELD_OUT if a != "--heldout"]))

@@ -43,7 +43,7 @@ from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
 from rh_lens.heads import Head, check_heads, heads_by_layer
 from rh_lens.interventions.base import Condition, InterventionResult, check_shape, evaluate
-from rh_lens.interventions.masking import random_heads
+from rh_lens.interventions.masking import random_heads, ranking_and_excluded
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
 
@@ -189,15 +189,17 @@ def answer_sequence(tokenizer, trial: Trial) -> tuple[Int[Tensor, " pos"], Bool[
     return ids, mask
 
 
+def _sequence_loss(model: HookedTransformer, ids: Int[Tensor, " pos"], mask: Bool[Tensor, " pos"]) -> Tensor:
+    """Next-token loss over the answer tokens (`mask`) of one sequence."""
+    ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
+    logits = model(ids[None], return_type="logits")[0, :-1]
+    return torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]])
+
+
 @torch.no_grad()
 def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tensor]]) -> float:
     """Mean next-token loss over the answer tokens of `sequences`, one sequence at a time."""
-    losses = []
-    for ids, mask in sequences:
-        ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
-        logits = model(ids[None], return_type="logits")[0, :-1]
-        losses.append(torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]]).item())
-    return float(sum(losses) / len(losses))
+    return float(sum(_sequence_loss(model, ids, mask).item() for ids, mask in sequences) / len(sequences))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,9 +252,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for ids, mask in order.choices(sequences, k=options.batch_size):
-                ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
-                logits = model(ids[None], return_type="logits")[0, :-1]
-                loss = torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]])
+                loss = _sequence_loss(model, ids, mask)
                 (loss / options.batch_size).backward()
                 total += loss.item() / options.batch_size
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -314,8 +314,7 @@ def finetune_experiment(
     `general_text` (forgetting). An arm whose evaluation finished is not trained again on resume."""
     model = load()
     check_shape("scores", detection.n_layers, detection.n_heads, model)
-    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
-    outside = set(ranking[: arms.k]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    ranking, outside = ranking_and_excluded(detection, arms.k)
     plan: list[tuple[str, str, list[Head] | None, dict]] = [("none", "none", None, {"kind": "none"})]
     plan.append((f"top-{arms.k}", f"top-{arms.k}", ranking[: arms.k], {"kind": "top", "k": arms.k}))
     for seed in arms.seeds:

@@ -240,6 +240,13 @@ class MaskingOptions:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
+def ranking_and_excluded(detection: DetectionResult, largest_k: int) -> tuple[list[Head], set[Head]]:
+    """The heads best first, and those random controls never draw: the top `largest_k` and
+    every head at or above the threshold (shared by masking, steering and fine-tuning)."""
+    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
+    return ranking, set(ranking[:largest_k]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
+
+
 def ablation_conditions(
     detection: DetectionResult,
     ks: Sequence[int],
@@ -251,8 +258,7 @@ def ablation_conditions(
 ) -> list[Condition]:
     """No masking; the top-K heads by retrieval score; K random heads drawn only from outside
     the top list (the largest K's top heads and every head above the threshold)."""
-    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
-    outside = set(ranking[: max(ks)]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    ranking, outside = ranking_and_excluded(detection, max(ks))
 
     def mask(heads: Sequence[Head]) -> HeadMask:
         return HeadMask(heads, method, decode_only, mean_z)

@@ -31,7 +31,7 @@ from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.heads import Head, check_heads, heads_by_layer, heads_of
 from rh_lens.interventions.base import Condition, Intervention, InterventionResult, check_shape, run_conditions
-from rh_lens.interventions.masking import random_heads
+from rh_lens.interventions.masking import random_heads, ranking_and_excluded
 from rh_lens.model.tl_internals import Hook, allowed_keys
 from rh_lens.tasks.niah import Trial
 
@@ -131,8 +131,7 @@ class SteeringOptions:
 def steering_conditions(detection: DetectionResult, steering: SteeringOptions) -> list[Condition]:
     """No intervention; per K and factor, the top-K heads boosted (group `top-K-xF`) and K
     random heads drawn outside the top list boosted by the same factor (group `random-K-xF`)."""
-    ranking = [Head(layer, head) for layer, head, _ in detection.ranking()]
-    outside = set(ranking[: max(steering.ks)]) | {Head(layer, head) for layer, head, _ in detection.retrieval_heads()}
+    ranking, outside = ranking_and_excluded(detection, max(steering.ks))
 
     def boost(heads: Sequence[Head], factor: float) -> HeadBoost:
         return HeadBoost(heads, factor, steering.method, steering.decode_only)
