@@ -52,22 +52,30 @@ def policy_from_head_map(
     if isinstance(head_map, KVPolicy):
         head_map.check_shape(*shape)
         return head_map
+    name, scores = head_map_scores(head_map, shape)
+    if full_fraction is None:
+        if name != "duo-attention":
+            raise InputError("head scores rank the KV heads: give full_fraction, the share of them kept full")
+        full = frozenset(KVHead(int(layer), int(kv)) for layer, kv in zip(*np.nonzero(scores.numpy() > DUO_THRESHOLD)))
+        return KVPolicy(name, n_layers, n_heads, n_kv_heads, full, sink, window)
+    return top_policy_for_shape(name, shape, scores, full_fraction, sink, window)
+
+
+def head_map_scores(head_map: str | Path | DetectionResult, shape: tuple[int, int, int]) -> tuple[str, torch.Tensor]:
+    """(name, [layer, kv_head] scores, higher keeps the whole cache first) of a head map that
+    ranks heads: DuoAttention's gate values, or head scores (a KV head: the best of its
+    query heads)."""
+    n_layers, n_heads, n_kv_heads = shape
     if isinstance(head_map, (str, Path)) and Path(head_map).suffix == ".tsv":
         gates = read_duo_attention(head_map)
         if gates.shape != (n_layers, n_kv_heads):
             raise InputError(
                 f"{head_map}: gates for {gates.shape[0]} layers x {gates.shape[1]} KV heads, the model has {n_layers} x {n_kv_heads}"
             )
-        if full_fraction is None:
-            full = frozenset(KVHead(int(layer), int(kv)) for layer, kv in zip(*np.nonzero(gates > DUO_THRESHOLD)))
-            return KVPolicy("duo-attention", n_layers, n_heads, n_kv_heads, full, sink, window)
-        return top_policy_for_shape("duo-attention", shape, torch.as_tensor(gates), full_fraction, sink, window)
+        return "duo-attention", torch.as_tensor(gates)
     detection = head_map if isinstance(head_map, DetectionResult) else load_results(head_map)
     if (detection.n_layers, detection.n_heads) != (n_layers, n_heads):
         raise InputError(
             f"head scores for {detection.n_layers} x {detection.n_heads} heads, the model has {n_layers} x {n_heads}"
         )
-    if full_fraction is None:
-        raise InputError("head scores rank the KV heads: give full_fraction, the share of them kept full")
-    scores = kv_head_scores(detection.scores().float(), n_kv_heads)
-    return top_policy_for_shape("retrieval", shape, scores, full_fraction, sink, window)
+    return "retrieval", kv_head_scores(detection.scores().float(), n_kv_heads)

@@ -27,11 +27,14 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rh_lens.errors import InputError
-from rh_lens.kv.head_maps import HeadMap, policy_from_head_map
-from rh_lens.model.headwise import HeadwiseLayer, KVPolicy, ring_attention
+from rh_lens.interventions.compression import rank_kv_heads
+from rh_lens.kv.budget import KVBudget
+from rh_lens.kv.head_maps import HeadMap, head_map_scores, policy_from_head_map
+from rh_lens.model.headwise import GROWTH, HeadwiseLayer, KVPolicy, ring_attention
 
 ATTENTION = "rh_lens_headwise"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+MODES = ("windowed", "decode-only")
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -68,13 +71,24 @@ class HeadwiseCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, policy: KVPolicy, layer: int, max_tokens: int, native_window: int | None = None):
+    def __init__(self, policy: KVPolicy, layer: int, max_tokens: int, native_window: int | None = None, mode: str = "windowed"):
         super().__init__()
         self.policy, self.layer, self.max_tokens, self.native_window = policy, layer, max_tokens, native_window
+        self.mode = mode
         self.storage: HeadwiseLayer | None = None
         self.seen = 0  # tokens of the sequence so far
+        self.decoded = False  # a one-token step has run (decode-only: the prompt is in)
+        self.siblings: list[HeadwiseCacheLayer] = []  # the cache's layers, made together
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Make this layer's storage, and every other layer's of the cache: one after another
+        before the prompt's activations, rather than each between them (a CPU allocator would
+        otherwise keep the activations' freed memory beside the cache, and the peak grows)."""
+        for layer in self.siblings or [self]:
+            if not layer.is_initialized:
+                layer.make_storage(key_states)
+
+    def make_storage(self, key_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.storage = HeadwiseLayer(
             self.policy,
@@ -85,6 +99,7 @@ class HeadwiseCacheLayer(CacheLayerMixin):
             device=key_states.device,
             max_tokens=self.max_tokens,
             native_window=self.native_window,
+            reserve=key_states.size(2) + GROWTH,
         )
         self.is_initialized = True
 
@@ -95,11 +110,23 @@ class HeadwiseCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, _, n, _ = key_states.shape
         positions = torch.arange(self.seen, self.seen + n, device=key_states.device)[None].expand(b, -1)
-        parts = self.storage.store(key_states, value_states, positions)
-        parts = [(heads, keys, values, ring, kept, positions) for heads, keys, values, ring, kept in parts]
+        if self.mode == "decode-only" and n > 1 and not self.decoded:
+            # The prompt attends over every key it brings; the layer keeps what the policy
+            # keeps of them, so the cache never holds more than one layer's full KV extra.
+            if self.seen:
+                raise InputError("a decode-only head-wise cache prefills the prompt whole: do not split it (prefill_chunk_size)")
+            self.storage.compress(key_states, value_states, positions)
+            parts = [(self.all_heads(key_states.device), key_states, value_states, None, None, positions)]
+        else:
+            parts = self.storage.store(key_states, value_states, positions)
+            parts = [(heads, keys, values, ring, kept, positions) for heads, keys, values, ring, kept in parts]
+        self.decoded |= n == 1
         self.seen += n
         key_states.rh_headwise_parts = parts
         return key_states, value_states
+
+    def all_heads(self, device) -> torch.Tensor:
+        return self.storage.indices(range(self.policy.n_kv_heads), device)[1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0  # the full heads' keys: every one so far
@@ -114,22 +141,30 @@ class HeadwiseCacheLayer(CacheLayerMixin):
         return self.storage.nbytes() if self.storage is not None else 0
 
     def reset(self) -> None:
-        self.storage, self.seen, self.is_initialized = None, 0, False
+        self.storage, self.seen, self.decoded, self.is_initialized = None, 0, False, False
 
 
 class HeadwiseCache(Cache):
-    """A `transformers` cache that keeps what a `KVPolicy` keeps, per KV head."""
+    """A `transformers` cache that keeps what a `KVPolicy` keeps, per KV head. `mode`:
+    "windowed" (streaming heads see only sink + window from the first prompt token; prefill
+    in chunks with `generate(..., prefill_chunk_size=N)` to bound prefill memory too) or
+    "decode-only" (the prompt, given whole, attends over every key; each layer keeps what the
+    policy keeps of it as soon as it is written, and decoding is windowed)."""
 
-    def __init__(self, policy: KVPolicy, config, max_tokens: int | None = None):
+    def __init__(self, policy: KVPolicy, config, max_tokens: int | None = None, mode: str = "windowed"):
         check_model(config)
         policy.check_shape(*model_shape(config))
+        if mode not in MODES:
+            raise InputError(f"head-wise cache mode {mode!r}: one of {', '.join(MODES)}")
         text = getattr(config, "text_config", None) or config
         max_tokens = max_tokens or getattr(text, "max_position_embeddings", None) or 1 << 20
         if policy.sink + policy.window > max_tokens:
             raise InputError(f"sink {policy.sink} + window {policy.window} is more than the context ({max_tokens} tokens)")
-        layers = [HeadwiseCacheLayer(policy, i, max_tokens, w) for i, w in enumerate(native_windows(config))]
+        layers = [HeadwiseCacheLayer(policy, i, max_tokens, w, mode) for i, w in enumerate(native_windows(config))]
         super().__init__(layers=layers)
-        self.policy = policy
+        for layer in layers:
+            layer.siblings = layers
+        self.policy, self.mode = policy, mode
 
     @classmethod
     def from_head_map(
@@ -141,22 +176,46 @@ class HeadwiseCache(Cache):
         sink: int = 4,
         window: int = 256,
         max_tokens: int | None = None,
+        mode: str = "windowed",
+        budget: KVBudget | None = None,
     ) -> HeadwiseCache:
         """A cache from a head map (see `policy_from_head_map`) for `model` (a transformers
         model, switched to the head-wise attention function; or its config, for a model
-        loaded with `attn_implementation=ATTENTION`)."""
+        loaded with `attn_implementation=ATTENTION`). With a `budget`, the head map's best
+        heads are kept full as far as it allows (`full_fraction=None`), or, when the full heads
+        are set (a `KVPolicy`, or a `full_fraction`), the window is as long as it allows."""
         config = getattr(model, "config", model)
         check_model(config)
-        policy = policy_from_head_map(head_map, *model_shape(config), full_fraction=full_fraction, sink=sink, window=window)
+        shape = model_shape(config)
+        if budget is None:
+            policy = policy_from_head_map(head_map, *shape, full_fraction=full_fraction, sink=sink, window=window)
+        else:
+            policy = budget_policy(head_map, config, getattr(model, "dtype", None), budget, full_fraction, sink, window)
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(ATTENTION)
         elif getattr(config, "_attn_implementation", None) != ATTENTION:
             raise InputError(f"load the model with attn_implementation={ATTENTION!r} (or pass the model itself)")
-        return cls(policy, config, max_tokens)
+        return cls(policy, config, max_tokens, mode)
 
     def nbytes(self) -> int:
         """Bytes the cache's tensors hold (measured: storage sizes)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+def budget_policy(head_map: HeadMap, config, dtype, budget: KVBudget, full_fraction, sink: int, window: int) -> KVPolicy:
+    """The policy `HeadwiseCache.from_head_map` fits to `budget` (see there)."""
+    shape = model_shape(config)
+    text = getattr(config, "text_config", None) or config
+    d_head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype = dtype or getattr(text, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    ranking = None
+    if isinstance(head_map, KVPolicy) or full_fraction is not None:
+        policy = policy_from_head_map(head_map, *shape, full_fraction=full_fraction, sink=sink, window=window)
+    else:
+        name, scores = head_map_scores(head_map, shape)
+        policy, ranking = KVPolicy(name, *shape, frozenset(), sink, window), rank_kv_heads(scores)
+    return budget.fit(policy, ranking, d_head, dtype.itemsize, native_windows(config))
 
 
 def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):

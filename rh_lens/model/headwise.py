@@ -150,6 +150,23 @@ def kv_bytes(
     return kept * per_token, whole * per_token
 
 
+def cache_bytes(
+    policy: KVPolicy, tokens: int, d_head: int, dtype_bytes: int, native_windows: Sequence[int | None] | None = None
+) -> int:
+    """Bytes a head-wise cache of one row holds for a context of `tokens`: the keys and values
+    `kv_bytes` counts, plus each ring slot's recorded position (8 bytes), every layer. Full
+    heads' growth room (up to GROWTH tokens) and head indices (a few bytes) are not counted."""
+    windows = native_windows or [None] * policy.n_layers
+    slots = 0
+    for layer, window in enumerate(windows):
+        full_slots, streaming_slots = ring_slots(policy, tokens, window)
+        has_full, has_streaming = bool(policy.full_kv_heads(layer)), len(policy.full_kv_heads(layer)) < policy.n_kv_heads
+        if window is not None and streaming_slots == full_slots:  # one ring for every head (HeadwiseLayer)
+            has_full, has_streaming = False, True
+        slots += has_streaming * sum(streaming_slots) + (has_full * sum(full_slots) if full_slots else 0)
+    return kv_bytes(policy, tokens, d_head, dtype_bytes, native_windows)[0] + 8 * slots
+
+
 def storage_bytes(tensors: Sequence[Tensor]) -> int:
     """Bytes of the storages behind `tensors`, each storage counted once (what they hold in
     memory, views and growth room included)."""
@@ -241,7 +258,8 @@ class HeadwiseLayer:
     """One attention layer's cache under `policy` (see the module docstring): at most one
     `Full` part (every key of the layer's full KV heads) and `Ring` parts for the rest.
     `native_window`: the layer's own sliding window (None: it attends to every key);
-    `max_tokens`: the longest context it will hold (sizes a growing window's ring)."""
+    `max_tokens`: the longest context it will hold (sizes a growing window's ring);
+    `reserve`: positions the full part's buffers hold from the start."""
 
     def __init__(
         self,
@@ -254,6 +272,7 @@ class HeadwiseLayer:
         device,
         max_tokens: int,
         native_window: int | None = None,
+        reserve: int = 0,
     ):
         self.group, self._indices = policy.group, {}
         full, streaming = policy.full_kv_heads(layer), [kv for kv in range(policy.n_kv_heads) if (layer, kv) not in policy.full]
@@ -269,7 +288,7 @@ class HeadwiseLayer:
         full_slots, streaming_slots = ring_slots(policy, max_tokens, native_window)
         if native_window is None:
             if full:
-                empty = torch.zeros((batch, len(full), 0, d_head), dtype=dtype, device=device)
+                empty = torch.zeros((batch, len(full), reserve, d_head), dtype=dtype, device=device)
                 self.full = Full(full, empty, empty.clone())
             if streaming:
                 self.rings.append(ring(streaming, *streaming_slots, policy.keeps))
@@ -315,20 +334,28 @@ class HeadwiseLayer:
             parts.append((heads, kept_keys, kept_values, part, kept_positions))
         return parts
 
-    def compress(self, keys: Tensor, values: Tensor) -> None:
-        """Fill an empty one-row layer from a full cache of one prompt (head-major [1, kv,
-        n, d_head], every KV head): what the policy keeps of it (decode-only compression)."""
+    def compress(
+        self,
+        keys: Float[Tensor, "batch kv n d_head"],
+        values: Float[Tensor, "batch kv n d_head"],
+        positions: Int[Tensor, "batch n"] | None = None,
+    ) -> None:
+        """Fill an empty layer from every key of a prompt (head-major, every KV head; at
+        positions 0..n-1 unless given): what the policy keeps of it (decode-only compression)."""
         if self.full is not None:
             kv, _ = self.indices(self.full.kv_heads, keys.device)
             self.full.append(keys[:, kv], values[:, kv])
-        positions = torch.arange(keys.size(2), device=keys.device)[None]
+        if positions is None:
+            positions = torch.arange(keys.size(2), device=keys.device)[None].expand(keys.size(0), -1)
         for part in self.rings:
             kv, _ = self.indices(part.kv_heads, keys.device)
             part.write(keys[:, kv], values[:, kv], positions)
 
     def nbytes(self) -> int:
-        """Bytes this layer's buffers hold (measured: storage sizes, growth room included)."""
-        return sum(p.nbytes() for p in self.rings) + (self.full.nbytes() if self.full is not None else 0)
+        """Bytes this layer holds (measured: storage sizes of keys, values, slot positions and
+        head indices, growth room included)."""
+        indices = storage_bytes([t for pair in self._indices.values() for t in pair]) if self._indices else 0
+        return sum(p.nbytes() for p in self.rings) + (self.full.nbytes() if self.full is not None else 0) + indices
 
     def keep_rows(self, rows: Int[Tensor, " row"], drop: int = 0) -> None:
         """Keep only these rows, and drop the full part's first `drop` positions (padding)."""
