@@ -243,3 +243,19 @@ def test_bad_input_is_refused():
     model.set_attn_implementation(ATTENTION)
     with pytest.raises(InputError, match="needs a HeadwiseCache"):
         model(torch.ones(1, 4, dtype=torch.long), cache=DynamicCache())
+
+
+def test_a_long_prompt_in_one_call_is_pointed_to_chunks(monkeypatch):
+    import warnings
+
+    from rh_lens.kv import hf_cache
+
+    monkeypatch.setattr(hf_cache, "CHUNK_HINT", 50)
+    model = tiny("llama")
+    prompt, fed = torch.randint(3, TINY_VOCAB, (1, 60), generator=torch.Generator().manual_seed(1)), torch.tensor([5])
+    with pytest.warns(UserWarning, match="prefill_chunk_size"):
+        step_logits(model, prompt, fed, HeadwiseCache.from_head_map(policy(), model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in chunks, or decode-only (which needs the whole prompt): no warning
+        step_logits(model, prompt, fed, HeadwiseCache.from_head_map(policy(), model), chunk=30)
+        step_logits(model, prompt, fed, HeadwiseCache.from_head_map(policy(), model, mode="decode-only"))

@@ -20,6 +20,8 @@ refused rather than run on a full cache.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
@@ -35,6 +37,7 @@ from rh_lens.model.headwise import GROWTH, HeadwiseLayer, KVPolicy, ring_attenti
 ATTENTION = "rh_lens_headwise"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 MODES = ("windowed", "decode-only")
+CHUNK_HINT = 4096  # a windowed prefill longer than this in one call is pointed to prefill_chunk_size
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -118,6 +121,12 @@ class HeadwiseCacheLayer(CacheLayerMixin):
             self.storage.compress(key_states, value_states, positions)
             parts = [(self.all_heads(key_states.device), key_states, value_states, None, None, positions)]
         else:
+            if self.mode == "windowed" and self.layer == 0 and not self.seen and n > CHUNK_HINT:
+                warnings.warn(
+                    f"a {n}-token prompt prefilled in one call holds every layer's activations for all of it; "
+                    "generate(..., prefill_chunk_size=1024) gives the same tokens with a far lower memory peak",
+                    stacklevel=2,
+                )
             parts = self.storage.store(key_states, value_states, positions)
             parts = [(heads, keys, values, ring, kept, positions) for heads, keys, values, ring, kept in parts]
         self.decoded |= n == 1
