@@ -299,7 +299,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
         full = family + ("-full" if family == "rh" else "-dynamic")
         same_length = {r["variant"]: r for r in runs if r["length"] == run["length"]}
         # against the full cache prefilled the same way where it was run, else in one call
-        base = same_length.get(full + ("+chunked" if "+chunked" in run["variant"] else ""), same_length[full])
+        base = same_length.get(full + ("+chunked" if "+chunked" in run["variant"] else ""), same_length.get(full, run))
         rows.append(
             {
                 "length": run["length"],

@@ -119,7 +119,10 @@ class HeadwiseCacheLayer(CacheLayerMixin):
             if self.seen:
                 raise InputError("a decode-only head-wise cache prefills the prompt whole: do not split it (prefill_chunk_size)")
             self.storage.compress(key_states, value_states, positions)
-            parts = [(self.all_heads(key_states.device), key_states, value_states, None, None, positions)]
+            # None: the keys and values attention is given. (The parts hang on the keys: holding
+            # them here too would be a reference cycle, every layer's prompt keys kept until
+            # Python's cycle collector ran.)
+            parts = [(self.all_heads(key_states.device), None, None, None, None, positions)]
         else:
             if self.mode == "windowed" and self.layer == 0 and not self.seen and n > CHUNK_HINT:
                 warnings.warn(
@@ -238,6 +241,16 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
         raise InputError("a head-wise cache does not support soft-capped attention scores")
     b, h, n, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
+    parts = [
+        (heads, key if keys is None else keys, value if values is None else values, *rest) for heads, keys, values, *rest in parts
+    ]
+    if len(parts) == 1 and parts[0][0].numel() == h:  # one part for every head, in order: no copies
+        _, keys, values, ring, key_positions, query_positions = parts[0]
+        if ring is None:
+            out = _full_attention(query, keys, values, attention_mask, scale)
+        else:
+            out = ring_attention(ring, query, keys, values, key_positions, query_positions, scale)
+        return out.transpose(1, 2).contiguous(), None
     out = query.new_empty(b, h, n, d)
     for heads, keys, values, ring, key_positions, query_positions in parts:
         q = query[:, heads]
