@@ -151,8 +151,8 @@ def hf_worker(args, fraction: float | None, suffixes: set[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     from rh_lens.kv import HeadwiseCache, cache_bytes
-    from rh_lens.kv.hf_cache import model_shape
-    from rh_lens.model.headwise import KVPolicy, storage_bytes
+    from rh_lens.kv.hf_cache import model_shape, native_windows
+    from rh_lens.model.headwise import KVPolicy, kv_bytes, storage_bytes
     from rh_lens.model.loading import hf_directory
 
     if args.shape:
@@ -175,7 +175,7 @@ def hf_worker(args, fraction: float | None, suffixes: set[str]) -> dict:
 
     def new_cache():
         if policy is None:
-            return DynamicCache()
+            return DynamicCache(config=hf.config)  # as generate makes it: sliding layers keep their window only
         return HeadwiseCache.from_head_map(policy, hf, mode="decode-only" if "decode-only" in suffixes else "windowed")
 
     def run(tokens, steps: int):
@@ -198,10 +198,11 @@ def hf_worker(args, fraction: float | None, suffixes: set[str]) -> dict:
         memory.mark()
         cache, prefill_s, decode_s = run(ids, args.steps)
     d_head = hf.config.head_dim if getattr(hf.config, "head_dim", None) else hf.config.hidden_size // n_heads
-    tokens, dtype_bytes = len(ids) + args.steps, hf.dtype.itemsize
-    full = 2 * n_layers * n_kv * d_head * dtype_bytes * tokens
+    tokens, dtype_bytes, windows = len(ids) + args.steps, hf.dtype.itemsize, native_windows(hf.config)
+    # the model's own full cache: a layer with a sliding window (Gemma-3's local layers) keeps only it
+    full = kv_bytes(KVPolicy("full", n_layers, n_heads, n_kv, frozenset()), tokens, d_head, dtype_bytes, windows)[1]
     if policy is not None:
-        measured, predicted = cache.nbytes(), cache_bytes(policy, tokens, d_head, dtype_bytes)
+        measured, predicted = cache.nbytes(), cache_bytes(policy, tokens, d_head, dtype_bytes, windows)
     else:
         measured, predicted = storage_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)]), full
     return report(args, len(ids), measured, predicted, full, memory.peak_added(), prefill_s, decode_s)

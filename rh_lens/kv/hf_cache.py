@@ -3,7 +3,13 @@
     from rh_lens.kv import HeadwiseCache
     model = AutoModelForCausalLM.from_pretrained(name)           # Llama, Qwen2, Mistral, Gemma-3
     cache = HeadwiseCache.from_head_map("head_scores.json", model, full_fraction=0.25, sink=4, window=256)
-    out = model.generate(ids, cache=cache, max_new_tokens=50)
+    out = model.generate(ids, cache=cache, max_new_tokens=50, prefill_chunk_size=1024)
+
+Two modes (`MODES`): "windowed", streaming heads see sink + window from the first prompt
+token, so a prompt prefilled in chunks gives the same tokens and the prefill's memory stays
+bounded by a chunk; "decode-only", the prompt (in one call) attends over every key and each
+layer keeps only what the policy keeps of it once written. A `KVBudget` (bytes or tokens)
+can size the policy instead of a fraction of full heads.
 
 Built on transformers' two extension points: `HeadwiseCache` is a `Cache` whose layers
 (`HeadwiseCacheLayer`, one `rh_lens.model.headwise.HeadwiseLayer` each) store full KV heads
