@@ -250,7 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         runs = {(r["length"], r["variant"]): r for path in args.table for r in json.loads(Path(path).read_text())}
-        order = {v: i for i, v in enumerate(["rh-full", "rh-0.25", "rh-0.5", "hf-dynamic", "hf-0.25", "hf-0.5"])}
+        names = ["rh-full", "rh-0.25", "rh-0.5", "hf-dynamic", "hf-dynamic+chunked", "hf-0.25", "hf-0.25+chunked"]
+        order = {v: i for i, v in enumerate([*names, "hf-0.25+decode-only", "hf-0.5", "hf-0.5+chunked"])}
         print_table(sorted(runs.values(), key=lambda r: (r["length"], order.get(r["variant"], 99))), args)
         return
     if args.worker:
@@ -351,7 +352,12 @@ def print_table(runs: list[dict], args) -> list[dict]:
 
         settings = {"model": model_name(args), "sink": args.sink, "window": args.window, "steps": args.steps}
         settings.update(
-            prefill_chunk=args.prefill_chunk, device=args.device, dtype=args.dtype, shape=args.shape, layers=args.layers
+            repeats=args.repeats,
+            prefill_chunk=args.prefill_chunk,
+            device=args.device,
+            dtype=args.dtype,
+            shape=args.shape,
+            layers=args.layers,
         )
         settings["torch_threads"] = runs[0]["torch_threads"]
         write_json(args.json, {"benchmark": "bench_kv", "settings": settings, "rows": rows})
