@@ -80,8 +80,8 @@ def rh_worker(args, fraction: float | None) -> dict:
 
     with torch.inference_mode():
         decode(fill(ids[:200]), int(ids[200]), 4)  # warm-up
-        loaded = rss_mb("VmRSS")
-        reset_peak()
+        memory = Memory("cpu")
+        memory.mark()
         started = time.perf_counter()
         cache = fill(ids[:-1])
         prefill_s = time.perf_counter() - started
@@ -92,7 +92,7 @@ def rh_worker(args, fraction: float | None) -> dict:
     tokens = len(ids) + args.steps - 1
     predicted = cache_bytes(policy, tokens, cfg.d_head, cfg.dtype.itemsize) if policy else None
     full = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * cfg.dtype.itemsize * tokens
-    return report(args, len(ids), kv_cache_bytes(cache), predicted or full, full, rss_mb("VmHWM") - loaded, prefill_s, decode_s)
+    return report(args, len(ids), kv_cache_bytes(cache), predicted or full, full, memory.peak_added(), prefill_s, decode_s)
 
 
 def random_llama(args):
@@ -350,15 +350,8 @@ def print_table(runs: list[dict], args) -> list[dict]:
     if args.json:
         from rh_lens.execution.files import write_json
 
-        settings = {"model": model_name(args), "sink": args.sink, "window": args.window, "steps": args.steps}
-        settings.update(
-            repeats=args.repeats,
-            prefill_chunk=args.prefill_chunk,
-            device=args.device,
-            dtype=args.dtype,
-            shape=args.shape,
-            layers=args.layers,
-        )
+        keys = ("sink", "window", "steps", "repeats", "prefill_chunk", "device", "dtype", "shape", "layers")
+        settings = {"model": model_name(args), **{key: getattr(args, key) for key in keys}}
         settings["torch_threads"] = runs[0]["torch_threads"]
         write_json(args.json, {"benchmark": "bench_kv", "settings": settings, "rows": rows})
     return rows
