@@ -16,7 +16,15 @@ import rh_lens.model.generation as generation
 from rh_lens.interventions.compression import KVCompression, KVPolicy
 from rh_lens.interventions.masking import HeadMask
 from rh_lens.model.generation import _LEFT_PADDING as LEFT_PADDING
-from rh_lens.model.generation import SEQUENTIAL, Decoding, PrefixCache, decode_prompts, key_positions, prefix_order
+from rh_lens.model.generation import (
+    SEQUENTIAL,
+    Decoding,
+    PrefixCache,
+    decode_conditions,
+    decode_prompts,
+    key_positions,
+    prefix_order,
+)
 from rh_lens.tasks.grading import answer_trials
 from rh_lens.tasks.needles import Needle
 from rh_lens.tasks.niah import build_trial, tokenize_haystack
@@ -123,6 +131,51 @@ def test_hooks_act_on_every_row_at_its_own_positions(kind):
     assert_same(run(Decoding(max_new_tokens=10, batch_size=6, share_prefix=False)), expected)
     unhooked = decoded(model, prompts, Decoding(max_new_tokens=10, batch_size=1))
     assert any(not torch.equal(unhooked[i][1], expected[i][1]) for i in expected)  # the hooks change what heads do
+
+
+def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(monkeypatch):
+    """No intervention, decode-time masks and a KV policy applied after prefill: each prompt is
+    prefilled once for all of them, and each decodes exactly as it does alone (tokens and
+    every head's argmax at every step)."""
+    model = random_model(n_layers=3, attn_types=["local", "global", "global"], window_size=24)
+    policy = KVPolicy("test", 3, 4, 2, frozenset({(1, 0), (2, 1)}), sink=3, window=5)
+    conditions = [
+        (Decoding(max_new_tokens=10), []),
+        (Decoding(max_new_tokens=10), HeadMask([(1, 1), (2, 3)]).hooks(model)),
+        (Decoding(max_new_tokens=10), KVCompression(policy, decode_only=True, cache="masked").hooks(model)),
+        (Decoding(max_new_tokens=10, kv_policy=policy, kv_decode_only=True), []),
+    ]
+    prompts = random_prompts(model)
+    prompts = [prompts[i] for i in prefix_order(prompts)]
+    computed = []
+    extend = generation._extend
+    monkeypatch.setattr(
+        generation,
+        "_extend",
+        lambda m, c, tokens, start, *a: computed.append(len(tokens) - start) or extend(m, c, tokens, start, *a),
+    )
+    got: dict[int, dict] = {c: {} for c in range(len(conditions))}
+    for i, c, g in decode_conditions(model, prompts, conditions, record_attention=True):
+        got[c][i] = (g.tokens, g.argmax_keys)
+    shared = sum(computed)
+    computed.clear()
+    list(decode_conditions(model, prompts, conditions[:1]))
+    assert shared == sum(computed) < sum(len(p) - 1 for p in prompts)  # one prefill for four conditions, prefixes shared
+    for c, (decoding, hooks) in enumerate(conditions):
+        alone = Decoding(max_new_tokens=10, batch_size=1, share_prefix=False, kv_policy=decoding.kv_policy, kv_decode_only=True)
+        assert_same(got[c], decoded(model, prompts, alone, decode_hooks=hooks))
+    assert got[0] != got[1] and any(not torch.equal(got[0][i][1], got[2][i][1]) for i in got[0])  # the conditions differ
+
+
+def test_only_conditions_that_read_the_prompt_unchanged_share_a_prefill():
+    from rh_lens.errors import InputError
+
+    model = random_model()
+    policy = KVPolicy("test", 2, 4, 2, frozenset({(1, 0)}), sink=3, window=5)
+    with pytest.raises(InputError, match="windowed KV policy"):
+        list(decode_conditions(model, random_prompts(model), [(Decoding(), []), (Decoding(kv_policy=policy), [])]))
+    with pytest.raises(InputError, match="chunk size"):
+        list(decode_conditions(model, random_prompts(model), [(Decoding(), []), (Decoding(chunk_size=16), [])]))
 
 
 def test_key_positions_discount_each_rows_padding():

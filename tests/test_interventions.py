@@ -82,6 +82,57 @@ def test_the_runner_groups_seeds_and_resumes_to_the_same_result(tmp_path):
     assert resumed.summary() == result.summary()
 
 
+def test_conditions_that_read_the_prompt_unchanged_run_together_as_they_run_alone(tmp_path, monkeypatch):
+    """None and decode-only masks share each trial's prefill; a mask at every position runs on
+    its own. Every record equals the one-condition-at-a-time run's, and a run saved this way
+    resumes the other way (and back)."""
+    import rh_lens.interventions.base as base
+
+    conditions = [
+        Condition("none", None, "none"),
+        Condition("planted-decode", HeadMask((PLANTED,), decode_only=True), "planted-decode"),
+        Condition("other-decode", HeadMask(((0, 2),), decode_only=True), "other-decode"),
+        Condition("planted", HeadMask((PLANTED,)), "planted"),
+    ]
+    together = []
+    evaluate_together = base.evaluate_together
+    monkeypatch.setattr(
+        base, "evaluate_together", lambda m, t, i, **k: together.append(len(i)) or evaluate_together(m, t, i, **k)
+    )
+
+    def records(result):
+        return {c.name: [{**vars(r), "seconds": None} for r in c.records] for c in result.conditions}
+
+    shared = run_conditions(model, trials, conditions, experiment="t", out_dir=tmp_path / "a", options=OPTIONS)
+    assert together == [3]
+    alone = run_conditions(
+        model, trials, conditions, experiment="t", options=RunOptions(max_new_tokens=6, progress=False, share_prefix=False)
+    )
+    assert together == [3]  # without prefix sharing each condition runs alone
+    assert records(shared) == records(alone)
+    assert records(shared)["planted-decode"] != records(shared)["none"]  # the decode-time mask acts
+    (tmp_path / "a" / "conditions" / "other-decode" / "trials" / f"{trials[1].key}.json").unlink()
+    resumed = run_conditions(
+        model,
+        trials,
+        conditions,
+        experiment="t",
+        out_dir=tmp_path / "a",
+        options=RunOptions(max_new_tokens=6, progress=False, resume=True, share_prefix=False),
+    )
+    assert records(resumed) == records(alone)
+    (tmp_path / "a" / "conditions" / "none" / "trials" / f"{trials[2].key}.json").unlink()
+    resumed = run_conditions(
+        model,
+        trials,
+        conditions,
+        experiment="t",
+        out_dir=tmp_path / "a",
+        options=RunOptions(max_new_tokens=6, progress=False, resume=True),
+    )
+    assert records(resumed) == records(alone) and together == [3, 3]
+
+
 def test_condition_names_must_be_unique():
     twice = [Condition("a", None, "a"), Condition("a", HeadMask((PLANTED,)), "b")]
     with pytest.raises(InputError, match="unique"):

@@ -204,7 +204,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-share-prefix",
         dest="share_prefix",
         action="store_false",
-        help="prefill every trial from an empty cache (default: reuse the cache of the prompt prefix shared with the trial before)",
+        help="prefill every trial from an empty cache, once per condition (default: reuse the cache of the prompt prefix shared "
+        "with the trial before, and one prefill for all conditions that read the prompt unchanged)",
     )
 
 

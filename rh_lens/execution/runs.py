@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -194,6 +195,44 @@ def _run(trials, task, executor, done: dict, trial_dir: Path | None, desc: str, 
             if n is not None:
                 break
     return [records[i] for i in range(n if n is not None else len(trials))]
+
+
+def run_trials_together(
+    trials: Sequence[Trial],
+    task: Callable[..., Iterator[tuple[int, tuple[int, R]]]],
+    record_type: type[R],
+    executor,
+    runs: Sequence[tuple[str | Path | None, dict[str, Any]]],
+    *,
+    resume: bool = False,
+    desc: str = "trials",
+    progress: bool = True,
+) -> list[list[R]]:
+    """Several runs over the same trials by one task that answers a trial for all of them at
+    once (conditions sharing a prefill, see `rh_lens.model.generation.decode_conditions`).
+    `runs`: each run's (output directory or None, settings), saved and resumed exactly as
+    `run_trials` saves one run, so each can also be resumed alone. `task(model, trials,
+    wanted=...)` yields (index, (run, record)); `wanted` maps each trial's key to the runs it
+    is still missing. Records come back per run, in trial order."""
+    with ExitStack() as stack:
+        done = []
+        for out_dir, settings in runs:
+            if out_dir is not None:
+                stack.enter_context(run_directory(out_dir, resume))
+            done.append({} if out_dir is None else _prepare(Path(out_dir), settings, resume, record_type, trials))
+        records = [{i: saved[t.key] for i, t in enumerate(trials) if t.key in saved} for saved in done]
+        todo = [i for i in range(len(trials)) if any(i not in r for r in records)]
+        todo = [todo[j] for j in prefix_order([trials[i].prompt_ids for i in todo])]
+        wanted = {trials[i].key: [run for run, r in enumerate(records) if i not in r] for i in todo}
+        with tqdm(
+            total=len(trials) * len(runs), initial=sum(map(len, records)), desc=desc, unit="answer", disable=not progress
+        ) as bar:
+            for j, (run, record) in executor.map(partial(task, wanted=wanted), [trials[i] for i in todo]):
+                records[run][todo[j]] = record
+                if runs[run][0] is not None:
+                    write_json(Path(runs[run][0]) / "trials" / f"{record.key}.json", asdict(record))
+                bar.update()
+    return [[r[i] for i in range(len(trials))] for r in records]
 
 
 def _prepare(out_dir: Path, settings: dict[str, Any], resume: bool, record_type, trials: Sequence[Trial]) -> dict:

@@ -5,6 +5,7 @@ from rh_lens.interventions.base import (
     Intervention,
     InterventionResult,
     evaluate,
+    evaluate_together,
     intervention_from_json,
     run_conditions,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "Intervention",
     "InterventionResult",
     "evaluate",
+    "evaluate_together",
     "intervention_from_json",
     "run_conditions",
     "FinetuneArms",

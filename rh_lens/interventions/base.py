@@ -10,7 +10,8 @@ compression.py) and registers itself by its `kind`, so results files name it and
 
 The experiment: conditions (a name, an intervention or none, metadata) x trials -> one graded
 `NiahRecord` per trial (`run_conditions`), each condition resumable under
-`<out>/conditions/<name>/`; `InterventionResult.summary` gives one row per group of
+`<out>/conditions/<name>/`; conditions that read the prompt unchanged (`decode_only`, or
+none) share each trial's prefill (`evaluate_together`); `InterventionResult.summary` gives one row per group of
 conditions (the seeds of one random draw form a group), each mean with its 95% interval over
 trials, and `InterventionResult.paired` / `comparisons` test two groups on the same trials
 (`rh_lens.uncertainty`).
@@ -32,11 +33,11 @@ from transformer_lens import HookedTransformer
 from rh_lens.errors import InputError, ResultsFileError
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.execution.options import RunOptions
-from rh_lens.execution.runs import InProcess, run_directory, run_trials
-from rh_lens.model.generation import Decoding
+from rh_lens.execution.runs import InProcess, run_directory, run_trials, run_trials_together
+from rh_lens.model.generation import Decoding, decode_conditions
 from rh_lens.model.loading import dtype_name
 from rh_lens.model.tl_internals import Hook
-from rh_lens.tasks.grading import RESPONSE_CLASSES, NiahRecord, answer_trials, outcome, recall_grid
+from rh_lens.tasks.grading import RESPONSE_CLASSES, Answer, NiahRecord, answer_trials, grade, outcome, recall_grid
 from rh_lens.tasks.niah import Trial
 from rh_lens.uncertainty import CONFIDENCE, PairedTest, bootstrap_interval, paired_test, wilson
 
@@ -106,7 +107,43 @@ def answer_under(
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
         answers = answer_trials(model, trials, decoding, record_attention=False, decode_hooks=hooks if decode_only else ())
         for i, answer, _ in answers:
-            yield i, NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
+            yield i, _niah_record(answer)
+
+
+def reads_prompt_unchanged(intervention: Intervention | None) -> bool:
+    """Whether the model reads a prompt as it is under `intervention` (none, or one that acts
+    from the first decode step on): such conditions can share each trial's prefill."""
+    return intervention is None or intervention.decode_only
+
+
+def answer_under_each(
+    interventions: Sequence[Intervention | None],
+    decoding: Decoding,
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    wanted: dict[str, list[int]] | None = None,
+) -> Iterator[tuple[int, tuple[int, NiahRecord]]]:
+    """Trials answered under each of `interventions` (all `reads_prompt_unchanged`), every
+    trial prefilled once for all of them (`decode_conditions`): (index, (intervention's
+    place, record)); `wanted[trial key]`: the interventions still to run on it (default all).
+    Each record is the one `answer_under` gives under that intervention alone."""
+    conditions = [(decoding, []) if i is None else (i.decoding(decoding), i.hooks(model)) for i in interventions]
+    runs = None if wanted is None else [wanted[trial.key] for trial in trials]
+    for i, c, generation in decode_conditions(model, [t.prompt_ids for t in trials], conditions, runs):
+        yield i, (c, _niah_record(grade(model, trials[i], generation)))
+
+
+def _niah_record(answer: Answer) -> NiahRecord:
+    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
+
+
+def _checked_settings(model, intervention: Intervention | None, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """A condition's run settings, after refusing an intervention that does not fit the model
+    (here, not in a worker)."""
+    if intervention is not None:
+        intervention.check(model)
+        intervention.hooks(model)
+    return {**(settings or {}), "intervention": intervention.to_json() if intervention is not None else None}
 
 
 def evaluate(
@@ -123,10 +160,7 @@ def evaluate(
     """The trials answered under one intervention, one resumable per-trial file each when
     `out_dir` is given. `executor`: who runs the trials (default: this process, on `model`; a
     `RayPool` runs them on Ray workers, and `model` may then be a `ModelSpec`)."""
-    if intervention is not None:
-        intervention.check(model)
-        intervention.hooks(model)  # a bad intervention fails here, not in a worker
-    settings = {**(settings or {}), "intervention": intervention.to_json() if intervention is not None else None}
+    settings = _checked_settings(model, intervention, settings)
     task = partial(answer_under, intervention, options.decoding)
     return run_trials(
         trials,
@@ -138,6 +172,28 @@ def evaluate(
         settings=settings,
         desc=desc,
         progress=options.progress,
+    )
+
+
+def evaluate_together(
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    interventions: Sequence[Intervention | None],
+    *,
+    out_dirs: Sequence[str | Path | None],
+    options: RunOptions = RunOptions(),
+    settings: dict[str, Any] | None = None,
+    desc: str = "niah",
+    executor=None,
+) -> list[list[NiahRecord]]:
+    """`evaluate` for several interventions that read the prompt unchanged, each trial
+    prefilled once for all of them; each intervention's run saved (and resumable) in its own
+    `out_dirs` entry with the settings `evaluate` gives it, so either way resumes the other."""
+    runs = [(out, _checked_settings(model, i, settings)) for i, out in zip(interventions, out_dirs, strict=True)]
+    task = partial(answer_under_each, list(interventions), options.decoding)
+    executor = executor or InProcess(model)
+    return run_trials_together(
+        trials, task, NiahRecord, executor, runs, resume=options.resume, desc=desc, progress=options.progress
     )
 
 
@@ -340,7 +396,10 @@ def run_conditions(
     result_type: type[InterventionResult] = InterventionResult,
 ) -> InterventionResult:
     """Every condition over every trial; each condition's trials saved (and resumed) under
-    `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/<experiment>.json`."""
+    `<out_dir>/conditions/<name>/`, the whole result in `<out_dir>/<experiment>.json`. With
+    `options.share_prefix`, the conditions that read the prompt unchanged (none, decode-only
+    interventions) run together, each trial prefilled once for all of them; the records are
+    those of running each alone."""
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
         raise InputError(f"condition names must be unique, got {names}")
@@ -348,18 +407,39 @@ def run_conditions(
     settings = {**(settings or {}), "max_new_tokens": options.max_new_tokens, "dtype": dtype_name(model)}
     if options.chunk_size is not None:
         settings["chunk_size"] = options.chunk_size
+
+    def where(condition: Condition) -> Path | None:
+        return Path(out_dir) / "conditions" / condition.name if out_dir is not None else None
+
+    # Conditions that read the prompt unchanged share each trial's prefill (with prefix sharing on).
+    together = [c for c in conditions if reads_prompt_unchanged(c.intervention)] if options.share_prefix else []
+    together = together if len(together) > 1 else []
     with run_directory(out_dir, options.resume) if out_dir is not None else nullcontext():
         for condition in conditions:
-            condition.records = evaluate(
+            if not any(condition is c for c in together):
+                condition.records = evaluate(
+                    model,
+                    trials,
+                    condition.intervention,
+                    options=options,
+                    settings=settings,
+                    desc=condition.name,
+                    executor=executor,
+                    out_dir=where(condition),
+                )
+        if together:
+            shared = evaluate_together(
                 model,
                 trials,
-                condition.intervention,
+                [c.intervention for c in together],
+                out_dirs=[where(c) for c in together],
                 options=options,
                 settings=settings,
-                desc=condition.name,
+                desc=f"{len(together)} conditions, one prefill",
                 executor=executor,
-                out_dir=Path(out_dir) / "conditions" / condition.name if out_dir is not None else None,
             )
+            for condition, records in zip(together, shared):
+                condition.records = records
         result = result_type(experiment, model.cfg.model_name, list(conditions), settings)
         if out_dir is not None:
             write_json(Path(out_dir) / f"{experiment}.json", result.to_json())

@@ -9,15 +9,18 @@ newest query's attention row is read, reduced to its argmax on the spot, on the 
 device. Any hooks a caller has put on the model (ablations, patches) stay in force
 throughout.
 
-A grid decodes many prompts (`decode_prompts`), and two kinds of work are shared between
+A grid decodes many prompts (`decode_prompts`), and three kinds of work are shared between
 them without changing any prompt's result:
 - prefixes: prompts of one haystack share their first tokens, so each is prefilled from the
   cache of the one before, cut back to what they share (`PrefixCache`, in `prefix_order`);
 - decode steps: `batch_size` prompts are decoded together, left-padded to the longest; a
   padded row's attention mask hides its padding, its positions count from its first real
   token (TransformerLens's own handling of padding), its recorded argmaxes are prompt
-  positions, and `key_positions` tells position-dependent hooks where each row starts.
-Each prompt is still prefilled alone: only decode steps are batched.
+  positions, and `key_positions` tells position-dependent hooks where each row starts;
+  each prompt is still prefilled alone: only decode steps are batched;
+- conditions: several interventions that read the prompt unchanged and act only once
+  decoding starts (a decode-time head mask, a KV policy applied after prefill, none) decode
+  each prompt from one prefill (`decode_conditions`).
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def default_batch_size(model: HookedTransformer, longest_prompt: int, max_new_to
     return max(1, min(DEFAULT_BATCH.get(kind, 8), BATCH_BUDGET.get(kind, 4 << 30) // max(per_row, 1)))
 
 
+@torch.no_grad()  # outside inference mode a caller would otherwise keep every chunk's autograd graph
 def prefill(
     model: HookedTransformer, tokens: Int[Tensor, " pos"], chunk_size: int | None = None, fused: bool = True
 ) -> TransformerLensKeyValueCache:
@@ -329,6 +333,42 @@ def decode_prompts(
         yield from _decode_batch(
             model, [prompts[i] for i in batch], list(batch), prefixes, decoding, record_attention, decode_hooks, observers
         )
+
+
+@torch.inference_mode()
+def decode_conditions(
+    model: HookedTransformer,
+    prompts: Sequence[list[int] | Int[Tensor, " pos"]],
+    conditions: Sequence[tuple[Decoding, Sequence[Hook]]],
+    wanted: Sequence[Sequence[int]] | None = None,
+    record_attention: bool = False,
+) -> Iterator[tuple[int, int, Generation]]:
+    """Each prompt decoded under several conditions that read it unchanged, from one prefill:
+    `conditions` are (decoding, decode hooks) pairs whose prompt is prefilled by the model as
+    it is (no hooks at prefill, a KV policy only with `kv_decode_only`); they differ only in
+    what they do once decoding starts. Prompts are taken one at a time in the order given
+    (pass them in `prefix_order`: each is prefilled from the one before, as `decode_prompts`
+    does), and each condition in `wanted[i]` (default: all) decodes prompt i from the same
+    prefix cache, one row at a time; the second condition on prompt i prefills nothing.
+    Yields (prompt index, condition index, generation); each generation is the one
+    `decode_prompts` gives that prompt under that condition alone."""
+    if not conditions:
+        raise InputError("no conditions to decode under")
+    chunk_sizes = {decoding.chunk_size for decoding, _ in conditions}
+    if len(chunk_sizes) > 1:
+        raise InputError(f"conditions sharing a prefill must share its chunk size, got {sorted(map(str, chunk_sizes))}")
+    for decoding, _ in conditions:
+        if decoding.kv_policy is not None and not decoding.kv_decode_only:
+            raise InputError("a windowed KV policy prefills the prompt itself: it cannot share another condition's prefill")
+    prompts = [torch.as_tensor(p, dtype=torch.long, device=model.cfg.device) for p in prompts]
+    if any(len(p) < 1 for p in prompts):
+        raise InputError("an empty prompt: nothing to decode from")
+    prefixes = PrefixCache(model, chunk_sizes.pop())
+    for i, prompt in enumerate(prompts):
+        for c in range(len(conditions)) if wanted is None else wanted[i]:
+            decoding, hooks = conditions[c]
+            for _, generation in _decode_batch(model, [prompt], [i], prefixes, decoding, record_attention, hooks):
+                yield i, c, generation
 
 
 def _headwise_rows(model, prompts, prefixes: PrefixCache, decoding: Decoding, prefill_seconds: list[float]):
