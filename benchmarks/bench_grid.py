@@ -11,10 +11,10 @@ on a short trial, resets the kernel's peak-RSS counter, then runs `rh_lens.detec
 - batch: `--batch-size N`, every trial prefilled from an empty cache;
 - both: `--batch-size N` with prefix sharing (the default);
 - transformers: AutoModelForCausalLM (SDPA attention), one greedy `generate` per trial with
-  as many new tokens as the sequential run emitted, recording nothing.
+  as many new tokens as an rh_lens variant run before it emitted, recording nothing.
 
 Identity: each rh_lens variant's generated ids and per-head scores are compared with the
-sequential run's, trial by trial.
+sequential run's, trial by trial (when the sequential variant is run).
 
     python benchmarks/bench_grid.py --model smollm2-135m                     # the demo grid (45 trials)
     python benchmarks/bench_grid.py --model smollm2-135m --lengths 4000 8000 --depths 10 50 90 --needles 1
@@ -143,8 +143,8 @@ def main() -> None:
     runs = {}
     for variant in args.variants:
         extra = []
-        if variant == "transformers":  # as many new tokens per trial as the sequential run emitted
-            reference = runs.get("sequential") or run_worker("sequential", argv)
+        if variant == "transformers":  # as many new tokens per trial as rh_lens emitted (every variant: the same ids)
+            reference = next((r for r in runs.values() if r["records"]), None) or run_worker("sequential", argv)
             path = Path(args.save or "bench_grid").with_suffix(".new_tokens.json")
             path.write_text(json.dumps({r["key"]: len(r["ids"]) for r in reference["records"]}))
             extra = ["--new-tokens", str(path)]

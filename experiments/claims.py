@@ -13,7 +13,9 @@ ranking (`--heldout`):
   model has of its 2-15%), two random draws;
 - `steer-niah`: bank-b needles in RULER's essays at 2000 and 4000 tokens, depths 25/50/75, where
   small models lose the middle: the top 5 heads sharpened by 1.5, 2, 4 and 8 against 5 random
-  heads sharpened as much (120 trials per condition);
+  heads sharpened as much (120 trials per condition); `steer-niah-decode` the same with the
+  heads boosted only while the answer is generated (the prompt read as it is: every condition
+  decodes each trial from one prefill, so it runs in a fraction of the time);
 - `finetune` (SmolLM2 only, CPU): the top 5 heads, 5 random heads (2 draws) and LoRA of the same
   size, each trained 100 steps on bank-a needles, judged on bank-b needles and on general text.
 
@@ -53,6 +55,7 @@ def steps(model: str, runs: Path) -> dict[str, list[str]]:
     for mode in ("answer-only", "cot", "in-question"):
         plan[f"cot-{mode}"] = ["ablate", *ranking, *ARITHMETIC, "--mode", mode, *COT_K]
     plan["steer-niah"] = ["steer", *ranking, *STEER]
+    plan["steer-niah-decode"] = ["steer", *ranking, *STEER, "--decode-only"]
     if model == "smollm2-135m":
         plan["finetune"] = ["finetune", *ranking, *FINETUNE]
     return plan

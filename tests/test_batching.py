@@ -7,6 +7,8 @@ that stops late or early fails it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from planted import NEEDLE, build_planted_model, haystack_text
@@ -133,17 +135,19 @@ def test_hooks_act_on_every_row_at_its_own_positions(kind):
     assert any(not torch.equal(unhooked[i][1], expected[i][1]) for i in expected)  # the hooks change what heads do
 
 
-def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 4, None])
+def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(batch_size, monkeypatch):
     """No intervention, decode-time masks and a KV policy applied after prefill: each prompt is
     prefilled once for all of them, and each decodes exactly as it does alone (tokens and
     every head's argmax at every step)."""
     model = random_model(n_layers=3, attn_types=["local", "global", "global"], window_size=24)
     policy = KVPolicy("test", 3, 4, 2, frozenset({(1, 0), (2, 1)}), sink=3, window=5)
+    decoding = Decoding(max_new_tokens=10, batch_size=batch_size)
     conditions = [
-        (Decoding(max_new_tokens=10), []),
-        (Decoding(max_new_tokens=10), HeadMask([(1, 1), (2, 3)]).hooks(model)),
-        (Decoding(max_new_tokens=10), KVCompression(policy, decode_only=True, cache="masked").hooks(model)),
-        (Decoding(max_new_tokens=10, kv_policy=policy, kv_decode_only=True), []),
+        (decoding, []),
+        (decoding, HeadMask([(1, 1), (2, 3)]).hooks(model)),
+        (decoding, KVCompression(policy, decode_only=True, cache="masked").hooks(model)),
+        (replace(decoding, kv_policy=policy, kv_decode_only=True), []),
     ]
     prompts = random_prompts(model)
     prompts = [prompts[i] for i in prefix_order(prompts)]

@@ -11,10 +11,10 @@ compression.py) and registers itself by its `kind`, so results files name it and
 The experiment: conditions (a name, an intervention or none, metadata) x trials -> one graded
 `NiahRecord` per trial (`run_conditions`), each condition resumable under
 `<out>/conditions/<name>/`; conditions that read the prompt unchanged (`decode_only`, or
-none) share each trial's prefill (`evaluate_together`); `InterventionResult.summary` gives one row per group of
-conditions (the seeds of one random draw form a group), each mean with its 95% interval over
-trials, and `InterventionResult.paired` / `comparisons` test two groups on the same trials
-(`rh_lens.uncertainty`).
+none) share each trial's prefill (`evaluate_together`). `InterventionResult.summary` gives
+one row per group of conditions (the seeds of one random draw form a group), each mean with
+its 95% interval over trials, and `InterventionResult.paired` / `comparisons` test two
+groups on the same trials (`rh_lens.uncertainty`).
 """
 
 from __future__ import annotations

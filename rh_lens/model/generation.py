@@ -346,12 +346,15 @@ def decode_conditions(
     """Each prompt decoded under several conditions that read it unchanged, from one prefill:
     `conditions` are (decoding, decode hooks) pairs whose prompt is prefilled by the model as
     it is (no hooks at prefill, a KV policy only with `kv_decode_only`); they differ only in
-    what they do once decoding starts. Prompts are taken one at a time in the order given
-    (pass them in `prefix_order`: each is prefilled from the one before, as `decode_prompts`
-    does), and each condition in `wanted[i]` (default: all) decodes prompt i from the same
-    prefix cache, one row at a time; the second condition on prompt i prefills nothing.
+    what they do once decoding starts. Prompts are taken `batch_size` at a time (the first
+    condition's; None: `default_batch_size`) in the order given (pass them in `prefix_order`:
+    each is prefilled from the one before, as `decode_prompts` does); each prompt of a batch
+    is prefilled once and kept (`PrefilledPrompts`), then every condition decodes the prompts
+    that `wanted[i]` (default: all) gives it, together, as `decode_prompts` decodes a batch.
     Yields (prompt index, condition index, generation); each generation is the one
-    `decode_prompts` gives that prompt under that condition alone."""
+    `decode_prompts` gives that prompt under that condition alone, and the first to come for
+    a prompt carries its prefill's seconds. Memory: a batch's prompts' caches twice (kept,
+    and the batch being decoded)."""
     if not conditions:
         raise InputError("no conditions to decode under")
     chunk_sizes = {decoding.chunk_size for decoding, _ in conditions}
@@ -363,15 +366,51 @@ def decode_conditions(
     prompts = [torch.as_tensor(p, dtype=torch.long, device=model.cfg.device) for p in prompts]
     if any(len(p) < 1 for p in prompts):
         raise InputError("an empty prompt: nothing to decode from")
+    if not prompts:
+        return
+    budget = max(decoding.max_new_tokens for decoding, _ in conditions)
+    batch_size = conditions[0][0].batch_size or default_batch_size(model, max(len(p) for p in prompts), budget)
     prefixes = PrefixCache(model, chunk_sizes.pop())
-    for i, prompt in enumerate(prompts):
-        for c in range(len(conditions)) if wanted is None else wanted[i]:
-            decoding, hooks = conditions[c]
-            for _, generation in _decode_batch(model, [prompt], [i], prefixes, decoding, record_attention, hooks):
+    for start in range(0, len(prompts), batch_size):
+        batch = range(start, min(len(prompts), start + batch_size))
+        prefilled = PrefilledPrompts(model, prefixes, [prompts[i][:-1] for i in batch], budget)
+        for c, (decoding, hooks) in enumerate(conditions):
+            rows = [i for i in batch if wanted is None or c in wanted[i]]
+            if not rows:
+                continue
+            for i, generation in _decode_batch(
+                model, [prompts[i] for i in rows], rows, prefilled, decoding, record_attention, hooks
+            ):
+                generation.seconds += prefilled.seconds.pop(i - start, 0.0)
                 yield i, c, generation
 
 
-def _headwise_rows(model, prompts, prefixes: PrefixCache, decoding: Decoding, prefill_seconds: list[float]):
+class PrefilledPrompts:
+    """A batch of prompts prefilled once each (through `prefixes`, in the order given) and
+    kept, each in its own one-row cache with room for `budget` decoded tokens. It stands in
+    for the `PrefixCache` of `_decode_batch`: `prefill(tokens)` hands back the kept cache of
+    that prompt, cut back to it (a one-row decode writes past the prompt, in place), so any
+    number of conditions decode from it. `seconds[j]`: the j-th prompt's prefill time."""
+
+    def __init__(self, model: HookedTransformer, prefixes: PrefixCache, prompts: Sequence[Tensor], budget: int):
+        self.caches: dict[tuple[int, ...], TransformerLensKeyValueCache] = {}
+        self.seconds: dict[int, float] = {}
+        for j, tokens in enumerate(prompts):
+            started = time.perf_counter()
+            key = tuple(tokens.tolist())
+            if key not in self.caches:
+                kept = padded_kv_cache(model, [len(tokens)], len(tokens) + budget, rotated=True)
+                copy_row(kept, 0, prefixes.prefill(tokens))
+                self.caches[key] = kept
+            self.seconds[j] = time.perf_counter() - started
+
+    def prefill(self, tokens: Int[Tensor, " pos"]) -> TransformerLensKeyValueCache:
+        cache = self.caches[tuple(tokens.tolist())]
+        truncate_kv_cache(cache, len(tokens))
+        return cache
+
+
+def _headwise_rows(model, prompts, prefixes: PrefixCache | PrefilledPrompts, decoding: Decoding, prefill_seconds: list[float]):
     """Each prompt's head-wise cache (windowed prefill, or full prefill then compression),
     as one batch when there are several."""
     policy, capacity = decoding.kv_policy, max(len(p) for p in prompts) - 1 + decoding.max_new_tokens
@@ -388,7 +427,14 @@ def _headwise_rows(model, prompts, prefixes: PrefixCache, decoding: Decoding, pr
 
 
 def _decode_batch(
-    model, prompts, indices, prefixes: PrefixCache, decoding: Decoding, record_attention, decode_hooks, observers=()
+    model,
+    prompts,
+    indices,
+    prefixes: PrefixCache | PrefilledPrompts,
+    decoding: Decoding,
+    record_attention,
+    decode_hooks,
+    observers=(),
 ):
     """Prefill each prompt, then decode them all together (see `decode_prompts`)."""
     prefill_seconds = []
