@@ -103,6 +103,10 @@ def test_conditions_that_read_the_prompt_unchanged_run_together_as_they_run_alon
     def records(result):
         return {c.name: [{**vars(r), "seconds": None} for r in c.records] for c in result.conditions}
 
+    def resume(share_prefix: bool):
+        options = RunOptions(max_new_tokens=6, progress=False, resume=True, share_prefix=share_prefix)
+        return run_conditions(model, trials, conditions, experiment="t", out_dir=tmp_path / "a", options=options)
+
     shared = run_conditions(model, trials, conditions, experiment="t", out_dir=tmp_path / "a", options=OPTIONS)
     assert together == [3]
     alone = run_conditions(
@@ -112,25 +116,9 @@ def test_conditions_that_read_the_prompt_unchanged_run_together_as_they_run_alon
     assert records(shared) == records(alone)
     assert records(shared)["planted-decode"] != records(shared)["none"]  # the decode-time mask acts
     (tmp_path / "a" / "conditions" / "other-decode" / "trials" / f"{trials[1].key}.json").unlink()
-    resumed = run_conditions(
-        model,
-        trials,
-        conditions,
-        experiment="t",
-        out_dir=tmp_path / "a",
-        options=RunOptions(max_new_tokens=6, progress=False, resume=True, share_prefix=False),
-    )
-    assert records(resumed) == records(alone)
+    assert records(resume(share_prefix=False)) == records(alone)
     (tmp_path / "a" / "conditions" / "none" / "trials" / f"{trials[2].key}.json").unlink()
-    resumed = run_conditions(
-        model,
-        trials,
-        conditions,
-        experiment="t",
-        out_dir=tmp_path / "a",
-        options=RunOptions(max_new_tokens=6, progress=False, resume=True),
-    )
-    assert records(resumed) == records(alone) and together == [3, 3]
+    assert records(resume(share_prefix=True)) == records(alone) and together == [3, 3]
 
 
 def test_condition_names_must_be_unique():
