@@ -10,14 +10,18 @@ ranking (`--heldout`):
   at 1000 tokens, depths 25 and 75 (100 trials per condition), asked answer-only, with a worked
   chain of thought, or with the numbers in the question (the control with nothing to copy);
   the top-K retrieval heads masked against K random heads, K = 5, 10, 20, 50 (as many as the
-  model has of its 2-15%), two random draws;
+  model has of its 2-15%), two random draws; `cot-<mode>-decode` the same with the heads masked
+  only while the answer is generated, when the reasoning copies the numbers (every condition
+  decodes each problem from one prefill: a fraction of the time);
 - `steer-niah`: bank-b needles in RULER's essays at 2000 and 4000 tokens, depths 25/50/75, where
   small models lose the middle: the top 5 heads sharpened by 1.5, 2, 4 and 8 against 5 random
   heads sharpened as much (120 trials per condition); `steer-niah-decode` the same with the
   heads boosted only while the answer is generated (the prompt read as it is: every condition
   decodes each trial from one prefill, so it runs in a fraction of the time);
 - `finetune` (SmolLM2 only, CPU): the top 5 heads, 5 random heads (2 draws) and LoRA of the same
-  size, each trained 100 steps on bank-a needles, judged on bank-b needles and on general text.
+  size, each trained 100 steps on bank-a needles at 500 and 1000 tokens (a training step on CPU
+  costs about as much as answering a trial), judged on bank-b needles at 1000 and 2000 tokens
+  and on general text.
 
 Every step is one `rh-lens` command (`--print` shows them), run with --resume into
 <runs>/<model>/<step>/; `--tabulate-only` summarises whatever has finished into
@@ -30,19 +34,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS_DIR
+from common import DOCS_DIR, RESULTS_DIR
 from rigor import DETECTION
 from summarize_run import summarize
 
 from rh_lens.app import cli
+from rh_lens.app.plots import recall_vs_k_panels, save_figure
 from rh_lens.execution.files import write_json
+from rh_lens.interventions import AblationResult, cost_difference
 
+MODES = ("answer-only", "cot", "in-question")
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ARITHMETIC = ["--task", "arithmetic", "--questions", "0:50", "--lengths", "1000", "--depths", "25", "75"]
 COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--max-new-tokens", "96", "--heldout"]
 STEER = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "2000", "4000", "--depths", "25", "50", "75"]
 STEER += ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
-TRAIN = "--needles bank-a --haystack ruler-essays --lengths 1000 2000 --depths 0 50 100"
+TRAIN = "--needles bank-a --haystack ruler-essays --lengths 500 1000 --depths 0 50 100"
 FINETUNE = ["--train", TRAIN, "--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", "2000"]
 FINETUNE += ["--depths", "0", "50", "100", "--top-k", "5", "--random-seeds", "2", "--steps", "100", "--lr", "1e-4"]
 OUTPUT = {"detect": "results.json", "ablate": "ablation.json", "steer": "steering.json", "finetune": "finetune.json"}
@@ -52,8 +59,9 @@ def steps(model: str, runs: Path) -> dict[str, list[str]]:
     """Step name -> the rh-lens command (without --out)."""
     ranking = ["--model", model, "--scores", str(runs / model / "niah" / "results.json")]
     plan = {"niah": ["detect", "--model", model, *DETECTION]}
-    for mode in ("answer-only", "cot", "in-question"):
+    for mode in MODES:
         plan[f"cot-{mode}"] = ["ablate", *ranking, *ARITHMETIC, "--mode", mode, *COT_K]
+        plan[f"cot-{mode}-decode"] = [*plan[f"cot-{mode}"], "--decode-only"]
     plan["steer-niah"] = ["steer", *ranking, *STEER]
     plan["steer-niah-decode"] = ["steer", *ranking, *STEER, "--decode-only"]
     if model == "smollm2-135m":
@@ -75,8 +83,9 @@ def run(model: str, runs: Path, only: list[str] | None, dry: bool) -> None:
                 raise SystemExit(f"{model} {name} failed")
 
 
-def tabulate(models: list[str], runs: Path, results_dir: Path) -> list[dict]:
-    """Every finished step's summary, written beside the others."""
+def tabulate(models: list[str], runs: Path, results_dir: Path, figures_dir: Path = DOCS_DIR) -> list[dict]:
+    """Every finished step's summary, written beside the others; where the three ways of asking
+    the arithmetic problems all finished, their comparison (`chain_of_thought`)."""
     summaries = []
     for model in models:
         for name, command in steps(model, runs).items():
@@ -86,7 +95,37 @@ def tabulate(models: list[str], runs: Path, results_dir: Path) -> list[dict]:
             summary = {"model": model, "step": name, **summarize(done)}
             write_json(results_dir / "claims" / model / f"{name}.json", summary)
             summaries.append(summary)
+        for variant in ("", "-decode"):
+            files = {mode: runs / model / f"cot-{mode}{variant}" / "ablation.json" for mode in MODES}
+            if all(f.exists() for f in files.values()):
+                chain_of_thought(model, variant, files, results_dir, figures_dir)
     return summaries
+
+
+def chain_of_thought(model: str, variant: str, files: dict[str, Path], results_dir: Path, figures_dir: Path) -> None:
+    """The paper's claim as paired tests on the same problems: does masking cost the chain of
+    thought more than answer-only, and more than the same reasoning with nothing to copy
+    (in-question)? Each masked group's drop from no masking, per problem (`cost_difference`);
+    a figure of accuracy against K, one panel per way of asking."""
+    by_mode = {mode: AblationResult.load(file) for mode, file in files.items()}
+    groups = [g for g in by_mode["cot"].groups() if g != "none"]
+    tests = [
+        cost_difference(by_mode["cot"], by_mode[other], group, names=("cot", other)).to_json()
+        for other in ("answer-only", "in-question")
+        for group in groups
+    ]
+    where = "decode steps only" if variant else "every position"
+    write_json(
+        results_dir / "claims" / model / f"cot-modes{variant}.json",
+        {
+            "model": model,
+            "masked_at": where,
+            "runs": {m: str(r.settings.get("mode")) for m, r in by_mode.items()},
+            "tests": tests,
+        },
+    )
+    title = f"{model}: arithmetic in a 1K context, heads masked at {where}"
+    save_figure(recall_vs_k_panels(by_mode, title), figures_dir / f"{model}-chain-of-thought{variant}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

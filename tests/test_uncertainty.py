@@ -4,6 +4,7 @@ and tests an intervention result reports: the trial is the unit, seeds are avera
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from scipy import stats
 
 from rh_lens.errors import InputError
-from rh_lens.interventions.base import Condition, InterventionResult
+from rh_lens.interventions.base import Condition, InterventionResult, cost_difference
 from rh_lens.interventions.masking import AblationResult
 from rh_lens.tasks.grading import NiahRecord, outcome
 from rh_lens.uncertainty import bootstrap_interval, paired_test, wilson
@@ -193,3 +194,32 @@ def test_an_ablation_result_compares_top_k_with_random_k_and_each_with_no_maskin
     assert tests[("random-1", "none")].mcnemar_p is None  # seeds averaged: fractions
     with pytest.raises(InputError, match="no condition group"):
         result.paired("top-9", "none")
+
+
+def _asked(mode: str, top_right: list[bool], first: int = 0) -> InterventionResult:
+    """Problems p0, p1, ... asked one way (`mode` in every key, as arithmetic trials are), all
+    right unmasked; under top-1 right where `top_right` says."""
+
+    def record(i: int, right: bool) -> NiahRecord:
+        return replace(_record(f"{mode}-{i}", 1.0 if right else 0.0), needle_id=f"p{first + i}")
+
+    conditions = [
+        Condition("none", None, "none", {"kind": "none", "k": 0}, [record(i, True) for i in range(len(top_right))]),
+        Condition("top-1", None, "top-1", {"kind": "top", "k": 1}, [record(i, r) for i, r in enumerate(top_right)]),
+    ]
+    return InterventionResult("ablation", "m", conditions)
+
+
+def test_a_cost_difference_pairs_problems_across_runs_and_says_which_loses_more():
+    cot = _asked("cot", [i % 4 == 0 for i in range(40)])  # masking loses 30 of 40
+    answer_only = _asked("answer-only", [i % 4 != 1 for i in range(40)])  # loses 10, other problems
+    assert cot.drops("top-1")[("p1", 1000, 50)] == 1.0 and answer_only.drops("top-1")[("p1", 1000, 50)] == 1.0
+    test = cost_difference(cot, answer_only, "top-1", names=("cot", "answer-only"))
+    assert test.n == 40 and test.difference == pytest.approx(0.5)
+    assert test.verdict == "cot drop top-1 > answer-only drop top-1"
+    # the same losses on the same problems: nothing between them
+    same = cost_difference(cot, _asked("in-question", [i % 4 == 0 for i in range(40)]), "top-1")
+    assert same.difference == 0.0 and same.verdict == "tie"
+    # problems asked in only one run cannot be paired
+    with pytest.raises(InputError, match="share no trial"):
+        cost_difference(cot, _asked("answer-only", [True] * 40, first=40), "top-1")

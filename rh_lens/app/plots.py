@@ -209,11 +209,11 @@ def training_losses(result):
     return figure
 
 
-def recall_vs_k(result: AblationResult):
+def recall_vs_k(result: AblationResult, ax=None):
     """Mean recall against the number of masked heads: top-K vs random-K (error bars: 95%
-    intervals over trials, seeds averaged per trial)."""
+    intervals over trials, seeds averaged per trial); on `ax`, or a figure of its own."""
+    figure, ax = (None, ax) if ax is not None else plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     rows = result.summary()
-    figure, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     for kind, label, style in (("top", "top-K retrieval heads", "o-"), ("random", "K random other heads", "s--")):
         points = [r for r in rows if r["kind"] == kind]
         ax.errorbar(
@@ -228,11 +228,24 @@ def recall_vs_k(result: AblationResult):
         if r["kind"] == "none":
             ax.axhline(r["mean_recall"], color="grey", linestyle=":", label="no masking")
     ax.set_xlabel("masked heads K")
-    ax.set_ylabel("mean ROUGE-1 recall")
+    # an exactly graded task (arithmetic) scores 1 or 0 per trial: its mean is accuracy
+    exact = result.settings.get("task") == "arithmetic"
+    ax.set_ylabel("accuracy" if exact else "mean ROUGE-1 recall")
     ax.set_ylim(-0.03, 1.05)
     ax.set_xticks(sorted({r["k"] for r in rows if r["kind"] != "none"}))
     ax.set_title(f"{result.model}: {result.method} masking", fontsize=10)
     ax.legend(fontsize=8)
+    return figure
+
+
+def recall_vs_k_panels(results: dict[str, AblationResult], title: str = ""):
+    """`recall_vs_k` for several runs side by side, one panel per run (titled by its key): the
+    same problems asked several ways (answer-only, with a chain of thought, ...)."""
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.5), constrained_layout=True, squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        recall_vs_k(result, ax)
+        ax.set_title(name, fontsize=10)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 

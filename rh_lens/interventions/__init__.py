@@ -4,6 +4,7 @@ from rh_lens.interventions.base import (
     Condition,
     Intervention,
     InterventionResult,
+    cost_difference,
     evaluate,
     evaluate_together,
     intervention_from_json,
@@ -58,6 +59,7 @@ from rh_lens.interventions.steering import HeadBoost, SteeringOptions, SteeringR
 
 __all__ = [
     "Condition",
+    "cost_difference",
     "Intervention",
     "InterventionResult",
     "evaluate",

@@ -307,6 +307,14 @@ class InterventionResult:
         (recall_a, success_a), (recall_b, success_b) = self.per_trial(a), self.per_trial(b)
         return paired_test(recall_a, recall_b, names=(a, b), success_a=success_a, success_b=success_b, confidence=confidence)
 
+    def drops(self, group: str) -> dict[tuple[str | None, int | None, int | None], float]:
+        """Per problem (needle, context length, depth), the recall lost from the baseline to
+        `group` (seeds averaged): the problem, not the trial key, so that two runs asking the
+        same problems another way (a chain of thought, answer-only) pair up."""
+        none, masked = self.per_trial(self.baseline)[0], self.per_trial(group)[0]
+        where = {r.key: (r.needle_id, r.context_length, r.depth) for c in self.conditions for r in c.records}
+        return {where[k]: none[k] - masked[k] for k in sorted(none.keys() & masked.keys())}
+
     def comparison_pairs(self) -> list[tuple[str, str]]:
         """The (a, b) group pairs a table of this experiment claims something about: every
         group against the baseline. Subclasses add their own (top-K against random-K, ...)."""
@@ -345,6 +353,23 @@ class InterventionResult:
             return cls.from_json(data)
         except (KeyError, TypeError, ValueError) as e:
             raise ResultsFileError(f"{path}: not an rh_lens {cls.__name__} file ({type(e).__name__}: {e})") from None
+
+
+def cost_difference(
+    a: InterventionResult, b: InterventionResult, group: str, names: tuple[str, str] = ("a", "b"), confidence: float = CONFIDENCE
+) -> PairedTest:
+    """Whether `group` (top-5 masked, ...) costs run `a` more recall than run `b`, on the same
+    problems asked two ways (the paper's chain-of-thought claim: `a` with a worked chain of
+    thought, `b` answer-only). Paired per problem (`InterventionResult.drops`): a's drop minus
+    b's, bootstrap interval and sign-flip p as `paired_test`; the verdict reads
+    "<a> > <b>" when a loses more."""
+    drops_a, drops_b = a.drops(group), b.drops(group)
+    return paired_test(
+        {str(k): v for k, v in drops_a.items()},
+        {str(k): v for k, v in drops_b.items()},
+        names=(f"{names[0]} drop {group}", f"{names[1]} drop {group}"),
+        confidence=confidence,
+    )
 
 
 def _listed(interval: tuple[float, float] | None) -> list[float] | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rh_lens.detection.records import DetectionResult
@@ -239,8 +240,10 @@ def finetune(
     trainable: HeadTraining | LoRA,
     options: FinetuneOptions = FinetuneOptions(),
     arm: str = "heads",
+    progress: bool = False,
 ) -> FinetuneResult:
-    """Train `trainable` (only it) on the answer tokens of `sequences` (`answer_sequence`)."""
+    """Train `trainable` (only it) on the answer tokens of `sequences` (`answer_sequence`);
+    `progress`: a bar over the steps with the last step's loss."""
     if not sequences:
         raise InputError("no training sequences")
     order = random.Random(options.seed)
@@ -248,7 +251,7 @@ def finetune(
     started = time.perf_counter()
     with trainable.active() as params:
         optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-        for _ in range(options.steps):
+        for _ in (bar := tqdm(range(options.steps), desc=f"train {arm}", unit="step", disable=not progress)):
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for ids, mask in order.choices(sequences, k=options.batch_size):
@@ -258,6 +261,7 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             losses.append(total)
+            bar.set_postfix(loss=f"{total:.3f}")
     return FinetuneResult(arm, trainable.n_parameters(), losses, time.perf_counter() - started, asdict(options))
 
 
@@ -335,7 +339,9 @@ def finetune_experiment(
                 arm = load() if name != "none" else model
                 trainable = _arm(arm, name, heads, n_top, arms.training.seed)
                 sequences = [answer_sequence(arm.tokenizer, t) for t in train]
-                trained = finetune(arm, sequences, trainable, arms.training, name) if trainable is not None else None
+                trained = (
+                    finetune(arm, sequences, trainable, arms.training, name, options.progress) if trainable is not None else None
+                )
                 with trainable.active() if isinstance(trainable, LoRA) else nullcontext():
                     records = evaluate(arm, evaluation, None, out_dir=where, options=options, settings=settings, desc=name)
                     metadata = {
