@@ -17,7 +17,9 @@ ranking (`--heldout`):
   small models lose the middle: the top 5 heads sharpened by 1.5, 2, 4 and 8 against 5 random
   heads sharpened as much (120 trials per condition); `steer-niah-decode` the same with the
   heads boosted only while the answer is generated (the prompt read as it is: every condition
-  decodes each trial from one prefill, so it runs in a fraction of the time);
+  decodes each trial from one prefill, so it runs in a fraction of the time); `steer-squad-decode`
+  the same boosts on 40 SQuAD questions among distractor paragraphs (1000 tokens, the gold
+  paragraph at depths 25/50/75: 120 trials per condition);
 - `finetune` (SmolLM2 only, CPU): the top 5 heads, 5 random heads (2 draws) and LoRA of the same
   size, each trained 100 steps on bank-a needles at 500 and 1000 tokens (a training step on CPU
   costs about as much as answering a trial), judged on bank-b needles at 1000 and 2000 tokens
@@ -48,7 +50,8 @@ MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ARITHMETIC = ["--task", "arithmetic", "--questions", "0:50", "--lengths", "1000", "--depths", "25", "75"]
 COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--max-new-tokens", "96", "--heldout"]
 STEER = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "2000", "4000", "--depths", "25", "50", "75"]
-STEER += ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
+STEER_SQUAD = ["--task", "squad", "--questions", "0:40", "--lengths", "1000", "--depths", "25", "50", "75"]
+BOOSTS = ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
 TRAIN = "--needles bank-a --haystack ruler-essays --lengths 500 1000 --depths 0 50 100"
 FINETUNE = ["--train", TRAIN, "--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", "2000"]
 FINETUNE += ["--depths", "0", "50", "100", "--top-k", "5", "--random-seeds", "2", "--steps", "100", "--lr", "1e-4"]
@@ -62,8 +65,9 @@ def steps(model: str, runs: Path) -> dict[str, list[str]]:
     for mode in MODES:
         plan[f"cot-{mode}"] = ["ablate", *ranking, *ARITHMETIC, "--mode", mode, *COT_K]
         plan[f"cot-{mode}-decode"] = [*plan[f"cot-{mode}"], "--decode-only"]
-    plan["steer-niah"] = ["steer", *ranking, *STEER]
-    plan["steer-niah-decode"] = ["steer", *ranking, *STEER, "--decode-only"]
+    plan["steer-niah"] = ["steer", *ranking, *STEER, *BOOSTS]
+    plan["steer-niah-decode"] = ["steer", *ranking, *STEER, *BOOSTS, "--decode-only"]
+    plan["steer-squad-decode"] = ["steer", *ranking, *STEER_SQUAD, *BOOSTS, "--decode-only"]
     if model == "smollm2-135m":
         plan["finetune"] = ["finetune", *ranking, *FINETUNE]
     return plan

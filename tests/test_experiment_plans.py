@@ -101,7 +101,7 @@ claims = pytest.importorskip("claims")
 def test_the_claims_plan_parses_is_held_out_and_has_100_trials_per_condition(model, tmp_path):
     parser = build_parser()
     plan = claims.steps(model, tmp_path)
-    assert {"cot-answer-only", "cot-cot", "cot-in-question", "steer-niah"} <= plan.keys()
+    assert {"cot-answer-only", "cot-cot", "cot-in-question", "steer-niah", "steer-squad-decode"} <= plan.keys()
     assert ("finetune" in plan) == (model == "smollm2-135m")
     for name, command in plan.items():
         args = parser.parse_args([*command, "--out", str(tmp_path / name)])
@@ -109,7 +109,7 @@ def test_the_claims_plan_parses_is_held_out_and_has_100_trials_per_condition(mod
             continue
         assert args.scores == str(tmp_path / model / "niah" / "results.json")
         grid = grid_from_args(args)
-        items = len(grid.selected()) if args.task == "arithmetic" else len(load_needles(args.needles))
+        items = len(load_needles(args.needles)) if args.task == "niah" else len(grid.selected())
         assert items * len(args.lengths) * len(args.depths) >= 100, name
         if command[0] == "finetune":  # judged on the bank's other half, trained on the first
             assert args.train.needles == "bank-a" and args.needles == "bank-b"

@@ -198,9 +198,11 @@ def _sequence_loss(model: HookedTransformer, ids: Int[Tensor, " pos"], mask: Boo
 
 
 @torch.no_grad()
-def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tensor]]) -> float:
-    """Mean next-token loss over the answer tokens of `sequences`, one sequence at a time."""
-    return float(sum(_sequence_loss(model, ids, mask).item() for ids, mask in sequences) / len(sequences))
+def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tensor]], progress: bool = False) -> float:
+    """Mean next-token loss over the answer tokens of `sequences`, one sequence at a time
+    (`progress`: a bar over them)."""
+    losses = [_sequence_loss(model, ids, mask).item() for ids, mask in tqdm(sequences, "answer loss", disable=not progress)]
+    return float(sum(losses) / len(sequences))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,7 +350,9 @@ def finetune_experiment(
                         **metadata,
                         "heads": [str(h) for h in heads or ()],
                         "training": trained.to_json() if trained else None,
-                        "heldout_answer_loss": answer_loss(arm, [answer_sequence(arm.tokenizer, t) for t in evaluation]),
+                        "heldout_answer_loss": answer_loss(
+                            arm, [answer_sequence(arm.tokenizer, t) for t in evaluation], options.progress
+                        ),
                         "general_text_loss": text_loss(arm, general_text),
                     }
                 if where is not None:
