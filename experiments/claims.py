@@ -10,7 +10,8 @@ ranking (`--heldout`):
   at 1000 tokens, depths 25 and 75 (100 trials per condition), asked answer-only, with a worked
   chain of thought, or with the numbers in the question (the control with nothing to copy);
   the top-K retrieval heads masked against K random heads, K = 5, 10, 20, 50 (as many as the
-  model has of its 2-15%), two random draws; `cot-<mode>-decode` the same with the heads masked
+  model has of its 2-15%), two random draws; greedy, at most 96 new tokens answer-only and 256
+  for a chain of thought, which runs over lines to the end of the turn; `cot-<mode>-decode` the same with the heads masked
   only while the answer is generated, when the reasoning copies the numbers (every condition
   decodes each problem from one prefill: a fraction of the time);
 - `steer-niah`: bank-b needles in RULER's essays at 2000 and 4000 tokens, depths 25/50/75, where
@@ -48,7 +49,10 @@ from rh_lens.interventions import AblationResult, cost_difference
 MODES = ("answer-only", "cot", "in-question")
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ARITHMETIC = ["--task", "arithmetic", "--questions", "0:50", "--lengths", "1000", "--depths", "25", "75"]
-COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--max-new-tokens", "96", "--heldout"]
+COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--heldout"]
+# a number on one line, or a worked chain of thought (Qwen2.5-Coder-0.5B's took 98-139 tokens
+# on problems 200-205, outside every run's problems)
+BUDGET = {"answer-only": "96", "cot": "256", "in-question": "256"}
 STEER = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "2000", "4000", "--depths", "25", "50", "75"]
 STEER_SQUAD = ["--task", "squad", "--questions", "0:40", "--lengths", "1000", "--depths", "25", "50", "75"]
 BOOSTS = ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
@@ -63,7 +67,7 @@ def steps(model: str, runs: Path) -> dict[str, list[str]]:
     ranking = ["--model", model, "--scores", str(runs / model / "niah" / "results.json")]
     plan = {"niah": ["detect", "--model", model, *DETECTION]}
     for mode in MODES:
-        plan[f"cot-{mode}"] = ["ablate", *ranking, *ARITHMETIC, "--mode", mode, *COT_K]
+        plan[f"cot-{mode}"] = ["ablate", *ranking, *ARITHMETIC, "--mode", mode, *COT_K, "--max-new-tokens", BUDGET[mode]]
         plan[f"cot-{mode}-decode"] = [*plan[f"cot-{mode}"], "--decode-only"]
     plan["steer-niah"] = ["steer", *ranking, *STEER, *BOOSTS]
     plan["steer-niah-decode"] = ["steer", *ranking, *STEER, *BOOSTS, "--decode-only"]

@@ -2,6 +2,7 @@
 context (or, for the control, in the question), and exact grading of the final number."""
 
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -109,6 +110,10 @@ def test_a_grid_is_every_problem_at_every_length_and_depth_and_records_its_conte
     assert len(trials) == 3 * 2 * 2 and len({t.key for t in trials}) == 12
     settings = grid.settings()
     assert settings["needles"] == [problem(i).id for i in (2, 3, 4)]
+    # a bare number ends with its line; a worked chain of thought runs to the end of the turn
+    assert all(t.one_line for t in trials) and "answers_end" not in settings
+    cot = replace(grid, mode="cot")
+    assert not any(t.one_line for t in cot.trials(tokenizer)) and cot.settings()["answers_end"] == "end of turn"
     assert settings["needle_content"][0]["answer"] == str(problem(2).answer)
     with pytest.raises(InputError):
         ArithmeticGrid(problems=(5, 2)).selected()

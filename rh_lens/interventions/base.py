@@ -37,7 +37,16 @@ from rh_lens.execution.runs import InProcess, run_directory, run_trials, run_tri
 from rh_lens.model.generation import Decoding, decode_conditions
 from rh_lens.model.loading import dtype_name
 from rh_lens.model.tl_internals import Hook
-from rh_lens.tasks.grading import RESPONSE_CLASSES, Answer, NiahRecord, answer_trials, grade, outcome, recall_grid
+from rh_lens.tasks.grading import (
+    RESPONSE_CLASSES,
+    Answer,
+    NiahRecord,
+    answer_trials,
+    decoding_for,
+    grade,
+    outcome,
+    recall_grid,
+)
 from rh_lens.tasks.niah import Trial
 from rh_lens.uncertainty import CONFIDENCE, PairedTest, bootstrap_interval, paired_test, wilson
 
@@ -127,6 +136,7 @@ def answer_under_each(
     trial prefilled once for all of them (`decode_conditions`): (index, (intervention's
     place, record)); `wanted[trial key]`: the interventions still to run on it (default all).
     Each record is the one `answer_under` gives under that intervention alone."""
+    decoding = decoding_for(trials, decoding)
     conditions = [(decoding, []) if i is None else (i.decoding(decoding), i.hooks(model)) for i in interventions]
     runs = None if wanted is None else [wanted[trial.key] for trial in trials]
     for i, c, generation in decode_conditions(model, [t.prompt_ids for t in trials], conditions, runs):

@@ -137,7 +137,9 @@ class Decoding:
     key); its streaming heads windowed from the first prompt token on, or with
     `kv_decode_only` the prompt prefilled whole (through the prefix cache) and compressed
     before the first decode step. A windowed prefill shares no prefix: what a prompt's
-    ring forgets, the next prompt cannot take back."""
+    ring forgets, the next prompt cannot take back. `one_line`: an answer ends with its
+    first line (the reference's rule for NIAH answers); False: only at EOS or the end of
+    the turn (a worked chain of thought runs over several lines)."""
 
     max_new_tokens: int = MAX_NEW_TOKENS
     chunk_size: int | None = None
@@ -145,6 +147,7 @@ class Decoding:
     share_prefix: bool = True
     kv_policy: KVPolicy | None = None
     kv_decode_only: bool = False
+    one_line: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -276,11 +279,13 @@ def newest_row_argmax(pattern: Float[Tensor, "batch head query key"]) -> Int[Ten
     return pattern[:, :, -1].argmax(dim=-1)
 
 
-def _ends_answer(model: HookedTransformer, token: int, eos_ids: set[int]) -> bool:
-    # Answers are one line. The reference stops only at its newline token ('<0x0A>', or
+def _ends_answer(model: HookedTransformer, token: int, eos_ids: set[int], one_line: bool = True) -> bool:
+    # NIAH answers are one line. The reference stops only at its newline token ('<0x0A>', or
     # id 144); we stop at any token whose text holds a newline, and at EOS/end of turn,
     # after which the reference would go on to 50 tokens (see rh_lens.detection.scoring).
-    return token in eos_ids or (model.tokenizer is not None and "\n" in model.tokenizer.decode([token]))
+    if token in eos_ids:
+        return True
+    return one_line and model.tokenizer is not None and "\n" in model.tokenizer.decode([token])
 
 
 @torch.inference_mode()
@@ -490,7 +495,7 @@ def _decode_batch(
                 tokens[row].append(token)
                 if record_attention:
                     argmaxes[row].append(positions[:, j])
-                if _ends_answer(model, token, eos_ids) or len(tokens[row]) == decoding.max_new_tokens:
+                if _ends_answer(model, token, eos_ids, decoding.one_line) or len(tokens[row]) == decoding.max_new_tokens:
                     ended.append(j)
             step = (time.perf_counter() - started) / len(rows)
             for row in rows:

@@ -139,7 +139,10 @@ def arithmetic_trial(
     prompt, special = render_prompt(tokenizer, message, chat)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
     needle = p.needle()
-    return Trial(context_length, depth, needle, f"{haystack}-{mode}", prompt, prompt_ids, (0, 0), chat, grading="number")
+    one_line = mode == "answer-only"  # a worked chain of thought runs over lines, to the end of the turn
+    return Trial(
+        context_length, depth, needle, f"{haystack}-{mode}", prompt, prompt_ids, (0, 0), chat, grading="number", one_line=one_line
+    )
 
 
 @dataclass(frozen=True)
@@ -187,4 +190,7 @@ class ArithmeticGrid:
             "depths": list(self.depths),
             "prompt": self.prompt,
             "needle_content": [n.content() for n in needles],
+            # recorded where answers run past their first line: a run saved before they did
+            # (cut at the first line) then refuses to resume rather than mix the two
+            **({} if self.mode == "answer-only" else {"answers_end": "end of turn"}),
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
+from rh_lens.errors import InputError
 from rh_lens.model.generation import MAX_NEW_TOKENS, Decoding, Generation, StepObserver, decode_prompts
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.niah import Trial
@@ -151,8 +152,17 @@ def answer_trials(
     decoded together: `rh_lens.model.generation.decode_prompts`): (index, answer,
     generation) as each trial's answer ends."""
     prompts = [trial.prompt_ids for trial in trials]
+    decoding = decoding_for(trials, decoding)
     for i, generation in decode_prompts(model, prompts, decoding, record_attention, decode_hooks, observers):
         yield i, grade(model, trials[i], generation), generation
+
+
+def decoding_for(trials: Sequence[Trial], decoding: Decoding) -> Decoding:
+    """`decoding` with the trials' rule for where an answer ends (`Trial.one_line`)."""
+    rules = {trial.one_line for trial in trials}
+    if len(rules) > 1:
+        raise InputError("these trials end their answers differently (one line, or a whole turn): decode them apart")
+    return replace(decoding, one_line=rules.pop()) if rules else decoding
 
 
 def final_number(response: str) -> str | None:

@@ -53,6 +53,9 @@ class Trial:
     # "rouge": ROUGE-1 recall of the answer words (NIAH, documents); "number": the response's
     # final number must equal the answer (`rh_lens.tasks.arithmetic`)
     grading: str = "rouge"
+    # the answer ends with its first line (NIAH, documents, a bare number); False: it runs
+    # until the end of the turn (a worked chain of thought, `rh_lens.tasks.arithmetic`)
+    one_line: bool = True
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
