@@ -9,7 +9,9 @@ distractor facts (the same place on days not asked, another place on the days as
 depths; the question asks for their total or difference. Three ways to ask it (`MODES`):
 
 - "answer-only": the final number only (two worked examples show the form);
-- "cot": a worked chain of thought first, copying each number, then "The answer is N.";
+- "cot": a worked chain of thought first, copying each number, then "The answer is N." (it
+  runs over lines: such trials are decoded to the end of the turn, `Trial.one_line` False;
+  give them a budget of a few hundred tokens);
 - "in-question": the facts stated in the question itself, the haystack and distractors kept:
   arithmetic that needs no copying from the context (the control LOCOS proposes).
 
