@@ -2,8 +2,10 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+from fake_runs import arithmetic_run
 from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 
 import rh_lens.app.cli as cli
@@ -230,3 +232,20 @@ def test_atlas_prints_the_table_and_writes_figures(inputs, capsys):
     assert cli.main(args[:-1] + [str(tmp_path / "atlas2"), "--other-haystack"]) == 1  # the same haystack, too
     assert "same_haystack" in capsys.readouterr().err
     assert cli.main(args[:-1] + [str(tmp_path / "atlas3"), "--evaluate=--lengths x"]) == 2
+
+
+def test_compare_tells_which_of_two_masking_runs_loses_more_per_problem(tmp_path, capsys):
+    cot, answer_only = tmp_path / "cot" / "ablation.json", tmp_path / "answer-only" / "ablation.json"
+    arithmetic_run(cot, "cot", lambda i: i % 2 == 0)  # top-1 masked: 20 of 40 lost
+    arithmetic_run(answer_only, "answer-only", lambda i: i % 10 != 0)  # 4 lost
+    assert cli.main(["compare", str(cot), str(answer_only), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "cot drop top-1 vs answer-only drop top-1: +0.400" in printed and "-> a > b" in printed
+    assert "cot drop random-1 vs answer-only drop random-1: +0.000" in printed
+    saved = json.loads((tmp_path / "out" / "run_comparison.json").read_text())
+    assert saved["runs"] == ["cot", "answer-only"] and len(saved["tests"]) == 2
+    assert (tmp_path / "out" / "recall_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+    # a ranking is not a masking run
+    ranking = str(Path(__file__).parent / "data" / "smollm2-135m-small.json")
+    assert cli.main(["compare", str(cot), ranking, "--out", str(tmp_path / "bad")]) == 1
+    assert "not a masking run" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_runs import arithmetic_run
 
 from rh_lens.app.cli import build_parser
 from rh_lens.app.options import grid_from_args
@@ -117,46 +118,11 @@ def test_the_claims_plan_parses_is_held_out_and_has_100_trials_per_condition(mod
             assert args.heldout and args.random_seeds >= 2, name
 
 
-def _arithmetic_run(path: Path, mode: str, top_right) -> None:
-    """An ablation.json of 40 problems asked in `mode`: all right unmasked and under random-1,
-    right under top-1 where `top_right(i)`."""
-    from rh_lens.interventions.base import Condition
-    from rh_lens.interventions.masking import AblationResult
-    from rh_lens.tasks.grading import NiahRecord
-
-    def records(right):
-        return [
-            NiahRecord(
-                key=f"{mode}-{i}",
-                context_length=1000,
-                depth=25,
-                needle_id=f"problem-{i}",
-                haystack=f"ruler-essays-{mode}",
-                answer=str(i),
-                generated_ids=[],
-                response="",
-                rouge_recall=float(right(i)),
-                success=bool(right(i)),
-                outcome="retrieved" if right(i) else "absent",
-            )
-            for i in range(40)
-        ]
-
-    conditions = [
-        Condition("none", None, "none", {"kind": "none", "k": 0}, records(lambda i: True)),
-        Condition("top-1", None, "top-1", {"kind": "top", "k": 1}, records(top_right)),
-        Condition("random-1-seed0", None, "random-1", {"kind": "random", "k": 1, "seed": 0}, records(lambda i: True)),
-    ]
-    path.parent.mkdir(parents=True)
-    settings = {"task": "arithmetic", "mode": mode}
-    path.write_text(json.dumps(AblationResult("ablation", "m", conditions, settings).to_json()))
-
-
 def test_the_three_ways_of_asking_are_compared_per_problem_with_a_figure(tmp_path):
     runs, results, figures = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
     losses = {"answer-only": lambda i: i % 10 != 0, "cot": lambda i: i % 2 == 0, "in-question": lambda i: i % 10 != 1}
     for mode, top_right in losses.items():
-        _arithmetic_run(runs / "m" / f"cot-{mode}-decode" / "ablation.json", mode, top_right)
+        arithmetic_run(runs / "m" / f"cot-{mode}-decode" / "ablation.json", mode, top_right)
     claims.tabulate(["m"], runs, results, figures)
     written = json.loads((results / "claims" / "m" / "cot-modes-decode.json").read_text())
     tests = {(t["a"], t["b"]): t for t in written["tests"]}

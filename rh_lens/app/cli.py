@@ -43,6 +43,7 @@ from rh_lens.app.reports import (
     format_finetune,
     format_patching,
     format_ranking,
+    format_run_comparison,
     format_steering,
     format_written,
 )
@@ -263,6 +264,11 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
+    if isinstance(workflows.load_any(args.a), AblationResult):  # two masking runs, not two rankings
+        tests, written = workflows.compare_runs(args.a, args.b, args.out, overwrite=args.overwrite)
+        print(format_run_comparison(tests, args.a, args.b))
+        print(format_written(written))
+        return
     comparison, written = workflows.compare_files(
         args.a, args.b, args.out, top_k=args.top_k, threshold=args.threshold, resamples=args.resamples, overwrite=args.overwrite
     )
@@ -565,9 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     out_arguments(n)
     n.set_defaults(run=run_analyze)
 
-    c = commands.add_parser("compare", help="compare two results files of one architecture (ours or published)")
-    c.add_argument("a")
-    c.add_argument("b")
+    c = commands.add_parser(
+        "compare",
+        help="compare two results files of one architecture (ours or published), or two masking runs on the same "
+        "problems asked two ways (does each mask cost one more than the other, per problem)",
+    )
+    c.add_argument("a", help="a results file (a ranking), or a masking run (its ablation.json or directory)")
+    c.add_argument("b", help="the same kind as a")
     c.add_argument("--top-k", type=positive_int, default=TOP_K, help="size of the top lists compared (default 20)")
     c.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD)
     c.add_argument(

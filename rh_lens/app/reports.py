@@ -27,6 +27,7 @@ from rh_lens.app.plots import (
     patching_heatmaps,
     recall_vs_factor,
     recall_vs_k,
+    recall_vs_k_panels,
     recall_vs_kv,
     resid_heatmap,
     save_figure,
@@ -44,6 +45,7 @@ from rh_lens.interventions.head_tuning import FinetuneExperimentResult
 from rh_lens.interventions.masking import AblationResult
 from rh_lens.interventions.patching import PatchingResult
 from rh_lens.interventions.steering import SteeringResult
+from rh_lens.uncertainty import PairedTest
 
 # --- files -----------------------------------------------------------------------------
 
@@ -155,6 +157,14 @@ def save_comparison(comparison: Comparison, out: str | Path) -> list[Path]:
     out = Path(out)
     write_json(out / "comparison.json", comparison.to_json())
     return [out / "comparison.json"] + save_figures({"score_scatter": score_scatter(comparison)}, out)
+
+
+def save_run_comparison(tests: list[PairedTest], runs: dict[str, AblationResult], out: str | Path) -> list[Path]:
+    """run_comparison.json (the two runs' paired cost tests) and recall_vs_k.png (one panel per run)."""
+    out = Path(out)
+    write_json(out / "run_comparison.json", {"runs": list(runs), "tests": [t.to_json() for t in tests]})
+    save_figure(recall_vs_k_panels(runs), out / "recall_vs_k.png")
+    return [out / "run_comparison.json", out / "recall_vs_k.png"]
 
 
 def format_written(paths: list[Path]) -> str:
@@ -291,6 +301,16 @@ def format_compression(result: CompressionResult) -> str:
             f"  {_rate_with_interval(row['success_rate'], row['success_interval']):>17}"
         )
     return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
+
+
+def format_run_comparison(tests: list[PairedTest], a: str, b: str) -> str:
+    """`compare_runs`'s tests: per masked condition, its drop in a minus its drop in b."""
+    lines = format_paired_tests([t.to_json() for t in tests])[1:]
+    header = (
+        f"per problem, the recall each masked condition loses from no masking in a ({a}) minus what it loses in b ({b}); "
+        f"{tests[0].confidence:.0%} paired-bootstrap interval, sign-flip p; 'a > b': a loses more:"
+    )
+    return "\n".join([header, *lines])
 
 
 def format_paired_tests(tests: list[dict[str, Any]]) -> list[str]:

@@ -28,6 +28,7 @@ from rh_lens.app.reports import (
     save_detection,
     save_finetune,
     save_patching,
+    save_run_comparison,
     save_steering,
 )
 from rh_lens.detection.records import DetectionResult, load_results
@@ -37,7 +38,7 @@ from rh_lens.errors import InputError
 from rh_lens.execution.files import read_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
-from rh_lens.interventions.base import InterventionResult
+from rh_lens.interventions.base import InterventionResult, cost_difference
 from rh_lens.interventions.compression import CompressionOptions, CompressionResult, compression_experiment
 from rh_lens.interventions.head_tuning import FinetuneArms, FinetuneExperimentResult, finetune_experiment
 from rh_lens.interventions.masking import AblationResult, MaskingOptions, ablation_experiment, ks_for_thresholds
@@ -58,6 +59,7 @@ from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.needles import Needle
 from rh_lens.tasks.niah import PROMPTS, Grid, tokenize_haystack
 from rh_lens.tasks.splits import check_split, offences, refusal, shared_items, split_of
+from rh_lens.uncertainty import PairedTest
 
 logger = logging.getLogger(__name__)
 
@@ -473,6 +475,29 @@ def analyze_file(
     analysis = analyze(result, result.threshold if threshold is None else threshold, activation_threshold)
     with run_directory(out, overwrite=overwrite):
         return result, analysis, save_analysis(analysis, out)
+
+
+def compare_runs(
+    a: str | Path, b: str | Path, out: str | Path, *, overwrite: bool = False
+) -> tuple[list[PairedTest], list[Path]]:
+    """`rh-lens compare` of two masking runs on the same problems asked two ways (with a chain
+    of thought and answer-only, ...): for every masked group both ran, whether it costs run a
+    more than run b (`cost_difference`, paired per problem), saved with `save_run_comparison`."""
+    runs = {}
+    for path, fallback in ((a, "a"), (b, "b")):
+        result = load_any(path)
+        if not isinstance(result, AblationResult):
+            raise InputError(f"{path}: not a masking run (ablation.json); compare two masking runs, or two rankings")
+        runs[str(result.settings.get("mode") or fallback)] = result
+    if len(runs) < 2:  # the same mode twice: name them by their place
+        runs = {"a": load_any(a), "b": load_any(b)}
+    (name_a, first), (name_b, second) = runs.items()
+    groups = [g for g in first.groups() if g != first.baseline and g in second.groups()]
+    if not groups:
+        raise InputError(f"{a} and {b} share no masked condition (top-K, random-K) to compare")
+    tests = [cost_difference(first, second, group, names=(name_a, name_b)) for group in groups]
+    with run_directory(out, overwrite=overwrite):
+        return tests, save_run_comparison(tests, runs, out)
 
 
 def compare_files(
