@@ -11,9 +11,9 @@ ranking (`--heldout`):
   chain of thought, or with the numbers in the question (the control with nothing to copy);
   the top-K retrieval heads masked against K random heads, K = 5, 10, 20, 50 (as many as the
   model has of its 2-15%), two random draws; greedy, at most 96 new tokens answer-only and 256
-  for a chain of thought, which runs over lines to the end of the turn; `cot-<mode>-decode` the same with the heads masked
-  only while the answer is generated, when the reasoning copies the numbers (every condition
-  decodes each problem from one prefill: a fraction of the time);
+  for a chain of thought, which runs over lines to the end of the turn; `cot-<mode>-decode`
+  the same with the heads masked only while the answer is generated, when the reasoning
+  copies the numbers (every condition decodes each problem from one prefill);
 - `steer-niah`: bank-b needles in RULER's essays at 2000 and 4000 tokens, depths 25/50/75, where
   small models lose the middle: the top 5 heads sharpened by 1.5, 2, 4 and 8 against 5 random
   heads sharpened as much (120 trials per condition); `steer-niah-decode` the same with the
@@ -22,9 +22,8 @@ ranking (`--heldout`):
   the same boosts on 40 SQuAD questions among distractor paragraphs (1000 tokens, the gold
   paragraph at depths 25/50/75: 120 trials per condition);
 - `finetune` (SmolLM2 only, CPU): the top 5 heads, 5 random heads (2 draws) and LoRA of the same
-  size, each trained 100 steps on bank-a needles at 500 and 1000 tokens (a training step on CPU
-  costs about as much as answering a trial), judged on bank-b needles at 1000 and 2000 tokens
-  and on general text.
+  size, each trained 100 steps on bank-a needles at 500 and 1000 tokens, judged on bank-b
+  needles at 1000 and 2000 tokens and on general text.
 
 Every step is one `rh-lens` command (`--print` shows them), run with --resume into
 <runs>/<model>/<step>/; `--tabulate-only` summarises whatever has finished into
@@ -128,7 +127,7 @@ def chain_of_thought(model: str, variant: str, files: dict[str, Path], results_d
         {
             "model": model,
             "masked_at": where,
-            "runs": {m: str(r.settings.get("mode")) for m, r in by_mode.items()},
+            "runs": {mode: str(file) for mode, file in files.items()},
             "tests": tests,
         },
     )
