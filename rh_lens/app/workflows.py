@@ -483,15 +483,15 @@ def compare_runs(
     """`rh-lens compare` of two masking runs on the same problems asked two ways (with a chain
     of thought and answer-only, ...): for every masked group both ran, whether it costs run a
     more than run b (`cost_difference`, paired per problem), saved with `save_run_comparison`."""
-    runs = {}
-    for path, fallback in ((a, "a"), (b, "b")):
-        result = load_any(path)
+    first, second = results = [load_any(a), load_any(b)]
+    for path, result in zip((a, b), results):
         if not isinstance(result, AblationResult):
             raise InputError(f"{path}: not a masking run (ablation.json); compare two masking runs, or two rankings")
-        runs[str(result.settings.get("mode") or fallback)] = result
-    if len(runs) < 2:  # the same mode twice: name them by their place
-        runs = {"a": load_any(a), "b": load_any(b)}
-    (name_a, first), (name_b, second) = runs.items()
+    # named by how they ask (cot, answer-only, ...), else by their place
+    name_a, name_b = (str(r.settings.get("mode")) for r in results)
+    if name_a == name_b:
+        name_a, name_b = "a", "b"
+    runs = {name_a: first, name_b: second}
     groups = [g for g in first.groups() if g != first.baseline and g in second.groups()]
     if not groups:
         raise InputError(f"{a} and {b} share no masked condition (top-K, random-K) to compare")
