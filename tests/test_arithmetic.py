@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rh_lens.errors import InputError
 from rh_lens.model.generation import Generation
-from rh_lens.tasks.arithmetic import MODES, ArithmeticGrid, arithmetic_trial, problem
+from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS, MODES, ArithmeticGrid, arithmetic_trial, problem
 from rh_lens.tasks.grading import final_number, grade
 from rh_lens.tasks.niah import tokenize_haystack
 
@@ -122,11 +122,18 @@ def test_a_grid_is_every_problem_at_every_length_and_depth_and_records_its_conte
 def test_the_command_line_builds_arithmetic_grids_and_detection_refuses_them(tmp_path):
     from rh_lens.app import workflows
     from rh_lens.app.cli import build_parser
-    from rh_lens.app.options import grid_from_args
+    from rh_lens.app.options import grid_from_args, run_options_from_args
 
     argv = ["ablate", "--model", "m", "--scores", "s", "--task", "arithmetic", "--mode", "in-question", "--questions", "5:9"]
     grid = grid_from_args(build_parser().parse_args([*argv, "--lengths", "900", "--out", str(tmp_path)]))
     assert grid == ArithmeticGrid(problems=(5, 9), lengths=(900,), depths=grid.depths, mode="in-question")
+
+    def budget(*more: str) -> int:
+        return run_options_from_args(build_parser().parse_args([*argv, *more, "--out", str(tmp_path)])).max_new_tokens
+
+    # a chain of thought gets room to finish unless told otherwise; a number or a needle, 50 tokens
+    assert budget() == CHAIN_OF_THOUGHT_TOKENS == 256 and budget("--max-new-tokens", "80") == 80
+    assert budget("--mode", "answer-only") == 50 and budget("--task", "niah", "--mode", "cot") == 50
     with pytest.raises(InputError, match="not for --task arithmetic"):
         grid_from_args(build_parser().parse_args([*argv, "--needles", "bank-b", "--out", str(tmp_path)]))
     with pytest.raises(InputError, match="no answer span"):

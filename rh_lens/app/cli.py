@@ -57,6 +57,7 @@ from rh_lens.interventions.masking import METHODS, AblationResult, MaskingOption
 from rh_lens.interventions.patching import DEFAULT_KINDS, DIRECTIONS, KINDS, METRICS, POSITIONS, PatchingOptions
 from rh_lens.interventions.steering import STEERING_METHODS, SteeringOptions, SteeringResult
 from rh_lens.model.generation import MAX_NEW_TOKENS
+from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS
 from rh_lens.tasks.documents import QAGrid
 
 
@@ -317,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="greedy decoding budget (default 50)")
+        p.add_argument(
+            "--max-new-tokens",
+            type=positive_int,
+            default=None,
+            help=f"greedy decoding budget (default {MAX_NEW_TOKENS}; {CHAIN_OF_THOUGHT_TOKENS} for a chain of thought, "
+            "--task arithmetic --mode cot or in-question)",
+        )
         add_decoding_arguments(p)
         add_parallel_arguments(p)
         out_arguments(p, resume=True)

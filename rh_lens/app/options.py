@@ -12,9 +12,10 @@ import math
 
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
+from rh_lens.model.generation import MAX_NEW_TOKENS
 from rh_lens.model.loading import CATALOGUE, DTYPES
+from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS, ArithmeticGrid
 from rh_lens.tasks.arithmetic import MODES as ARITHMETIC_MODES
-from rh_lens.tasks.arithmetic import ArithmeticGrid
 from rh_lens.tasks.data import TASKS, load_needles
 from rh_lens.tasks.documents import QAGrid
 from rh_lens.tasks.needles import BUILTIN_NEEDLES, Needle
@@ -274,6 +275,10 @@ def needle_from_args(args: argparse.Namespace) -> Needle:
 
 
 def run_options_from_args(args: argparse.Namespace) -> RunOptions:
-    """The `RunOptions` of a command's parsed arguments (options a command lacks keep their defaults)."""
+    """The `RunOptions` of a command's parsed arguments (options a command lacks keep their
+    defaults; no --max-new-tokens: 50, or `CHAIN_OF_THOUGHT_TOKENS` for a chain of thought)."""
     given = {name: getattr(args, name) for name in RunOptions.__dataclass_fields__ if hasattr(args, name)}
+    if given.get("max_new_tokens", MAX_NEW_TOKENS) is None:
+        thinking = getattr(args, "task", "niah") == "arithmetic" and args.mode != "answer-only"
+        given["max_new_tokens"] = CHAIN_OF_THOUGHT_TOKENS if thinking else MAX_NEW_TOKENS
     return RunOptions(**given)

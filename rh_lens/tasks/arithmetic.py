@@ -10,8 +10,8 @@ depths; the question asks for their total or difference. Three ways to ask it (`
 
 - "answer-only": the final number only (two worked examples show the form);
 - "cot": a worked chain of thought first, copying each number, then "The answer is N." (it
-  runs over lines: such trials are decoded to the end of the turn, `Trial.one_line` False;
-  give them a budget of a few hundred tokens);
+  runs over lines: such trials are decoded to the end of the turn, `Trial.one_line` False,
+  with `CHAIN_OF_THOUGHT_TOKENS` new tokens on the command line unless told otherwise);
 - "in-question": the facts stated in the question itself, the haystack and distractors kept:
   arithmetic that needs no copying from the context (the control LOCOS proposes).
 
@@ -31,6 +31,9 @@ from rh_lens.tasks.needles import Needle
 from rh_lens.tasks.niah import PROMPTS, Trial, insert_sentences, render_prompt, resolve_chat, tokenize_haystack
 
 MODES = ("answer-only", "cot", "in-question")
+# new tokens a worked chain of thought gets unless told otherwise: Qwen2.5-Coder-0.5B's took
+# 98-139 tokens (problems 200-205); the 50 of a NIAH answer would cut most of them off
+CHAIN_OF_THOUGHT_TOKENS = 256
 # (place, verb in the past tense, verb's infinitive, item): invented places, so no model knows the numbers
 PLACES = (
     ("the Quellstone bakery", "sold", "sell", "loaves"),
