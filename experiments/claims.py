@@ -44,14 +44,14 @@ from rh_lens.app import cli
 from rh_lens.app.plots import recall_vs_k_panels, save_figure
 from rh_lens.execution.files import write_json
 from rh_lens.interventions import AblationResult, cost_difference
+from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS
 
 MODES = ("answer-only", "cot", "in-question")
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ARITHMETIC = ["--task", "arithmetic", "--questions", "0:50", "--lengths", "1000", "--depths", "25", "75"]
 COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--heldout"]
-# a number on one line, or a worked chain of thought (Qwen2.5-Coder-0.5B's took 98-139 tokens
-# on problems 200-205, outside every run's problems)
-BUDGET = {"answer-only": "96", "cot": "256", "in-question": "256"}
+# a number on one line, or a worked chain of thought (see CHAIN_OF_THOUGHT_TOKENS)
+BUDGET = {"answer-only": "96", "cot": str(CHAIN_OF_THOUGHT_TOKENS), "in-question": str(CHAIN_OF_THOUGHT_TOKENS)}
 STEER = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "2000", "4000", "--depths", "25", "50", "75"]
 STEER_SQUAD = ["--task", "squad", "--questions", "0:40", "--lengths", "1000", "--depths", "25", "50", "75"]
 BOOSTS = ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
