@@ -106,13 +106,17 @@ def test_two_processes_into_one_directory_the_second_is_refused(tmp_path):
         "--out",
         str(out),
     ]
-    env = {**os.environ, "PLANTED_TRIAL_DELAY": "3", "OMP_NUM_THREADS": "1"}
+    release = tmp_path / "release"  # the first run's trials wait for it: it holds the directory until then
+    env = {**os.environ, "PLANTED_HOLD_UNTIL": str(release), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(argv + ["--prompt", "auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "run.json").exists():  # the first run holds the directory and is running trials
-        assert first.poll() is None and time.time() < deadline, first.communicate()
-        time.sleep(0.1)
-    second = subprocess.run(argv + ["--prompt", "plain"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        deadline = time.time() + 120
+        while not (out / "run.json").exists():  # the first run holds the directory and is running trials
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.1)
+        second = subprocess.run(argv + ["--prompt", "plain"], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        release.touch()
     assert second.returncode == 1
     assert second.stderr.strip().endswith("is in use by another rh-lens run; wait for it to finish or choose another --out")
     assert second.stderr.count("\n") == 1
