@@ -1,8 +1,8 @@
 """`rh-lens` on the planted-head model, in a process of its own: `python tests/planted_cli.py ARGS`.
 
-Any --model loads the planted model. PLANTED_TRIAL_DELAY=S makes every detection trial take S
-seconds longer, and PLANTED_HOLD_UNTIL=PATH makes each wait until PATH exists (to hold a run
-open while another process tries the same directory, however long that one takes to start).
+Any --model loads the planted model. PLANTED_HOLD_UNTIL=PATH makes every detection trial wait
+until PATH exists (to hold a run open while another process tries the same directory, however
+long that one takes to start).
 """
 
 import os
@@ -20,18 +20,16 @@ import rh_lens.detection.run as detection  # noqa: E402
 loader = sys.modules.get("rh_lens.app.workflows", cli)
 loader.load_model = lambda name, **kwargs: build_planted_model()
 
-delay = float(os.environ.get("PLANTED_TRIAL_DELAY", "0"))
 hold = os.environ.get("PLANTED_HOLD_UNTIL")
-if delay or hold:
+if hold:
     score_trial = detection.score_trial  # called as each trial's answer ends
 
-    def slow_trial(*args, **kwargs):
-        time.sleep(delay)
-        while hold and not os.path.exists(hold):
+    def held_trial(*args, **kwargs):
+        while not os.path.exists(hold):
             time.sleep(0.05)
         return score_trial(*args, **kwargs)
 
-    detection.score_trial = slow_trial
+    detection.score_trial = held_trial
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
