@@ -14,7 +14,7 @@ from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.model.generation import MAX_NEW_TOKENS
 from rh_lens.model.loading import CATALOGUE, DTYPES
-from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS, ArithmeticGrid
+from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS, ArithmeticGrid, answers_in_one_line
 from rh_lens.tasks.arithmetic import MODES as ARITHMETIC_MODES
 from rh_lens.tasks.data import TASKS, load_needles
 from rh_lens.tasks.documents import QAGrid
@@ -279,6 +279,6 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
     defaults; no --max-new-tokens: 50, or `CHAIN_OF_THOUGHT_TOKENS` for a chain of thought)."""
     given = {name: getattr(args, name) for name in RunOptions.__dataclass_fields__ if hasattr(args, name)}
     if given.get("max_new_tokens", MAX_NEW_TOKENS) is None:
-        thinking = getattr(args, "task", "niah") == "arithmetic" and args.mode != "answer-only"
+        thinking = getattr(args, "task", "niah") == "arithmetic" and not answers_in_one_line(args.mode)
         given["max_new_tokens"] = CHAIN_OF_THOUGHT_TOKENS if thinking else MAX_NEW_TOKENS
     return RunOptions(**given)

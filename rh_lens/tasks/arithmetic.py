@@ -34,6 +34,14 @@ MODES = ("answer-only", "cot", "in-question")
 # new tokens a worked chain of thought gets unless told otherwise: Qwen2.5-Coder-0.5B's took
 # 98-139 tokens (problems 200-205); the 50 of a NIAH answer would cut most of them off
 CHAIN_OF_THOUGHT_TOKENS = 256
+
+
+def answers_in_one_line(mode: str) -> bool:
+    """Whether answers asked in `mode` end with their first line (a bare number), or run over
+    lines to the end of the turn (a worked chain of thought: `cot`, `in-question`)."""
+    return mode == "answer-only"
+
+
 # (place, verb in the past tense, verb's infinitive, item): invented places, so no model knows the numbers
 PLACES = (
     ("the Quellstone bakery", "sold", "sell", "loaves"),
@@ -144,7 +152,7 @@ def arithmetic_trial(
     prompt, special = render_prompt(tokenizer, message, chat)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
     needle = p.needle()
-    one_line = mode == "answer-only"  # a worked chain of thought runs over lines, to the end of the turn
+    one_line = answers_in_one_line(mode)
     return Trial(
         context_length, depth, needle, f"{haystack}-{mode}", prompt, prompt_ids, (0, 0), chat, grading="number", one_line=one_line
     )
@@ -197,5 +205,5 @@ class ArithmeticGrid:
             "needle_content": [n.content() for n in needles],
             # recorded where answers run past their first line: a run saved before they did
             # (cut at the first line) then refuses to resume rather than mix the two
-            **({} if self.mode == "answer-only" else {"answers_end": "end of turn"}),
+            **({} if answers_in_one_line(self.mode) else {"answers_end": "end of turn"}),
         }
