@@ -7,15 +7,20 @@ model, warms up on a short trial, then answers every trial under every condition
 
 - separate: one `evaluate` per condition, as an experiment ran before conditions were shared
   (within a condition: prefix sharing and batched decoding, rh_lens's defaults);
-- together: `run_conditions` (the default): the conditions that read the prompt unchanged
-  (none, decode-only masks, KV policies applied after prefill) decode each trial from one
-  prefill; the others run as in `separate`.
+- per-condition: `run_conditions` with `merge_conditions=False`: the conditions that read the
+  prompt unchanged (none, decode-only masks, KV policies applied after prefill) decode each
+  trial from one prefill, one condition's batch after another; the others run as in `separate`;
+- together: `run_conditions` (the default): as per-condition, but the conditions without a
+  KV policy decode in one batch, each row under its own condition's hooks.
 
 Identity: every condition's generated ids are compared with the separate run's, trial by trial.
 
     python benchmarks/bench_conditions.py --experiment compress            # full + 4 decode-only KV policies
     python benchmarks/bench_conditions.py --experiment ablate --decode-only  # none, top-K, random-K at decode
     python benchmarks/bench_conditions.py --experiment ablate              # the paper's masking: nothing to share
+    python benchmarks/bench_conditions.py --experiment ablate --decode-only --task cot --model qwen2.5-coder-0.5b \
+        --detection runs/rigor/qwen2.5-coder-0.5b/niah/results.json --k 5 20 --lengths 1000 --depths 25 75 --problems 4
+        # chain-of-thought answers (up to 256 tokens): decode steps dominate
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,7 +49,18 @@ def conditions_for(model, trials, args: argparse.Namespace):
     if args.experiment == "compress":
         compression = CompressionOptions(fractions=(0.25,), seeds=(0, 1), decode_only=True)
         return compression_conditions(model, detection, trials, compression)
-    return ablation_conditions(detection, [args.k], [0, 1], decode_only=args.decode_only)
+    return ablation_conditions(detection, args.k, [0, 1], decode_only=args.decode_only)
+
+
+def task_trials(model, args: argparse.Namespace):
+    """NIAH trials (bench_grid's), or arithmetic problems asked with a chain of thought
+    (problems 200 on: outside every experiment's problems)."""
+    if args.task == "niah":
+        return grid_trials(model.tokenizer, model.cfg.n_ctx, args)
+    from rh_lens.tasks.arithmetic import ArithmeticGrid
+
+    grid = ArithmeticGrid(problems=(200, 200 + args.problems), lengths=tuple(args.lengths), depths=tuple(args.depths))
+    return grid.trials(model.tokenizer, model.cfg.n_ctx)
 
 
 def worker(variant: str, args: argparse.Namespace) -> dict:
@@ -51,13 +68,17 @@ def worker(variant: str, args: argparse.Namespace) -> dict:
 
     from rh_lens import BUILTIN_NEEDLES, RunOptions, load_model, trial_grid
     from rh_lens.interventions.base import evaluate, run_conditions
+    from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS
 
     model = load_model(args.model, device="cpu")
-    trials = grid_trials(model.tokenizer, model.cfg.n_ctx, args)
+    trials = task_trials(model, args)
     conditions = conditions_for(model, trials, args)
-    options = RunOptions(progress=False)
+    budget = {"niah": 50, "cot": CHAIN_OF_THOUGHT_TOKENS}[args.task]
+    options = RunOptions(progress=False, merge_conditions=variant != "per-condition", max_new_tokens=budget)
     warmup = trial_grid(model.tokenizer, BUILTIN_NEEDLES[1:2], [400], [50])
-    run_conditions(model, warmup, conditions_for(model, warmup, args)[:2], experiment="warmup", options=options)
+    run_conditions(
+        model, warmup, conditions_for(model, warmup, args)[:2], experiment="warmup", options=replace(options, max_new_tokens=16)
+    )
     loaded = rss_mb("VmRSS")
     reset_peak()
     started = time.perf_counter()
@@ -85,7 +106,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--experiment", choices=["ablate", "compress"], default="compress")
     parser.add_argument("--decode-only", action="store_true", help="ablate: mask at decode steps only")
-    parser.add_argument("--k", type=int, default=5, help="ablate: heads masked per condition")
+    parser.add_argument("--k", type=int, nargs="+", default=[5], help="ablate: heads masked, one K per condition")
+    parser.add_argument("--task", choices=["niah", "cot"], default="niah", help="cot: arithmetic with a chain of thought")
+    parser.add_argument("--problems", type=int, default=4, help="cot: how many problems")
     parser.add_argument("--detection", default=str(DETECTION), help="a detection results file ranking the model's heads")
     parser.add_argument("--lengths", nargs="+", type=int, default=[1000, 2000, 4000])
     parser.add_argument("--depths", nargs="+", type=int, default=[0, 50, 100])
@@ -99,7 +122,7 @@ def main() -> None:
 
     argv = [a for a in sys.argv[1:] if a != "--json" and a != args.json]
     runs = {}
-    for variant in ("separate", "together"):
+    for variant in ("separate", "per-condition", "together"):
         command = [sys.executable, __file__, *argv, "--worker", variant]
         runs[variant] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(f"done {variant}: {runs[variant]['seconds']:.1f} s", file=sys.stderr)
@@ -109,7 +132,8 @@ def main() -> None:
     print(
         f"model {args.model}, fp32, CPU, {separate['torch_threads']} torch threads; {mode}: {len(separate['conditions'])} "
         f"conditions ({', '.join(separate['conditions'])}) x {separate['trials']} trials (lengths "
-        f"{' '.join(map(str, args.lengths))}, depths {' '.join(map(str, args.depths))}, {args.needles} needles)"
+        f"{' '.join(map(str, args.lengths))}, depths {' '.join(map(str, args.depths))}, "
+        f"{f'{args.needles} needles' if args.task == 'niah' else f'{args.problems} problems with a chain of thought'})"
     )
     print("| variant | wall s | answers/min | vs separate | peak RSS MB (added) | same ids |")
     print("|---|---|---|---|---|---|")
@@ -129,6 +153,7 @@ def main() -> None:
         from rh_lens.execution.files import write_json
 
         settings = {"model": args.model, "experiment": args.experiment, "decode_only": args.decode_only, "k": args.k}
+        settings |= {"task": args.task} | ({"problems": [200, 200 + args.problems]} if args.task == "cot" else {})
         settings |= {"lengths": args.lengths, "depths": args.depths, "needles": args.needles, "dtype": "float32"}
         settings |= {"torch_threads": separate["torch_threads"], "conditions": separate["conditions"]}
         settings |= {"trials": separate["trials"], "prompt_tokens": separate["prompt_tokens"]}

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from planted import NEEDLE, build_planted_model, haystack_text
+from planted import NEEDLE, PLANTED, build_planted_model, haystack_text
 from test_tl_internals import random_model
 
 import rh_lens.model.generation as generation
@@ -135,14 +135,16 @@ def test_hooks_act_on_every_row_at_its_own_positions(kind):
     assert any(not torch.equal(unhooked[i][1], expected[i][1]) for i in expected)  # the hooks change what heads do
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, None])
-def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(batch_size, monkeypatch):
+@pytest.mark.parametrize("batch_size,merge", [(1, True), (4, True), (None, True), (4, False)])
+def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(batch_size, merge, monkeypatch):
     """No intervention, decode-time masks and a KV policy applied after prefill: each prompt is
     prefilled once for all of them, and each decodes exactly as it does alone (tokens and
-    every head's argmax at every step)."""
+    every head's argmax at every step), whether the conditions without a KV policy decode in
+    one batch (each row under its own condition's hooks, padding included) or one after
+    another."""
     model = random_model(n_layers=3, attn_types=["local", "global", "global"], window_size=24)
     policy = KVPolicy("test", 3, 4, 2, frozenset({(1, 0), (2, 1)}), sink=3, window=5)
-    decoding = Decoding(max_new_tokens=10, batch_size=batch_size)
+    decoding = Decoding(max_new_tokens=10, batch_size=batch_size, merge_conditions=merge)
     conditions = [
         (decoding, []),
         (decoding, HeadMask([(1, 1), (2, 3)]).hooks(model)),
@@ -158,9 +160,17 @@ def test_conditions_that_read_the_prompt_unchanged_share_one_prefill(batch_size,
         "_extend",
         lambda m, c, tokens, start, *a: computed.append(len(tokens) - start) or extend(m, c, tokens, start, *a),
     )
+    rows_per_step = []
+    forward = generation.forward
+    monkeypatch.setattr(
+        generation, "forward", lambda m, tokens, *a, **k: rows_per_step.append(len(tokens)) or forward(m, tokens, *a, **k)
+    )
     got: dict[int, dict] = {c: {} for c in range(len(conditions))}
     for i, c, g in decode_conditions(model, prompts, conditions, record_attention=True):
         got[c][i] = (g.tokens, g.argmax_keys)
+    prompts_at_once = batch_size or len(prompts)
+    # Merged, the three conditions without a KV policy share decode steps: rows of several conditions in one.
+    assert (max(rows_per_step) == 3 * prompts_at_once) if merge else (max(rows_per_step) == prompts_at_once)
     shared = sum(computed)
     computed.clear()
     list(decode_conditions(model, prompts, conditions[:1]))
@@ -202,3 +212,24 @@ def test_bad_batch_sizes_are_refused():
 
     with pytest.raises(InputError, match="batch size 0"):
         Decoding(batch_size=0)
+
+
+def test_rows_of_conditions_decoded_together_keep_their_own_hooks_as_others_leave(monkeypatch):
+    """Answers that end at "." (4, 6 or 1 tokens here): rows of three conditions leave one
+    batch at different steps, and each row left decodes under its own condition's hooks to the
+    end, exactly as that condition decodes the prompt alone."""
+    monkeypatch.setattr(generation, "_eos_ids", lambda model: {planted.tokenizer.convert_tokens_to_ids(".")})
+    decoding = Decoding(max_new_tokens=12, batch_size=4)
+    conditions = [
+        (decoding, []),
+        (decoding, HeadMask([PLANTED], decode_only=True).hooks(planted)),
+        (decoding, HeadMask([(0, 2)], decode_only=True).hooks(planted)),
+    ]
+    prompts = [t.prompt_ids for t in trials]
+    got: dict[int, dict] = {c: {} for c in range(len(conditions))}
+    for i, c, g in decode_conditions(planted, prompts, conditions, record_attention=True):
+        got[c][i] = (g.tokens, g.argmax_keys)
+    assert len({len(tokens) for c in got for tokens, _ in got[c].values()}) >= 3  # rows leave at three steps at least
+    assert got[0] != got[1]  # the planted head's mask acts on its rows only
+    for c, (_, hooks) in enumerate(conditions):
+        assert_same(got[c], decoded(planted, prompts, replace(SEQUENTIAL, max_new_tokens=12), decode_hooks=hooks))

@@ -19,6 +19,8 @@ class RunOptions:
     batch_size, share_prefix: trials decoded together (None: chosen for the device and the
     prompts' length) and prefill from the shared prompt prefix of the trial before (see
     `rh_lens.model.generation.Decoding`; the records are those of one trial at a time);
+    merge_conditions: conditions that decode from one prefill decode in one batch, each row
+    under its own condition's hooks (False: one condition after another; same records);
     resume, overwrite: continue the run in the output directory / replace an earlier one there;
     progress: progress bars;
     workers, ray_address: run the trials on that many Ray workers (a local Ray instance, or
@@ -31,6 +33,7 @@ class RunOptions:
     chunk_size: int | None = None
     batch_size: int | None = None
     share_prefix: bool = True
+    merge_conditions: bool = True
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -50,4 +53,5 @@ class RunOptions:
             chunk_size=self.chunk_size,
             batch_size=self.batch_size,
             share_prefix=self.share_prefix,
+            merge_conditions=self.merge_conditions,
         )

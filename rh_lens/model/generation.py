@@ -20,7 +20,8 @@ them without changing any prompt's result:
   each prompt is still prefilled alone: only decode steps are batched;
 - conditions: several interventions that read the prompt unchanged and act only once
   decoding starts (a decode-time head mask, a KV policy applied after prefill, none) decode
-  each prompt from one prefill (`decode_conditions`).
+  each prompt from one prefill, and those without a KV policy in one batch, each row under
+  its own condition's hooks (`decode_conditions`, `RowGroups`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -139,7 +141,10 @@ class Decoding:
     before the first decode step. A windowed prefill shares no prefix: what a prompt's
     ring forgets, the next prompt cannot take back. `one_line`: an answer ends with its
     first line (the reference's rule for NIAH answers); False: only at EOS or the end of
-    the turn (a worked chain of thought runs over several lines)."""
+    the turn (a worked chain of thought runs over several lines). `merge_conditions`: where
+    several conditions decode from one prefill (`decode_conditions`), decode all of them in
+    one batch, each condition's hooks acting on its own rows (False: one condition after
+    another, each a batch of its own)."""
 
     max_new_tokens: int = MAX_NEW_TOKENS
     chunk_size: int | None = None
@@ -148,6 +153,7 @@ class Decoding:
     kv_policy: KVPolicy | None = None
     kv_decode_only: bool = False
     one_line: bool = True
+    merge_conditions: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -169,10 +175,15 @@ BATCH_BUDGET = {"cpu": 4 << 30, "cuda": 16 << 30}
 def default_batch_size(model: HookedTransformer, longest_prompt: int, max_new_tokens: int = MAX_NEW_TOKENS) -> int:
     """Rows to decode together: DEFAULT_BATCH for the device, fewer when their key-value
     caches (at the longest prompt plus the decoding budget) would pass BATCH_BUDGET."""
-    cfg, kind = model.cfg, torch.device(model.cfg.device).type
-    per_row = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * _bytes(model)
-    per_row *= longest_prompt + max_new_tokens
-    return max(1, min(DEFAULT_BATCH.get(kind, 8), BATCH_BUDGET.get(kind, 4 << 30) // max(per_row, 1)))
+    kind = torch.device(model.cfg.device).type
+    return max(1, min(DEFAULT_BATCH.get(kind, 8), rows_in_budget(model, longest_prompt + max_new_tokens)))
+
+
+def rows_in_budget(model: HookedTransformer, positions: int) -> int:
+    """How many rows of `positions` cached keys and values fit in BATCH_BUDGET."""
+    cfg = model.cfg
+    per_row = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * _bytes(model) * positions
+    return max(1, BATCH_BUDGET.get(torch.device(cfg.device).type, 4 << 30) // max(per_row, 1))
 
 
 @torch.no_grad()  # outside inference mode a caller would otherwise keep every chunk's autograd graph
@@ -354,12 +365,15 @@ def decode_conditions(
     what they do once decoding starts. Prompts are taken `batch_size` at a time (the first
     condition's; None: `default_batch_size`) in the order given (pass them in `prefix_order`:
     each is prefilled from the one before, as `decode_prompts` does); each prompt of a batch
-    is prefilled once and kept (`PrefilledPrompts`), then every condition decodes the prompts
-    that `wanted[i]` (default: all) gives it, together, as `decode_prompts` decodes a batch.
-    Yields (prompt index, condition index, generation); each generation is the one
-    `decode_prompts` gives that prompt under that condition alone, and the first to come for
-    a prompt carries its prefill's seconds. Memory: a batch's prompts' caches twice (kept,
-    and the batch being decoded)."""
+    is prefilled once and kept (`PrefilledPrompts`), then the conditions decode the prompts
+    that `wanted[i]` (default: all) gives them. Conditions with the same decoding and no KV
+    policy decode together, each row under its own condition's hooks (`RowGroups`), as many
+    rows at a time as BATCH_BUDGET holds; the others (and all with `merge_conditions` off)
+    one condition after another, as `decode_prompts` decodes a batch.
+    Yields (prompt index, condition index, generation), in the order answers end; each
+    generation is the one `decode_prompts` gives that prompt under that condition alone, and
+    the first to come for a prompt carries its prefill's seconds. Memory: a batch's prompts'
+    caches, kept, and the rows being decoded."""
     if not conditions:
         raise InputError("no conditions to decode under")
     chunk_sizes = {decoding.chunk_size for decoding, _ in conditions}
@@ -379,15 +393,70 @@ def decode_conditions(
     for start in range(0, len(prompts), batch_size):
         batch = range(start, min(len(prompts), start + batch_size))
         prefilled = PrefilledPrompts(model, prefixes, [prompts[i][:-1] for i in batch], budget)
-        for c, (decoding, hooks) in enumerate(conditions):
-            rows = [i for i in batch if wanted is None or c in wanted[i]]
-            if not rows:
-                continue
-            for i, generation in _decode_batch(
-                model, [prompts[i] for i in rows], rows, prefilled, decoding, record_attention, hooks
-            ):
-                generation.seconds += prefilled.seconds.pop(i - start, 0.0)
-                yield i, c, generation
+        for group in _decoded_together(conditions):
+            decoding = conditions[group[0]][0]
+            rows = [(i, c) for i in batch for c in group if wanted is None or c in wanted[i]]
+            at_once = max(len(batch), rows_in_budget(model, max(len(prompts[i]) for i in batch) + budget))
+            for first in range(0, len(rows), at_once):
+                part = rows[first : first + at_once]
+                groups = RowGroups([c for _, c in part], {c: conditions[c][1] for c in group}, model.cfg.device)
+                for (i, c), generation in _decode_batch(
+                    model, [prompts[i] for i, _ in part], part, prefilled, decoding, record_attention, (), row_groups=groups
+                ):
+                    generation.seconds += prefilled.seconds.pop(i - start, 0.0)
+                    yield i, c, generation
+
+
+def _decoded_together(conditions: Sequence[tuple[Decoding, Sequence[Hook]]]) -> list[list[int]]:
+    """The conditions (by index) that decode in one batch: those with the same decoding and
+    no KV policy (a KV policy gives each condition caches of its own shape)."""
+    groups: dict[object, list[int]] = {}
+    for c, (decoding, _) in enumerate(conditions):
+        alone = decoding.kv_policy is not None or not decoding.merge_conditions
+        groups.setdefault(("alone", c) if alone else decoding, []).append(c)
+    return list(groups.values())
+
+
+class RowGroups:
+    """Hooks that act on some rows of a batch only, so that rows decoded under different
+    conditions share each decode step: row j belongs to condition `labels[j]`, and each
+    condition's `hooks` see only its rows' activations (batch first, as at every
+    TransformerLens hook point) and, through `key_positions`, only their padding. What a hook
+    returns (or changes in place) is written back to its rows. `keep(index)` follows the
+    batch when rows leave it."""
+
+    def __init__(self, labels: Sequence[int], hooks: dict[int, Sequence[Hook]], device):
+        self.labels = torch.tensor(labels, device=device)
+        self.condition_hooks = hooks
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        self.rows = {c: (self.labels == c).nonzero().flatten() for c in self.condition_hooks}
+
+    def keep(self, index: Int[Tensor, " row"]) -> None:
+        self.labels = self.labels[index]
+        self._index_rows()
+
+    @property
+    def hooks(self) -> list[Hook]:
+        return [(name, partial(self._on_rows, c, fn)) for c, hooks in self.condition_hooks.items() for name, fn in hooks]
+
+    def _on_rows(self, condition: int, fn, activation: Tensor, hook) -> Tensor:
+        rows = self.rows[condition]
+        if len(rows) == 0:
+            return activation
+        if len(rows) == activation.size(0):  # every row is this condition's
+            changed = fn(activation, hook)
+            return activation if changed is None else changed
+        padding = _LEFT_PADDING.get()
+        token = _LEFT_PADDING.set(None if padding is None else padding[rows])
+        try:
+            part = activation[rows]  # a copy: written back below
+            changed = fn(part, hook)
+        finally:
+            _LEFT_PADDING.reset(token)
+        activation[rows] = part if changed is None else changed
+        return activation
 
 
 class PrefilledPrompts:
@@ -440,8 +509,10 @@ def _decode_batch(
     record_attention,
     decode_hooks,
     observers=(),
+    row_groups: RowGroups | None = None,
 ):
-    """Prefill each prompt, then decode them all together (see `decode_prompts`)."""
+    """Prefill each prompt, then decode them all together (see `decode_prompts`); with
+    `row_groups`, each row under its own condition's hooks (see `decode_conditions`)."""
     prefill_seconds = []
     if decoding.kv_policy is not None:
         cache = _headwise_rows(model, prompts, prefixes, decoding, prefill_seconds)
@@ -464,7 +535,7 @@ def _decode_batch(
     def record(pattern: Tensor, hook) -> None:  # pattern: [batch, head, query, key]
         step_argmax[hook.layer(), : pattern.size(0)] = newest_row_argmax(pattern)
 
-    hooks = list(decode_hooks)
+    hooks = list(decode_hooks) + (row_groups.hooks if row_groups is not None else [])
     if record_attention:  # after the caller's hooks, so it sees the pattern they leave
         hooks.append((lambda name: name.endswith("attn.hook_pattern"), record))
     for observer in observers:
@@ -516,5 +587,7 @@ def _decode_batch(
                 drop = int(padding.min())
                 keep_rows(cache, keep_index, drop)
                 padding = padding - drop
+                if row_groups is not None:
+                    row_groups.keep(keep_index)
                 emitted = [emitted[j] for j in keep]
             fed = torch.tensor(emitted, device=model.cfg.device)[:, None]
