@@ -190,3 +190,19 @@ def test_finetune_on_the_command_line_refuses_training_on_the_evaluation_trials(
     assert all(arm in printed for arm in ("none", "top-1", "random-1", "lora", "top-1 vs lora"))
     assert (tmp_path / "run" / "training_losses.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["show", str(tmp_path / "run")]) == 0 and "top-1 vs random-1" in capsys.readouterr().out
+
+
+def test_the_answer_loss_is_the_cross_entropy_of_the_full_forward_pass_at_the_answer_tokens():
+    """Only the positions that predict an answer token are unembedded; the loss is still that
+    of TransformerLens's own logits there (a mask shifted by one position, or the wrong
+    positions unembedded, would not match)."""
+    model = gqa_model()
+    sequences = random_sequences(3)
+    expected = []
+    for ids, mask in sequences:
+        logits = model(ids[None])[0, :-1]
+        expected.append(torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]]).item())
+    assert answer_loss(model, sequences) == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    with torch.no_grad():
+        shifted = [(ids, mask.roll(-1)) for ids, mask in sequences]
+        assert answer_loss(model, shifted) != pytest.approx(answer_loss(model, sequences), rel=1e-3)

@@ -993,13 +993,18 @@ def frozen_prefix_cache(
 # 5. Around the last layer; masked keys
 
 
-def unembed_final(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
-    """Logits of the final position from the residual stream after the last layer, as
-    TransformerLens's forward computes them (final norm, unembedding, logit soft cap)."""
-    final = residual[:, -1:]
+def unembed_residual(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+    """Logits from the residual stream after the last layer, as TransformerLens's forward
+    computes them (final norm, unembedding, logit soft cap): pass only the positions whose
+    logits are read, and the vocabulary projection of the others is never computed."""
     if model.cfg.normalization_type is not None:
-        final = model.ln_final(final)
-    return apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)[:, -1]
+        residual = model.ln_final(residual)
+    return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
+
+
+def unembed_final(model: HookedTransformer, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    """Logits of the final position (see `unembed_residual`)."""
+    return unembed_residual(model, residual[:, -1:])[:, -1]
 
 
 def allowed_keys(attn_scores: Float[Tensor, "... query key"]) -> Bool[Tensor, "... query key"]:
