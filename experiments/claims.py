@@ -43,7 +43,7 @@ from summarize_run import summarize
 from rh_lens.app import cli
 from rh_lens.app.plots import recall_vs_k_panels, save_figure
 from rh_lens.execution.files import write_json
-from rh_lens.interventions import AblationResult, cost_difference
+from rh_lens.interventions import AblationResult, cost_differences
 from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS
 
 MODES = ("answer-only", "cot", "in-question")
@@ -115,11 +115,10 @@ def chain_of_thought(model: str, variant: str, files: dict[str, Path], results_d
     (in-question)? Each masked group's drop from no masking, per problem (`cost_difference`);
     a figure of accuracy against K, one panel per way of asking."""
     by_mode = {mode: AblationResult.load(file) for mode, file in files.items()}
-    groups = [g for g in by_mode["cot"].groups() if g != "none"]
     tests = [
-        cost_difference(by_mode["cot"], by_mode[other], group, names=("cot", other)).to_json()
+        test.to_json()
         for other in ("answer-only", "in-question")
-        for group in groups
+        for test in cost_differences(by_mode["cot"], by_mode[other], names=("cot", other))
     ]
     where = "decode steps only" if variant else "every position"
     write_json(

@@ -38,7 +38,7 @@ from rh_lens.errors import InputError
 from rh_lens.execution.files import read_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
-from rh_lens.interventions.base import InterventionResult, cost_difference
+from rh_lens.interventions.base import InterventionResult, cost_differences
 from rh_lens.interventions.compression import CompressionOptions, CompressionResult, compression_experiment
 from rh_lens.interventions.head_tuning import FinetuneArms, FinetuneExperimentResult, finetune_experiment
 from rh_lens.interventions.masking import AblationResult, MaskingOptions, ablation_experiment, ks_for_thresholds
@@ -492,10 +492,9 @@ def compare_runs(
     if name_a == name_b:
         name_a, name_b = "a", "b"
     runs = {name_a: first, name_b: second}
-    groups = [g for g in first.groups() if g != first.baseline and g in second.groups()]
-    if not groups:
+    tests = cost_differences(first, second, names=(name_a, name_b))
+    if not tests:
         raise InputError(f"{a} and {b} share no masked condition (top-K, random-K) to compare")
-    tests = [cost_difference(first, second, group, names=(name_a, name_b)) for group in groups]
     with run_directory(out, overwrite=overwrite):
         return tests, save_run_comparison(tests, runs, out)
 

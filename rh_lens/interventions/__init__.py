@@ -5,6 +5,7 @@ from rh_lens.interventions.base import (
     Intervention,
     InterventionResult,
     cost_difference,
+    cost_differences,
     evaluate,
     evaluate_together,
     intervention_from_json,
@@ -60,6 +61,7 @@ from rh_lens.interventions.steering import HeadBoost, SteeringOptions, SteeringR
 __all__ = [
     "Condition",
     "cost_difference",
+    "cost_differences",
     "Intervention",
     "InterventionResult",
     "evaluate",

@@ -382,6 +382,12 @@ def cost_difference(
     )
 
 
+def cost_differences(a: InterventionResult, b: InterventionResult, names: tuple[str, str] = ("a", "b")) -> list[PairedTest]:
+    """`cost_difference` for every masked group (not the baseline) that both runs have."""
+    groups = [g for g in a.groups() if g != a.baseline and g in b.groups()]
+    return [cost_difference(a, b, group, names) for group in groups]
+
+
 def _listed(interval: tuple[float, float] | None) -> list[float] | None:
     return None if interval is None else list(interval)  # as it reads back from JSON
 
