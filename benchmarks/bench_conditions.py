@@ -19,7 +19,7 @@ Identity: every condition's generated ids are compared with the separate run's, 
     python benchmarks/bench_conditions.py --experiment ablate --decode-only  # none, top-K, random-K at decode
     python benchmarks/bench_conditions.py --experiment ablate              # the paper's masking: nothing to share
     python benchmarks/bench_conditions.py --experiment ablate --decode-only --task cot --model qwen2.5-coder-0.5b \
-        --detection runs/rigor/qwen2.5-coder-0.5b/niah/results.json --k 5 20 --lengths 1000 --depths 25 75 --problems 4
+        --detection runs/rigor/qwen2.5-coder-0.5b/niah/results.json --k 5 --lengths 1000 --depths 25 75 --problems 3
         # chain-of-thought answers (up to 256 tokens): decode steps dominate
 """
 
