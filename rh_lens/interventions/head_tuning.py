@@ -193,7 +193,7 @@ def answer_sequence(tokenizer, trial: Trial) -> tuple[Int[Tensor, " pos"], Bool[
 def _sequence_loss(model: HookedTransformer, ids: Int[Tensor, " pos"], mask: Bool[Tensor, " pos"]) -> Tensor:
     """Next-token loss over the answer tokens (`mask`) of one sequence. Only the positions
     that predict an answer token are unembedded: at every position the projection onto the
-    vocabulary is a fifth of SmolLM2's forward pass at 1000 tokens."""
+    vocabulary would be about a fifth of SmolLM2's forward-pass arithmetic at 1000 tokens."""
     ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
     residual = model(ids[None], stop_at_layer=model.cfg.n_layers)[:, :-1]  # [1, pos, d_model]: after the last block
     predicting = mask[1:]
