@@ -68,12 +68,13 @@ def worker(variant: str, args: argparse.Namespace) -> dict:
 
     from rh_lens import BUILTIN_NEEDLES, RunOptions, load_model, trial_grid
     from rh_lens.interventions.base import evaluate, run_conditions
+    from rh_lens.model.generation import MAX_NEW_TOKENS
     from rh_lens.tasks.arithmetic import CHAIN_OF_THOUGHT_TOKENS
 
     model = load_model(args.model, device="cpu")
     trials = task_trials(model, args)
     conditions = conditions_for(model, trials, args)
-    budget = {"niah": 50, "cot": CHAIN_OF_THOUGHT_TOKENS}[args.task]
+    budget = {"niah": MAX_NEW_TOKENS, "cot": CHAIN_OF_THOUGHT_TOKENS}[args.task]
     options = RunOptions(progress=False, merge_conditions=variant != "per-condition", max_new_tokens=budget)
     warmup = trial_grid(model.tokenizer, BUILTIN_NEEDLES[1:2], [400], [50])
     run_conditions(
