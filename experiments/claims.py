@@ -20,7 +20,9 @@ ranking (`--heldout`):
   heads boosted only while the answer is generated (the prompt read as it is: every condition
   decodes each trial from one prefill, so it runs in a fraction of the time); `steer-squad-decode`
   the same boosts on 40 SQuAD questions among distractor paragraphs (1000 tokens, the gold
-  paragraph at depths 25/50/75: 120 trials per condition);
+  paragraph at depths 25/50/75: 120 trials per condition); `steer-hotpotqa-decode` the same on 40
+  HotpotQA questions (both gold paragraphs among distractors); `steer-squad-output-decode` the
+  SQuAD run with the heads' outputs (`hook_z`) scaled instead of their attention sharpened;
 - `finetune` (SmolLM2 only, CPU): the top 5 heads, 5 random heads (2 draws) and LoRA of the same
   size, each trained 100 steps on bank-a needles at 500 and 1000 tokens, judged on bank-b
   needles at 1000 and 2000 tokens and on general text.
@@ -53,7 +55,7 @@ COT_K = ["--top-k", "5", "10", "20", "50", "--random-seeds", "2", "--heldout"]
 # a number on one line, or a worked chain of thought (see CHAIN_OF_THOUGHT_TOKENS)
 BUDGET = {"answer-only": "96", "cot": str(CHAIN_OF_THOUGHT_TOKENS), "in-question": str(CHAIN_OF_THOUGHT_TOKENS)}
 STEER = ["--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "2000", "4000", "--depths", "25", "50", "75"]
-STEER_SQUAD = ["--task", "squad", "--questions", "0:40", "--lengths", "1000", "--depths", "25", "50", "75"]
+STEER_QA = ["--questions", "0:40", "--lengths", "1000", "--depths", "25", "50", "75"]
 BOOSTS = ["--top-k", "5", "--factors", "1.5", "2", "4", "8", "--random-seeds", "2", "--heldout"]
 TRAIN = "--needles bank-a --haystack ruler-essays --lengths 500 1000 --depths 0 50 100"
 FINETUNE = ["--train", TRAIN, "--needles", "bank-b", "--haystack", "ruler-essays", "--lengths", "1000", "2000"]
@@ -70,7 +72,9 @@ def steps(model: str, runs: Path) -> dict[str, list[str]]:
         plan[f"cot-{mode}-decode"] = [*plan[f"cot-{mode}"], "--decode-only"]
     plan["steer-niah"] = ["steer", *ranking, *STEER, *BOOSTS]
     plan["steer-niah-decode"] = ["steer", *ranking, *STEER, *BOOSTS, "--decode-only"]
-    plan["steer-squad-decode"] = ["steer", *ranking, *STEER_SQUAD, *BOOSTS, "--decode-only"]
+    for task in ("squad", "hotpotqa"):
+        plan[f"steer-{task}-decode"] = ["steer", *ranking, "--task", task, *STEER_QA, *BOOSTS, "--decode-only"]
+    plan["steer-squad-output-decode"] = [*plan["steer-squad-decode"], "--method", "output"]
     if model == "smollm2-135m":
         plan["finetune"] = ["finetune", *ranking, *FINETUNE]
     return plan

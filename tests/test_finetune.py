@@ -27,6 +27,7 @@ from rh_lens.interventions.head_tuning import (
     lora_rank_for,
     parameter_count,
 )
+from rh_lens.model.generation import PrefixCache
 from rh_lens.tasks.niah import build_trial, tokenize_haystack
 
 
@@ -85,6 +86,43 @@ def test_training_heads_moves_only_their_entries():
         if mask.any():
             assert not torch.equal(p[mask], before[name][mask]), name
         assert p.requires_grad  # frozen only while training
+
+
+@pytest.mark.parametrize("arm", ["heads", "lora"])
+def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_weights(arm, tmp_path, monkeypatch):
+    """Killed after 3 of 7 steps (checkpoints every 2), training goes on from step 2 and ends
+    where an unbroken run ends: the same losses and bit-identical weights (a resume that
+    restarted the batch sampler, lost the optimiser's moments or reloaded stale weights
+    would not)."""
+    monkeypatch.setattr(head_tuning, "CHECKPOINT_EVERY", 2)
+    options = FinetuneOptions(steps=7, lr=1e-2, batch_size=2)
+
+    def train(checkpoint=None):
+        model = gqa_model()
+        trainable = HeadTraining(model, head_masks(model, [(0, 1), (1, 2)])) if arm == "heads" else LoRA(model, rank=2)
+        result = finetune(model, random_sequences(), trainable, options, arm, checkpoint=checkpoint)
+        return result, [p.detach().clone() for p in trainable.params]
+
+    unbroken, weights = train()
+    checkpoint = tmp_path / "training.pt"
+    original, calls = torch.optim.AdamW.step, []
+
+    def killed_at_the_fourth_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", killed_at_the_fourth_step)
+        with pytest.raises(KeyboardInterrupt):
+            train(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+    resumed, resumed_weights = train(checkpoint)
+    assert resumed.losses == unbroken.losses
+    assert all(torch.equal(a, b) for a, b in zip(resumed_weights, weights, strict=True))
+    with pytest.raises(InputError, match="another training run"):
+        finetune(gqa_model(), random_sequences(), LoRA(gqa_model(), rank=1), options, "other", checkpoint=checkpoint)
 
 
 def test_lora_starts_as_a_no_op_trains_its_adapters_and_leaves_the_weights():
@@ -148,6 +186,7 @@ def test_the_experiment_trains_each_arm_from_fresh_weights_and_judges_it_on_othe
     top, lora = meta["top-1"]["training"]["n_parameters"], meta["lora"]["training"]["n_parameters"]
     assert abs(lora - top) / top < 0.5  # LoRA at the top heads' size, to the nearest rank
     assert ("top-1", "random-1") in result.comparison_pairs() and ("top-1", "lora") in result.comparison_pairs()
+    assert not list((tmp_path / "run" / "training").iterdir())  # each arm's checkpoint removed once it was judged
     # resumed: every arm judged already, so nothing trains again
     monkeypatch.setattr(head_tuning, "finetune", lambda *a, **k: pytest.fail("trained again"))
     again = finetune_experiment(
@@ -192,17 +231,34 @@ def test_finetune_on_the_command_line_refuses_training_on_the_evaluation_trials(
     assert cli.main(["show", str(tmp_path / "run")]) == 0 and "top-1 vs random-1" in capsys.readouterr().out
 
 
-def test_the_answer_loss_is_the_cross_entropy_of_the_full_forward_pass_at_the_answer_tokens():
-    """Only the positions that predict an answer token are unembedded; the loss is still that
-    of TransformerLens's own logits there (a mask shifted by one position, or the wrong
-    positions unembedded, would not match)."""
+def test_the_answer_loss_is_the_cross_entropy_of_the_full_forward_pass_at_the_answer_tokens(monkeypatch):
+    """Only the positions that predict an answer token are unembedded, and sequences that share
+    a prompt prefix compute it once; the loss is still that of TransformerLens's own logits at
+    the answer tokens (a mask shifted by one position, the wrong positions unembedded, or a
+    cache holding another sequence's tokens would not match)."""
     model = gqa_model()
     sequences = random_sequences(3)
+    # two more sequences share the first 12 tokens of the first one; one shares all of its prompt
+    for shared in (12, 15):
+        ids = sequences[0][0].clone()
+        ids[shared:] = torch.randint(20, (20 - shared,), generator=torch.Generator().manual_seed(shared))
+        sequences.append((ids, sequences[0][1]))
     expected = []
     for ids, mask in sequences:
         logits = model(ids[None])[0, :-1]
         expected.append(torch.nn.functional.cross_entropy(logits[mask[1:]], ids[1:][mask[1:]]).item())
-    assert answer_loss(model, sequences) == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    computed, caches = [], []
+    original = head_tuning.forward
+    monkeypatch.setattr(
+        head_tuning, "forward", lambda m, tokens, *a, **k: computed.append(tokens.shape[1]) or original(m, tokens, *a, **k)
+    )
+    monkeypatch.setattr(head_tuning, "PrefixCache", lambda m: caches.append(PrefixCache(m)) or caches[-1])
+    assert answer_loss(model, sequences) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert computed == [5] * 5  # each answer's own positions on top of its cached prompt
+    prompts = [tuple(ids[:14].tolist()) for ids, _ in sequences]  # up to the position predicting the answer
+    assert caches[0].computed == len({p[:k] for p in prompts for k in range(1, 15)})  # each prefix-tree node once
     with torch.no_grad():
         shifted = [(ids, mask.roll(-1)) for ids, mask in sequences]
         assert answer_loss(model, shifted) != pytest.approx(answer_loss(model, sequences), rel=1e-3)
+    with pytest.raises(InputError, match="prompt"):
+        answer_loss(model, [(torch.arange(5), torch.ones(5, dtype=torch.bool))])

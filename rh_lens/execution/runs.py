@@ -8,7 +8,7 @@ rules, enforced by `run_directory`:
   `filelock`, so it works across processes); a second run into it is refused at once;
 - a fresh run needs an empty (or new) directory, so no file of yours is ever replaced;
   `overwrite=True` (`--overwrite`) allows a non-empty one and first removes the run state
-  an earlier run left there (`run.json`, `trials/`, `conditions/`);
+  an earlier run left there (`run.json`, `trials/`, `conditions/`, `maps/`, `training/`);
 - `resume=True` (`--resume`) continues the run in the directory without redoing finished
   trials, and refuses when its settings differ or when a saved trial was run on another
   prompt (the haystack, needles or tokenizer changed).
@@ -37,7 +37,8 @@ from rh_lens.tasks.niah import Trial
 R = TypeVar("R")  # a dataclass record (an `Answer`) with `key`, `success`, `rouge_recall`, `prompt_sha256`, `from_json`
 
 LOCK_NAME = ".rh_lens.lock"
-RUN_STATE = ("run.json", "trials", "conditions", "maps")  # what a run leaves to resume from (maps: an atlas's)
+# What a run leaves to resume from (maps: an atlas's; training: a fine-tuning run's checkpoints).
+RUN_STATE = ("run.json", "trials", "conditions", "maps", "training")
 
 _held: dict[Path, int] = {}  # run directories this process holds, with their nesting depth
 
@@ -100,7 +101,9 @@ def _check_directory(path: Path, resume: bool, overwrite: bool) -> None:
     if resume and is_run:
         return
     if resume:
-        raise RunDirectoryError(f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/, conditions/ or maps/)")
+        raise RunDirectoryError(
+            f"cannot resume in {path}: it holds no rh-lens run (no run.json, trials/, conditions/, maps/ or training/)"
+        )
     what = (
         "an earlier rh-lens run: --resume continues it"
         if is_run

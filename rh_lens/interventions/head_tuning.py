@@ -39,13 +39,14 @@ from transformer_lens import HookedTransformer
 
 from rh_lens.detection.records import DetectionResult
 from rh_lens.errors import InputError
-from rh_lens.execution.files import read_json, write_json
+from rh_lens.execution.files import read_json, write_atomic, write_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import run_directory
 from rh_lens.heads import Head, check_heads, heads_by_layer
 from rh_lens.interventions.base import Condition, InterventionResult, check_shape, evaluate
 from rh_lens.interventions.masking import random_heads, ranking_and_excluded
-from rh_lens.model.tl_internals import Hook, unembed_residual
+from rh_lens.model.generation import PrefixCache, forward, prefix_order
+from rh_lens.model.tl_internals import Hook, fused_attention, unembed_residual
 from rh_lens.tasks.niah import Trial
 
 # Attention parameters of a query head (indexed by query head) and of a key-value head
@@ -190,23 +191,47 @@ def answer_sequence(tokenizer, trial: Trial) -> tuple[Int[Tensor, " pos"], Bool[
     return ids, mask
 
 
-def _sequence_loss(model: HookedTransformer, ids: Int[Tensor, " pos"], mask: Bool[Tensor, " pos"]) -> Tensor:
-    """Next-token loss over the answer tokens (`mask`) of one sequence. Only the positions
-    that predict an answer token are unembedded: at every position the projection onto the
-    vocabulary would be about a fifth of SmolLM2's forward-pass arithmetic at 1000 tokens."""
+def _sequence_loss(
+    model: HookedTransformer, ids: Int[Tensor, " pos"], mask: Bool[Tensor, " pos"], start: int = 0, cache=None
+) -> Tensor:
+    """Next-token loss over the answer tokens (`mask`) of one sequence, from position `start`
+    on (`cache` holds the key-value cache of ids[:start]). Only the positions that predict an
+    answer token are unembedded: at every position the projection onto the vocabulary would
+    be about a fifth of SmolLM2's forward-pass arithmetic at 1000 tokens."""
     ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
-    residual = model(ids[None], stop_at_layer=model.cfg.n_layers)[:, :-1]  # [1, pos, d_model]: after the last block
-    predicting = mask[1:]
+    tokens = ids[None, start:-1]  # the last token predicts nothing
+    if cache is None:
+        residual = model(tokens, stop_at_layer=model.cfg.n_layers)  # [1, pos, d_model]: after the last block
+    else:
+        residual = forward(model, tokens, cache, stop_at_layer=model.cfg.n_layers)
+    predicting = mask[start + 1 :]
     logits = unembed_residual(model, residual[:, predicting])[0]
-    return torch.nn.functional.cross_entropy(logits, ids[1:][predicting])
+    return torch.nn.functional.cross_entropy(logits, ids[start + 1 :][predicting])
 
 
 @torch.no_grad()
 def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tensor]], progress: bool = False) -> float:
-    """Mean next-token loss over the answer tokens of `sequences`, one sequence at a time
-    (`progress`: a bar over them)."""
-    losses = [_sequence_loss(model, ids, mask).item() for ids, mask in tqdm(sequences, "answer loss", disable=not progress)]
-    return float(sum(losses) / len(sequences))
+    """Mean next-token loss over the answer tokens of `sequences` (`progress`: a bar over
+    them). They are taken in prefix order, and each is prefilled up to its answer from the
+    cache of the one before (`PrefixCache`): held-out trials of one haystack share most of
+    their prompt, so most of it is computed once."""
+    starts = [_answer_start(mask) for _, mask in sequences]
+    prefixes = PrefixCache(model)
+    losses = {}
+    with fused_attention(model):  # the prefix cache's keys are rotated: continue it on the same path
+        order = prefix_order([ids[:start].tolist() for (ids, _), start in zip(sequences, starts, strict=True)])
+        for i in tqdm(order, "answer loss", disable=not progress):
+            (ids, mask), start = sequences[i], starts[i]
+            losses[i] = _sequence_loss(model, ids, mask, start, prefixes.prefill(ids[:start])).item()
+    return float(sum(losses.values()) / len(sequences))
+
+
+def _answer_start(mask: Bool[Tensor, " pos"]) -> int:
+    """The position that predicts a sequence's first answer token."""
+    answer = mask.nonzero()
+    if len(answer) == 0 or int(answer[0]) < 2:
+        raise InputError("a sequence needs a prompt of at least two tokens before its answer tokens")
+    return int(answer[0]) - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +265,9 @@ class FinetuneResult:
         return asdict(self)
 
 
+CHECKPOINT_EVERY = 10  # training steps between checkpoints
+
+
 def finetune(
     model: HookedTransformer,
     sequences: Sequence[tuple[Tensor, Tensor]],
@@ -247,17 +275,24 @@ def finetune(
     options: FinetuneOptions = FinetuneOptions(),
     arm: str = "heads",
     progress: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> FinetuneResult:
     """Train `trainable` (only it) on the answer tokens of `sequences` (`answer_sequence`);
-    `progress`: a bar over the steps with the last step's loss."""
+    `progress`: a bar over the steps with the last step's loss. With `checkpoint` (a file),
+    the trained tensors, the optimiser's state, the losses and the batch sampler's state are
+    saved there every CHECKPOINT_EVERY steps, and a run that finds the file goes on from it:
+    a killed run loses at most those steps, and its result is that of an unbroken run."""
     if not sequences:
         raise InputError("no training sequences")
     order = random.Random(options.seed)
-    losses = []
-    started = time.perf_counter()
+    losses, seconds, first = [], 0.0, 0
     with trainable.active() as params:
         optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-        for _ in (bar := tqdm(range(options.steps), desc=f"train {arm}", unit="step", disable=not progress)):
+        if checkpoint is not None and Path(checkpoint).exists():
+            first, losses, seconds = _load_checkpoint(checkpoint, arm, options, params, optimizer, order)
+        started = time.perf_counter() - seconds
+        bar = tqdm(range(options.steps), desc=f"train {arm}", unit="step", disable=not progress, initial=first)
+        for step in range(first, options.steps):
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for ids, mask in order.choices(sequences, k=options.batch_size):
@@ -267,8 +302,29 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             losses.append(total)
+            bar.update()
             bar.set_postfix(loss=f"{total:.3f}")
+            if checkpoint is not None and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == options.steps):
+                state = {"arm": arm, "options": asdict(options), "step": step + 1, "losses": losses}
+                state |= {"seconds": time.perf_counter() - started, "order": order.getstate()}
+                state |= {"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}
+                write_atomic(checkpoint, lambda f, state=state: torch.save(state, f), mode="wb")
+        bar.close()
     return FinetuneResult(arm, trainable.n_parameters(), losses, time.perf_counter() - started, asdict(options))
+
+
+def _load_checkpoint(path, arm: str, options: FinetuneOptions, params, optimizer, order: random.Random):
+    """Restore a `finetune` checkpoint into `params`, `optimizer` and `order`; (steps done,
+    losses, seconds trained)."""
+    state = torch.load(path, weights_only=False)
+    if state["arm"] != arm or state["options"] != asdict(options) or len(state["params"]) != len(params):
+        raise InputError(f"{path} is a checkpoint of another training run ({state['arm']}, {state['options']}): remove it")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"], strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    order.setstate(state["order"])
+    return state["step"], state["losses"], state["seconds"]
 
 
 # --- the experiment: retrieval heads vs random heads vs LoRA, judged on held-out trials ----
@@ -345,8 +401,11 @@ def finetune_experiment(
                 arm = load() if name != "none" else model
                 trainable = _arm(arm, name, heads, n_top, arms.training.seed)
                 sequences = [answer_sequence(arm.tokenizer, t) for t in train]
+                checkpoint = Path(out_dir) / "training" / f"{name}.pt" if out_dir is not None else None
                 trained = (
-                    finetune(arm, sequences, trainable, arms.training, name, options.progress) if trainable is not None else None
+                    finetune(arm, sequences, trainable, arms.training, name, options.progress, checkpoint)
+                    if trainable is not None
+                    else None
                 )
                 with trainable.active() if isinstance(trainable, LoRA) else nullcontext():
                     records = evaluate(arm, evaluation, None, out_dir=where, options=options, settings=settings, desc=name)
@@ -361,6 +420,7 @@ def finetune_experiment(
                     }
                 if where is not None:
                     write_json(where / "arm.json", metadata)
+                    checkpoint.unlink(missing_ok=True)  # the arm is judged: its training is no longer needed
             conditions.append(Condition(name, None, group, metadata, records))
         result = FinetuneExperimentResult("finetune", model.cfg.model_name, conditions, settings)
         if out_dir is not None:
