@@ -11,6 +11,7 @@ from planted import NEEDLE, PLANTED, build_planted_model, haystack_text, weakene
 import rh_lens.app.cli as cli
 import rh_lens.app.workflows as workflows
 from rh_lens.detection.records import DetectionResult, TrialRecord
+from rh_lens.detection.run import decode_and_score
 from rh_lens.errors import InputError
 from rh_lens.execution.options import RunOptions
 from rh_lens.interventions.base import evaluate, intervention_from_json
@@ -105,6 +106,30 @@ def test_the_experiment_compares_the_top_heads_with_random_heads_at_each_factor(
     assert len(list((tmp_path / "conditions" / "top-1-x100" / "trials").glob("*.json"))) == 3
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_each_record_carries_the_scores_detection_gives_the_same_answer(merge):
+    """Steering records every head's copy score on each trial: with no intervention, exactly
+    what detection (`decode_and_score`, its own decoding and the scoring rule) gives those
+    trials; sharpened, the planted head copies the answer where unboosted it does not, and
+    `factor_rows` reads that rise (a score taken from the wrong row, or from no head, would not)."""
+    options = RunOptions(max_new_tokens=6, progress=False, merge_conditions=merge)
+    steering = SteeringOptions(ks=(1,), factors=(100.0,), seeds=(0,))
+    result = steering_experiment(weakened(), trials, ranking(), steering, options=options)
+    none = {r.key: r.head_scores for r in result.groups()["none"][0].records}
+    detected = {trials[i].key: record.head_scores for i, record in decode_and_score(weakened(), trials)}
+    assert none == detected
+    boosted = {r.key: r.head_scores[PLANTED[0]][PLANTED[1]] for r in result.groups()["top-1-x100"][0].records}
+    assert all(score > 0.5 for score in boosted.values()) and all(s[PLANTED[0]][PLANTED[1]] < 0.5 for s in none.values())
+    (row,) = result.factor_rows()
+    assert row["top_score"] == pytest.approx(sum(boosted.values()) / len(boosted))
+    assert row["none_score"] < 0.5 < row["top_score"] and row["top_score_interval"][0] <= row["top_score"]
+    unscored = steering_experiment(
+        weakened(), trials, ranking(), SteeringOptions(ks=(1,), factors=(100.0,), seeds=(0,), score_heads=False), options=options
+    )
+    assert all(r.head_scores is None for c in unscored.conditions for r in c.records)
+    assert unscored.factor_rows()[0]["top_score"] is None
+
+
 def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: weakened())
     hay, needles = write_inputs(tmp_path)
@@ -115,6 +140,7 @@ def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, 
     assert cli.main([*argv, "--random-seeds", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
     assert "top-1-x100" in printed and "[" in printed and "top-1-x100 vs random-1-x100" in printed
+    assert "How much the top-K heads copy" in printed  # the planted head's copy score, per factor
     assert (tmp_path / "run" / "recall_vs_factor.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["show", str(tmp_path / "run")]) == 0
     assert "top-1-x100" in capsys.readouterr().out

@@ -162,31 +162,43 @@ def interval_errors(rows: list[dict | None], measure: str = "mean_recall") -> np
 def recall_vs_factor(result):
     """Mean recall against the boost factor: top-K retrieval heads vs K random heads boosted
     by the same factor, one panel per K, no intervention as a line (error bars: 95% intervals
-    over trials, seeds averaged per trial)."""
+    over trials, seeds averaged per trial); where the records have head scores, a second row:
+    how much the top-K heads copy (their mean copy score per trial) under the same conditions."""
     rows = result.factor_rows()
     ks = sorted({r["k"] for r in rows})
-    figure, axes = plt.subplots(1, len(ks), figsize=(4.5 * len(ks), 3.5), constrained_layout=True, squeeze=False)
-    for ax, k in zip(axes[0], ks):
-        points = [r for r in rows if r["k"] == k]
-        for name, label, style in (("top", f"top-{k} retrieval heads", "o-"), ("random", f"{k} random other heads", "s--")):
-            found = [{"mean_recall": r[f"{name}_recall"], "recall_interval": r[f"{name}_interval"]} for r in points]
-            kept = [(r["factor"], f) for r, f in zip(points, found) if f["mean_recall"] is not None]
-            if kept:
-                ax.errorbar(
-                    [x for x, _ in kept],
-                    [f["mean_recall"] for _, f in kept],
-                    yerr=interval_errors([f for _, f in kept]),
-                    fmt=style,
-                    capsize=3,
-                    label=label,
-                )
-        if points and points[0]["none_recall"] is not None:
-            ax.axhline(points[0]["none_recall"], color="grey", linestyle=":", label="no intervention")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"boost factor ({result.settings.get('method', 'sharpen')})")
-        ax.set_ylabel("mean ROUGE-1 recall")
-        ax.set_ylim(-0.03, 1.05)
-        ax.legend(fontsize=7)
+    measures = [("recall", "mean ROUGE-1 recall")]
+    if any(r["top_score"] is not None for r in rows):
+        measures.append(("score", "top-K heads' copy score"))
+    figure, axes = plt.subplots(
+        len(measures), len(ks), figsize=(4.5 * len(ks), 3.5 * len(measures)), constrained_layout=True, squeeze=False
+    )
+    for (measure, ylabel), panels in zip(measures, axes):
+        for ax, k in zip(panels, ks):
+            points = [r for r in rows if r["k"] == k]
+            suffix = "_interval" if measure == "recall" else "_score_interval"
+            for name, label, style in (
+                ("top", f"top-{k} retrieval heads boosted", "o-"),
+                ("random", f"{k} random other heads boosted", "s--"),
+            ):
+                found = [{"mean_recall": r[f"{name}_{measure}"], "recall_interval": r[f"{name}{suffix}"]} for r in points]
+                kept = [(r["factor"], f) for r, f in zip(points, found) if f["mean_recall"] is not None]
+                if kept:
+                    ax.errorbar(
+                        [x for x, _ in kept],
+                        [f["mean_recall"] for _, f in kept],
+                        yerr=interval_errors([f for _, f in kept]),
+                        fmt=style,
+                        capsize=3,
+                        label=label,
+                    )
+            if points and points[0][f"none_{measure}"] is not None:
+                ax.axhline(points[0][f"none_{measure}"], color="grey", linestyle=":", label="no intervention")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"boost factor ({result.settings.get('method', 'sharpen')})")
+            ax.set_ylabel(ylabel.replace("K", str(k)))
+            if measure == "recall":
+                ax.set_ylim(-0.03, 1.05)
+            ax.legend(fontsize=7)
     figure.suptitle(f"{result.model}: steering retrieval heads", fontsize=10)
     return figure
 

@@ -251,6 +251,13 @@ def format_steering(result: SteeringResult) -> str:
             f"{_with_interval(row['mean_recall'], row['recall_interval']):>21}  {spread:>11}  "
             f"{_rate_with_interval(row['success_rate'], row['success_interval']):>17}"
         )
+    scored = [r for r in result.factor_rows() if r["top_score"] is not None]
+    if scored:
+        lines += ["", "How much the top-K heads copy (their mean copy score per trial, over every trial [95%]):"]
+        lines.append(f"{'K':>4} {'factor':>6}  {'top-K boosted':>21}  {'random-K boosted':>21}  {'no intervention':>21}")
+        for r in scored:
+            cells = [_with_interval(r[f"{name}_score"], r[f"{name}_score_interval"]) for name in ("top", "random", "none")]
+            lines.append(f"{r['k']:>4} {r['factor']:>6g}  " + "  ".join(f"{cell:>21}" for cell in cells))
     return "\n".join(lines + format_paired_tests([t.to_json() for t in result.comparisons()]))
 
 

@@ -21,6 +21,8 @@ class RunOptions:
     `rh_lens.model.generation.Decoding`; the records are those of one trial at a time);
     merge_conditions: conditions that decode from one prefill decode in one batch, each row
     under its own condition's hooks (False: one condition after another; same records);
+    score_heads: an experiment's records also carry every head's copy score on each trial (the
+    retrieval score's per-trial term; decode steps then record where each head looks);
     resume, overwrite: continue the run in the output directory / replace an earlier one there;
     progress: progress bars;
     workers, ray_address: run the trials on that many Ray workers (a local Ray instance, or
@@ -34,6 +36,7 @@ class RunOptions:
     batch_size: int | None = None
     share_prefix: bool = True
     merge_conditions: bool = True
+    score_heads: bool = False
     resume: bool = False
     overwrite: bool = False
     progress: bool = True

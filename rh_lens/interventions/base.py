@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
+from rh_lens.detection.scoring import copy_scores
 from rh_lens.errors import InputError, ResultsFileError
 from rh_lens.execution.files import read_json, write_json
 from rh_lens.execution.options import RunOptions
 from rh_lens.execution.runs import InProcess, run_directory, run_trials, run_trials_together
-from rh_lens.model.generation import Decoding, decode_conditions
+from rh_lens.heads import Head
+from rh_lens.model.generation import Decoding, Generation, decode_conditions
 from rh_lens.model.loading import dtype_name
 from rh_lens.model.tl_internals import Hook
 from rh_lens.tasks.grading import (
@@ -106,17 +109,22 @@ def check_shape(what: str, n_layers: int, n_heads: int, model: HookedTransformer
 
 
 def answer_under(
-    intervention: Intervention | None, decoding: Decoding, model: HookedTransformer, trials: Sequence[Trial]
+    intervention: Intervention | None,
+    decoding: Decoding,
+    model: HookedTransformer,
+    trials: Sequence[Trial],
+    score_heads: bool = False,
 ) -> Iterator[tuple[int, NiahRecord]]:
     """Trials answered under `intervention` (None: the model as it is), (index, record) as
-    each answer ends: a task an executor can ship to a worker (see `execution.runs.run_trials`)."""
+    each answer ends: a task an executor can ship to a worker (see `execution.runs.run_trials`).
+    `score_heads`: each record carries every head's copy score on its trial."""
     hooks = intervention.hooks(model) if intervention is not None else []
     decode_only = intervention is not None and intervention.decode_only
     decoding = intervention.decoding(decoding) if intervention is not None else decoding
     with model.hooks(fwd_hooks=[] if decode_only else hooks):
-        answers = answer_trials(model, trials, decoding, record_attention=False, decode_hooks=hooks if decode_only else ())
-        for i, answer, _ in answers:
-            yield i, _niah_record(answer)
+        answers = answer_trials(model, trials, decoding, record_attention=score_heads, decode_hooks=hooks if decode_only else ())
+        for i, answer, generation in answers:
+            yield i, _niah_record(answer, trials[i], generation if score_heads else None)
 
 
 def reads_prompt_unchanged(intervention: Intervention | None) -> bool:
@@ -131,6 +139,7 @@ def answer_under_each(
     model: HookedTransformer,
     trials: Sequence[Trial],
     wanted: dict[str, list[int]] | None = None,
+    score_heads: bool = False,
 ) -> Iterator[tuple[int, tuple[int, NiahRecord]]]:
     """Trials answered under each of `interventions` (all `reads_prompt_unchanged`), every
     trial prefilled once for all of them (`decode_conditions`): (index, (intervention's
@@ -139,12 +148,20 @@ def answer_under_each(
     decoding = decoding_for(trials, decoding)
     conditions = [(decoding, []) if i is None else (i.decoding(decoding), i.hooks(model)) for i in interventions]
     runs = None if wanted is None else [wanted[trial.key] for trial in trials]
-    for i, c, generation in decode_conditions(model, [t.prompt_ids for t in trials], conditions, runs):
-        yield i, (c, _niah_record(grade(model, trials[i], generation)))
+    prompts = [t.prompt_ids for t in trials]
+    for i, c, generation in decode_conditions(model, prompts, conditions, runs, record_attention=score_heads):
+        answer = grade(model, trials[i], generation)
+        yield i, (c, _niah_record(answer, trials[i], generation if score_heads else None))
 
 
-def _niah_record(answer: Answer) -> NiahRecord:
-    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall))
+def _niah_record(answer: Answer, trial: Trial, generation: Generation | None = None) -> NiahRecord:
+    """The record of a graded answer; with the `generation`'s recorded attention, every
+    head's copy score on the trial too."""
+    head_scores = None
+    if generation is not None:
+        emitted, prompt = torch.tensor(generation.tokens), torch.tensor(trial.prompt_ids)
+        head_scores = copy_scores(generation.argmax_keys, emitted, prompt, trial.answer_span).tolist()
+    return NiahRecord(**vars(answer), outcome=outcome(answer.rouge_recall), head_scores=head_scores)
 
 
 def _checked_settings(model, intervention: Intervention | None, settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -171,7 +188,7 @@ def evaluate(
     `out_dir` is given. `executor`: who runs the trials (default: this process, on `model`; a
     `RayPool` runs them on Ray workers, and `model` may then be a `ModelSpec`)."""
     settings = _checked_settings(model, intervention, settings)
-    task = partial(answer_under, intervention, options.decoding)
+    task = partial(answer_under, intervention, options.decoding, score_heads=options.score_heads)
     return run_trials(
         trials,
         task,
@@ -200,7 +217,7 @@ def evaluate_together(
     prefilled once for all of them; each intervention's run saved (and resumable) in its own
     `out_dirs` entry with the settings `evaluate` gives it, so either way resumes the other."""
     runs = [(out, _checked_settings(model, i, settings)) for i, out in zip(interventions, out_dirs, strict=True)]
-    task = partial(answer_under_each, list(interventions), options.decoding)
+    task = partial(answer_under_each, list(interventions), options.decoding, score_heads=options.score_heads)
     executor = executor or InProcess(model)
     return run_trials_together(
         trials, task, NiahRecord, executor, runs, resume=options.resume, desc=desc, progress=options.progress
@@ -316,6 +333,21 @@ class InterventionResult:
         """Group `a` against group `b` on the trials both ran (see `rh_lens.uncertainty.paired_test`)."""
         (recall_a, success_a), (recall_b, success_b) = self.per_trial(a), self.per_trial(b)
         return paired_test(recall_a, recall_b, names=(a, b), success_a=success_a, success_b=success_b, confidence=confidence)
+
+    def copy_score(self, group: str, heads: Sequence[Head]) -> tuple[float, list[float] | None] | None:
+        """How much `heads` copy under a group: per trial, their mean copy score (the
+        retrieval score's per-trial term, from records with `head_scores`), seeds averaged
+        per trial, then the mean over every trial (not only the retrieved ones, which a
+        condition changes) with its 95% bootstrap interval; None when no record has scores."""
+        per_trial: dict[str, list[float]] = {}
+        for condition in self.groups().get(group, []):
+            for r in condition.records:
+                if r.head_scores is not None:
+                    per_trial.setdefault(r.key, []).append(float(np.mean([r.head_scores[h.layer][h.head] for h in heads])))
+        if not per_trial:
+            return None
+        means = [float(np.mean(per_trial[k])) for k in sorted(per_trial)]
+        return float(np.mean(means)), _listed(bootstrap_interval(means))
 
     def drops(self, group: str) -> dict[tuple[str | None, int | None, int | None], float]:
         """Per problem (needle, context length, depth), the recall lost from the baseline to
@@ -448,6 +480,8 @@ def run_conditions(
     settings = {**(settings or {}), "max_new_tokens": options.max_new_tokens, "dtype": dtype_name(model)}
     if options.chunk_size is not None:
         settings["chunk_size"] = options.chunk_size
+    if options.score_heads:  # a resumed run must record what its saved trials recorded
+        settings["score_heads"] = True
 
     def where(condition: Condition) -> Path | None:
         return Path(out_dir) / "conditions" / condition.name if out_dir is not None else None

@@ -18,7 +18,7 @@ top-K with random-K at each (K, factor), and each with no intervention, on the s
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -100,13 +100,16 @@ class HeadBoost(Intervention):
 class SteeringOptions:
     """What a steering experiment runs (`rh-lens steer`'s options): the top-K heads boosted
     for each of `ks` at each of `factors`, against K random heads at the same factor for each
-    of `seeds`; `method` "sharpen" or "output"; `decode_only`: boosted at decode steps only."""
+    of `seeds`; `method` "sharpen" or "output"; `decode_only`: boosted at decode steps only;
+    `score_heads`: every record carries each head's copy score (`RunOptions.score_heads`), so
+    the top-K heads' retrieval can be read against the factor, not only the answers'."""
 
     ks: tuple[int, ...] = (5,)
     factors: tuple[float, ...] = (2.0, 4.0)
     seeds: tuple[int, ...] = (0, 1)
     method: str = "sharpen"
     decode_only: bool = False
+    score_heads: bool = True
 
     def __post_init__(self):
         for name in ("ks", "factors", "seeds"):
@@ -160,23 +163,22 @@ class SteeringResult(InterventionResult):
 
     def factor_rows(self) -> list[dict[str, Any]]:
         """Per K and factor: mean recall (with its interval) of top-K and of random-K boosted,
-        and with no intervention: what a recall-vs-factor figure plots."""
+        and with no intervention: what a recall-vs-factor figure plots; with head scores in the
+        records, how much the top-K heads copy under each (`copy_score`: `*_score`, `*_score_interval`)."""
         rows = {r["condition"]: r for r in self.summary()}
-        none = rows.get("none", {})
         out = []
         for k in sorted({c.metadata["k"] for c in self.conditions if c.metadata.get("kind") == "top"}):
+            top_heads = next(
+                c.intervention.heads for c in self.conditions if c.metadata.get("kind") == "top" and c.metadata["k"] == k
+            )
             for factor in sorted({c.metadata["factor"] for c in self.conditions if c.metadata.get("k") == k}):
-                top, rand = rows.get(f"top-{k}-x{factor:g}", {}), rows.get(f"random-{k}-x{factor:g}", {})
-                out.append(
-                    {
-                        "k": k,
-                        "factor": factor,
-                        **{f"{name}_recall": row.get("mean_recall") for name, row in (("top", top), ("random", rand))},
-                        **{f"{name}_interval": row.get("recall_interval") for name, row in (("top", top), ("random", rand))},
-                        "none_recall": none.get("mean_recall"),
-                        "none_interval": none.get("recall_interval"),
-                    }
-                )
+                groups = {"top": f"top-{k}-x{factor:g}", "random": f"random-{k}-x{factor:g}", "none": "none"}
+                row = {"k": k, "factor": factor}
+                for name, group in groups.items():
+                    found = rows.get(group, {})
+                    row[f"{name}_recall"], row[f"{name}_interval"] = found.get("mean_recall"), found.get("recall_interval")
+                    row[f"{name}_score"], row[f"{name}_score_interval"] = self.copy_score(group, top_heads) or (None, None)
+                out.append(row)
         return out
 
 
@@ -200,7 +202,7 @@ def steering_experiment(
         steering_conditions(detection, steering),
         experiment="steering",
         out_dir=out_dir,
-        options=options,
+        options=replace(options, score_heads=options.score_heads or steering.score_heads),
         settings={**(settings or {}), **steering.settings()},
         executor=executor,
         result_type=SteeringResult,

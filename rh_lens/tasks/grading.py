@@ -79,9 +79,12 @@ class Answer:
 @dataclass(kw_only=True)
 class NiahRecord(Answer):
     """One NIAH trial's graded answer. `outcome`: retrieved (recall > 0.5), partial, or absent
-    (no answer word in the response: the model hallucinated or paraphrased)."""
+    (no answer word in the response: the model hallucinated or paraphrased). `head_scores`
+    (with `RunOptions(score_heads=True)`): each head's copy score on the trial, the
+    retrieval score's per-trial term (`rh_lens.detection.scoring.copy_scores`), [layer][head]."""
 
     outcome: str
+    head_scores: list[list[float]] | None = None
 
 
 def outcome(recall: float) -> str:
