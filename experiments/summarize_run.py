@@ -10,7 +10,7 @@ the summary this writes (plain data: the numbers the table prints, unrounded), w
   one row per condition group as `InterventionResult.summary()` gives it (mean recall with its
   95% interval, spread over seeds, retrieved, no-answer-word and response-class rates, kept
   right; KV kept and compression ratio for a compression run) and the paired tests of its
-  table (`comparisons()`);
+  table (`comparisons()`); for a steering run also `factor_rows()` (the top heads' copy score);
 - a `patching.json`: the clean and corrupted metric, and per head kind and direction the top
   20 heads by effect and the sum over every patched head; the MLP effects per layer;
 - a detection `results.json`: trials and trials retrieved, how many responses of each class
@@ -49,7 +49,7 @@ def summarize(path: Path) -> dict:
     experiment = data.get("experiment") if isinstance(data, dict) else None
     if experiment in RESULT_TYPES:
         result = RESULT_TYPES[experiment].load(path)
-        return {
+        summary = {
             "run": str(path),
             "experiment": experiment,
             "model": result.model,
@@ -57,6 +57,9 @@ def summarize(path: Path) -> dict:
             "rows": result.summary(),
             "tests": [t.to_json() for t in result.comparisons()],
         }
+        if isinstance(result, SteeringResult):  # recall and the top heads' copy score per K and factor
+            summary["factor_rows"] = result.factor_rows()
+        return summary
     if isinstance(data, dict) and str(data.get("format", "")).startswith("rh_lens.patching/"):
         return summarize_patching(path, PatchingResult.from_json(data))
     result = load_results(path)
