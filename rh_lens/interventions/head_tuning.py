@@ -216,14 +216,14 @@ def answer_loss(model: HookedTransformer, sequences: Sequence[tuple[Tensor, Tens
     cache of the one before (`PrefixCache`): held-out trials of one haystack share most of
     their prompt, so most of it is computed once."""
     starts = [_answer_start(mask) for _, mask in sequences]
+    order = prefix_order([ids[:start].tolist() for (ids, _), start in zip(sequences, starts, strict=True)])
     prefixes = PrefixCache(model)
-    losses = {}
+    losses = []
     with fused_attention(model):  # the prefix cache's keys are rotated: continue it on the same path
-        order = prefix_order([ids[:start].tolist() for (ids, _), start in zip(sequences, starts, strict=True)])
         for i in tqdm(order, "answer loss", disable=not progress):
             (ids, mask), start = sequences[i], starts[i]
-            losses[i] = _sequence_loss(model, ids, mask, start, prefixes.prefill(ids[:start])).item()
-    return float(sum(losses.values()) / len(sequences))
+            losses.append(_sequence_loss(model, ids, mask, start, prefixes.prefill(ids[:start])).item())
+    return float(sum(losses) / len(sequences))
 
 
 def _answer_start(mask: Bool[Tensor, " pos"]) -> int:
