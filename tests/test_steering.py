@@ -144,3 +144,19 @@ def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, 
     assert (tmp_path / "run" / "recall_vs_factor.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["show", str(tmp_path / "run")]) == 0
     assert "top-1-x100" in capsys.readouterr().out
+
+
+def test_steer_without_head_scores_records_none_and_prints_no_score_table(tmp_path, monkeypatch, capsys):
+    """`--no-head-scores` (a faster run, or one resuming a run started without scores)."""
+    monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: weakened())
+    hay, needles = write_inputs(tmp_path)
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"1-2": [0.9], "1-1": [0.05], "1-3": [0.0]}))
+    grid = ["--haystack", hay, "--needles", needles, "--lengths", "300", "--depths", "0"]
+    argv = ["steer", "--model", "planted", "--scores", str(scores), "--top-k", "1", "--factors", "100", *grid]
+    argv += ["--random-seeds", "1", "--max-new-tokens", "6", "--no-head-scores", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    assert "How much the top-K heads copy" not in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "steering.json").read_text())
+    records = [r for condition in saved["conditions"] for r in condition["records"]]
+    assert records and all(r.get("head_scores") is None for r in records)

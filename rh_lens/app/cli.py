@@ -133,6 +133,7 @@ def run_steer(args: argparse.Namespace) -> None:
             seeds=tuple(range(args.random_seeds)),
             method=args.method,
             decode_only=args.decode_only,
+            score_heads=not args.no_head_scores,
         ),
         heldout=args.heldout,
         other_haystack=args.other_haystack,
@@ -423,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sharpen: attention scores times the factor (a lower temperature); output: head outputs times the factor",
     )
     s.add_argument("--decode-only", action="store_true", help="boost at decode steps only, not over the prompt")
+    s.add_argument(
+        "--no-head-scores",
+        action="store_true",
+        help="do not record every head's copy score on each trial (faster; resumes a run started without them)",
+    )
     heldout_argument(s)
     s.set_defaults(run=run_steer)
 
