@@ -26,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def main() -> None:
         extra = []
         if variant == "transformers":  # as many new tokens per trial as rh_lens emitted (every variant: the same ids)
             reference = next((r for r in runs.values() if r["records"]), None) or run_worker("sequential", argv)
-            path = Path(args.save or "bench_grid").with_suffix(".new_tokens.json")
+            path = Path(args.save).with_suffix(".new_tokens.json") if args.save else Path(tempfile.mkdtemp()) / "new_tokens.json"
             path.write_text(json.dumps({r["key"]: len(r["ids"]) for r in reference["records"]}))
             extra = ["--new-tokens", str(path)]
         runs[variant] = run_worker(variant, argv, extra)
