@@ -267,19 +267,23 @@ def heldout_bars(sets: dict[str, list[dict]], measure: str = "mean_recall", titl
     over seeds), with its 95% interval over trials as error bars."""
     conditions = list(dict.fromkeys(r["condition"] for rows in sets.values() for r in rows))
     width = 0.8 / len(conditions)
-    figure, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.6 * len(sets)), 3.5), constrained_layout=True)
+    many = len(conditions) > 6  # the legend goes beside the bars, not over them
+    colors = plt.get_cmap("tab20" if len(conditions) > 10 else "tab10").colors  # no colour used twice
+    size = (max(4.5, 1.2 + 1.6 * len(sets)) + (2.6 if many else 0), 3.5)
+    figure, ax = plt.subplots(figsize=size, constrained_layout=True)
     for i, condition in enumerate(conditions):
         found = [next((r for r in rows if r["condition"] == condition), None) for rows in sets.values()]
         values = [float("nan") if row is None or row[measure] is None else row[measure] for row in found]
         x = np.arange(len(sets)) + (i - (len(conditions) - 1) / 2) * width
-        ax.bar(x, values, width, yerr=interval_errors(found, measure), capsize=2, label=condition)
+        bar_color = colors[i % len(colors)]
+        ax.bar(x, values, width, yerr=interval_errors(found, measure), capsize=2, label=condition, color=bar_color)
     ax.set_xticks(np.arange(len(sets)), list(sets))
     ax.set_ylabel(
         {"mean_recall": "mean ROUGE-1 recall", "success_rate": "retrieved", "retained": "kept right"}.get(measure, measure)
     )
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1 if many else 2, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
     return figure
 
 
