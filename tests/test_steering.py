@@ -130,14 +130,19 @@ def test_each_record_carries_the_scores_detection_gives_the_same_answer(merge):
     assert unscored.factor_rows()[0]["top_score"] is None
 
 
-def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, monkeypatch, capsys):
+def steer_argv(tmp_path, monkeypatch, depths: list[str]) -> list[str]:
+    """`rh-lens steer` on the weakened planted model: top-1 at x100 against one random draw."""
     monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: weakened())
     hay, needles = write_inputs(tmp_path)
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"1-2": [0.9], "1-1": [0.05], "1-3": [0.0]}))  # the reference's published format
-    grid = ["--haystack", hay, "--needles", needles, "--lengths", "300", "--depths", "0", "100"]
+    grid = ["--haystack", hay, "--needles", needles, "--lengths", "300", "--depths", *depths]
     argv = ["steer", "--model", "planted", "--scores", str(scores), "--top-k", "1", "--factors", "100", *grid]
-    assert cli.main([*argv, "--random-seeds", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "run")]) == 0
+    return [*argv, "--random-seeds", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "run")]
+
+
+def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, monkeypatch, capsys):
+    assert cli.main(steer_argv(tmp_path, monkeypatch, ["0", "100"])) == 0
     printed = capsys.readouterr().out
     assert "top-1-x100" in printed and "[" in printed and "top-1-x100 vs random-1-x100" in printed
     assert "How much the top-K heads copy" in printed  # the planted head's copy score, per factor
@@ -148,14 +153,7 @@ def test_steer_on_the_command_line_prints_intervals_and_show_reads_it(tmp_path, 
 
 def test_steer_without_head_scores_records_none_and_prints_no_score_table(tmp_path, monkeypatch, capsys):
     """`--no-head-scores` (a faster run, or one resuming a run started without scores)."""
-    monkeypatch.setattr(workflows, "load_model", lambda name, **kwargs: weakened())
-    hay, needles = write_inputs(tmp_path)
-    scores = tmp_path / "scores.json"
-    scores.write_text(json.dumps({"1-2": [0.9], "1-1": [0.05], "1-3": [0.0]}))
-    grid = ["--haystack", hay, "--needles", needles, "--lengths", "300", "--depths", "0"]
-    argv = ["steer", "--model", "planted", "--scores", str(scores), "--top-k", "1", "--factors", "100", *grid]
-    argv += ["--random-seeds", "1", "--max-new-tokens", "6", "--no-head-scores", "--out", str(tmp_path / "run")]
-    assert cli.main(argv) == 0
+    assert cli.main([*steer_argv(tmp_path, monkeypatch, ["0"]), "--no-head-scores"]) == 0
     assert "How much the top-K heads copy" not in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "steering.json").read_text())
     records = [r for condition in saved["conditions"] for r in condition["records"]]

@@ -275,8 +275,8 @@ def heldout_bars(sets: dict[str, list[dict]], measure: str = "mean_recall", titl
         found = [next((r for r in rows if r["condition"] == condition), None) for rows in sets.values()]
         values = [float("nan") if row is None or row[measure] is None else row[measure] for row in found]
         x = np.arange(len(sets)) + (i - (len(conditions) - 1) / 2) * width
-        bar_color = colors[i % len(colors)]
-        ax.bar(x, values, width, yerr=interval_errors(found, measure), capsize=2, label=condition, color=bar_color)
+        color = colors[i % len(colors)]
+        ax.bar(x, values, width, yerr=interval_errors(found, measure), capsize=2, label=condition, color=color)
     ax.set_xticks(np.arange(len(sets)), list(sets))
     ax.set_ylabel(
         {"mean_recall": "mean ROUGE-1 recall", "success_rate": "retrieved", "retained": "kept right"}.get(measure, measure)
